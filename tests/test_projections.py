@@ -1,0 +1,712 @@
+"""Projections driven by the real engine: exact pushes, changed keys, limits and persistence."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from perps_indexer import errors, projections, wire
+from perps_indexer.engine import Engine
+from perps_indexer.events import AnyEvent, Fill, OrderCancelled, OrderPlaced, OrderRested
+from perps_indexer.markets import default_markets
+from perps_indexer.projections import Projections
+from tests.test_wire import POSITIONS_EXAMPLE, TRADE_EXAMPLE, check_message_types
+
+MARKETS = default_markets()
+A = "0x" + "a" * 64
+B = "0x" + "b" * 64
+C = "0x" + "c" * 64
+U64 = 1 << 64
+
+
+def tid(counter: int, market: int = 396) -> str:
+    """A position's trade_id, by the reference's rule ``counter << 64 | market``."""
+    return str(counter << 64 | market)
+
+
+def oid(counter: int, key: int = 0) -> str:
+    """An order id, by the reference's rule ``counter << 64 | key``."""
+    return str(counter << 64 | key)
+
+
+def push(topic: str, rows: list[dict[str, Any]]) -> bytes:
+    """The expected bytes of a push, from rows written out by hand in field order."""
+    return json.dumps({"data": rows, "message": topic}, separators=(",", ":")).encode()
+
+
+def book_level(is_ask: bool, ts: str, price: str, size: str) -> dict[str, Any]:
+    return {"is_ask": is_ask, "last_updated": ts, "market_id": "396", "price": price, "size": size}
+
+
+class Venue:
+    """An engine with projections folded batch by batch, as a server would."""
+
+    def __init__(self, history_limit: int = 100) -> None:
+        self.engine = Engine(MARKETS)
+        self.proj = Projections(MARKETS, history_limit)
+        self.log: list[AnyEvent] = []
+
+    @classmethod
+    def funded(cls, *addresses: str, amount: int, ts: int, history_limit: int = 100) -> Venue:
+        """A venue where each address deposited ``amount``; deposits change no view."""
+        venue = cls(history_limit)
+        for addr in addresses:
+            assert venue.feed(venue.engine.deposit(addr, amount, ts=ts)) == set()
+        return venue
+
+    def feed(self, events: list[AnyEvent]) -> set[tuple[str, str | int]]:
+        self.log.extend(events)
+        return self.proj.apply_batch(events)
+
+    def limit(self, addr: str, is_long: bool, size: int, price: int, ts: int, **kw: Any) -> Any:
+        return self._place(
+            self.engine.place_limit_order, addr, is_long, size, ts, price=price, **kw
+        )
+
+    def market(self, addr: str, is_long: bool, size: int, ts: int, **kw: Any) -> Any:
+        return self._place(self.engine.place_market_order, addr, is_long, size, ts, **kw)
+
+    def _place(self, place: Any, addr: str, is_long: bool, size: int, ts: int, **kw: Any) -> Any:
+        result = place(
+            addr,
+            kw.pop("market", 396),
+            is_long=is_long,
+            is_close=kw.pop("is_close", False),
+            size=size,
+            leverage=kw.pop("leverage", 2),
+            ts=ts,
+            **kw,
+        )
+        return self.feed(result.events)
+
+
+def keys(*pairs: tuple[str, str | int]) -> set[tuple[str, str | int]]:
+    return set(pairs)
+
+
+@pytest.fixture
+def venue() -> Venue:
+    """A, B, C funded; A bids 1000 @ 6000 and 500 @ 5990, B asks 700 @ 6010, then C sells
+    1200 at market (filling A's 6000 bid and 200 of the 5990 bid)."""
+    v = Venue.funded(A, B, C, amount=100_000_000, ts=1_000_000)
+    v.limit(A, True, 1000, 6000, 2_000_000)
+    v.limit(A, True, 500, 5990, 3_000_000)
+    v.limit(B, False, 700, 6010, 4_000_000, leverage=2)
+    v.market(C, False, 1200, 5_000_000, leverage=4)
+    return v
+
+
+# Rows of the scripted sequence, written out by hand. Position counters: A's slot 1, B's 2,
+# C's 3. Order counters: A's bids 1 and 2, B's ask 3, C's market sell 4 (filled on arrival, key 0).
+A_BID_6000 = {
+    "address": A,
+    "is_market_order": False,
+    "last_updated": "5000",
+    "leverage": 2,
+    "market_id": "396",
+    "order_id": oid(1, 6000),
+    "order_type": 1,
+    "order_value": "6000000",
+    "price": "6000",
+    "size": "1000",
+    "status": "Filled",
+    "timestamp": "2000",
+    "trade_id": tid(1),
+}
+A_BID_5990 = {
+    **A_BID_6000,
+    "order_id": oid(2, 5990),
+    "order_value": "2995000",
+    "price": "5990",
+    "size": "500",
+    "status": "Partially Filled",
+    "timestamp": "3000",
+}
+
+
+def test_first_resting_order() -> None:
+    fresh = Venue.funded(A, amount=100_000_000, ts=1_000_000)
+    changed = fresh.limit(A, True, 1000, 6000, 2_000_000)
+    assert changed == keys(("order_history", A), ("open_orders", A), ("orderbook", 396))
+    p = fresh.proj
+    assert p.message("open_orders", A) == push(
+        "open_orders",
+        [
+            {
+                "address": A,
+                "last_updated": "2000",
+                "leverage": 2,
+                "market_id": "396",
+                "order_id": oid(1, 6000),
+                "order_type": 1,
+                "order_value": "6000000",
+                "price": "6000",
+                "remaining_size": "1000",
+                "timestamp": "2000",
+                "total_size": "1000",
+                "trade_id": tid(1),
+            }
+        ],
+    )
+    assert p.message("order_history", A) == push(
+        "order_history", [{**A_BID_6000, "last_updated": "2000", "status": "Open"}]
+    )
+    assert p.message("orderbook", 396) == push(
+        "orderbook", [book_level(False, "2000", "6000", "1000")]
+    )
+    assert p.message("positions", A) == b'{"data":[],"message":"positions"}'
+    assert p.message("trade_history", A) == b'{"data":[],"message":"trade_history"}'
+
+
+def test_market_order_fills_two_makers(venue: Venue) -> None:
+    p = venue.proj
+    # A long 1200 for 6000*1000 + 5990*200 = 7198000, margin 3000000 + 599000 from the bids'
+    # reservations; entry 5998.333…; liq long 2x = entry * 0.5 / 0.975.
+    assert p.message("positions", A) == push(
+        "positions",
+        [
+            {
+                "address": A,
+                "entry_price": "5998.333333",
+                "is_long": True,
+                "last_updated": "5000",
+                "leverage": 2,
+                "liq_price": "3076.068376068376",
+                "margin": "3599000",
+                "market_id": "396",
+                "size": "1200",
+                "sl": None,
+                "tp": None,
+                "trade_id": tid(1),
+                "value": "7198000",
+            }
+        ],
+    )
+    # C short 4x: margin 6000000/4 + 1198000/4; liq short = entry * 1.25 / 1.025.
+    assert p.message("positions", C) == push(
+        "positions",
+        [
+            {
+                "address": C,
+                "entry_price": "5998.333333",
+                "is_long": False,
+                "last_updated": "5000",
+                "leverage": 4,
+                "liq_price": "7315.040650406504",
+                "margin": "1799500",
+                "market_id": "396",
+                "size": "1200",
+                "sl": None,
+                "tp": None,
+                "trade_id": tid(3),
+                "value": "7198000",
+            }
+        ],
+    )
+    trade = {
+        "address": A,
+        "fee": "0",
+        "last_updated": "5000",
+        "market_id": "396",
+        "order_type": 1,
+        "pnl": "0",
+        "price": "5990",
+        "size": "200",
+        "timestamp": "5000",
+        "trade_id": tid(1),
+    }
+    assert p.message("trade_history", A) == push(
+        "trade_history", [trade, {**trade, "price": "6000", "size": "1000"}]
+    )
+    # Taker fee 0.05 %: 6000000 -> 3000, 1198000 -> 599.
+    c_trade = {**trade, "address": C, "order_type": 2, "trade_id": tid(3)}
+    assert p.message("trade_history", C) == push(
+        "trade_history",
+        [{**c_trade, "fee": "599"}, {**c_trade, "fee": "3000", "price": "6000", "size": "1000"}],
+    )
+    assert p.message("open_orders", A) == push(
+        "open_orders",
+        [
+            {
+                "address": A,
+                "last_updated": "5000",
+                "leverage": 2,
+                "market_id": "396",
+                "order_id": oid(2, 5990),
+                "order_type": 1,
+                "order_value": "2995000",
+                "price": "5990",
+                "remaining_size": "300",
+                "timestamp": "3000",
+                "total_size": "500",
+                "trade_id": tid(1),
+            }
+        ],
+    )
+    # The 5990 bid changed last, so it leads.
+    assert p.message("order_history", A) == push("order_history", [A_BID_5990, A_BID_6000])
+    assert p.message("order_history", C) == push(
+        "order_history",
+        [
+            {
+                "address": C,
+                "is_market_order": True,
+                "last_updated": "5000",
+                "leverage": 4,
+                "market_id": "396",
+                "order_id": oid(4),
+                "order_type": 2,
+                "order_value": "7198000",
+                "price": "5990",
+                "size": "1200",
+                "status": "Filled",
+                "timestamp": "5000",
+                "trade_id": tid(3),
+            }
+        ],
+    )
+    assert p.message("orderbook", 396) == push(
+        "orderbook",
+        [book_level(True, "4000", "6010", "700"), book_level(False, "5000", "5990", "300")],
+    )
+    assert p.open_orders(C) == []
+
+
+def test_market_order_changed_keys() -> None:
+    v = Venue.funded(A, B, C, amount=100_000_000, ts=1_000_000)
+    v.limit(A, True, 1000, 6000, 2_000_000)
+    v.limit(A, True, 500, 5990, 3_000_000)
+    assert v.limit(B, False, 700, 6010, 4_000_000) == keys(
+        ("order_history", B), ("open_orders", B), ("orderbook", 396)
+    )
+    assert v.market(C, False, 1200, 5_000_000, leverage=4) == keys(
+        ("order_history", A),
+        ("order_history", C),
+        ("trade_history", A),
+        ("trade_history", C),
+        ("open_orders", A),
+        ("orderbook", 396),
+        ("positions", A),
+        ("positions", C),
+    )
+
+
+def test_cancel_resting_order(venue: Venue) -> None:
+    changed = venue.feed(venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000))
+    # A keeps its position: placing or cancelling orders does not change the positions view.
+    assert changed == keys(("order_history", A), ("open_orders", A), ("orderbook", 396))
+    p = venue.proj
+    assert p.message("open_orders", A) == b'{"data":[],"message":"open_orders"}'
+    assert p.message("order_history", A) == push(
+        "order_history",
+        [{**A_BID_5990, "last_updated": "6000", "status": "Cancelled"}, A_BID_6000],
+    )
+    assert p.message("orderbook", 396) == push(
+        "orderbook", [book_level(True, "4000", "6010", "700")]
+    )
+    assert p.positions(A)[0].last_updated == "5000"
+
+
+def test_liquidation_through_the_book(venue: Venue) -> None:
+    v = venue
+    v.feed(v.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000))
+    v.limit(B, False, 500, 7000, 6_500_000)
+    events = v.engine.set_mark_price(396, 7400, ts=7_000_000)  # C's liq price is 7315.04
+    kinds = [type(e).__name__ for e in events]
+    assert kinds[0] == "MarkPriceSet"
+    assert "LiquidationSettled" in kinds
+    # The mark price and the settlement alone change no view.
+    p = v.proj
+    assert p.apply_batch(events[:1]) == set()
+    changed = v.proj.apply_batch(events[1:])
+    v.log.extend(events)
+    assert changed == keys(
+        ("order_history", B),
+        ("order_history", C),
+        ("trade_history", B),
+        ("trade_history", C),
+        ("open_orders", B),
+        ("orderbook", 396),
+        ("positions", B),
+        ("positions", C),
+    )
+    assert p.positions(C) == []
+    assert p.message("orderbook", 396) == b'{"data":[],"message":"orderbook"}'
+    assert p.open_orders(B) == []
+    # C bought back 700 @ 6010 then 500 @ 7000 with liquidation-short orders (code 14).
+    newest = json.loads(p.message("trade_history", C))["data"][:2]
+    assert [(t["price"], t["size"], t["order_type"]) for t in newest] == [
+        ("7000", "500", 14),
+        ("6010", "700", 14),
+    ]
+    # Realised pnl on a short: cost basis released minus exit value. 700 of 1200 lots release
+    # 7198000 * 700 // 1200 = 4198833 of cost; the rest is 2999167.
+    assert [t["pnl"] for t in newest] == [str(2999167 - 3500000), str(4198833 - 4207000)]
+    liq_order = p.order_history(C)[0]
+    assert (liq_order.order_type, liq_order.status, liq_order.is_market_order) == (
+        14,
+        "Filled",
+        True,
+    )
+    assert liq_order.order_value == str(6010 * 700 + 7000 * 500)
+    (b_pos,) = p.positions(B)
+    assert (b_pos.size, b_pos.value, b_pos.entry_price) == ("1200", "7707000", "6422.5")
+
+
+def test_reference_examples_through_the_engine() -> None:
+    v = Venue()
+    trader = "0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770"
+    # As if the venue had opened 893 positions before: the maker's slot is 894, the trader's 895.
+    v.engine.position_counters[396] = 893
+    v.feed(v.engine.deposit(trader, 10_000_000, ts=1_739_788_000_000))
+    v.feed(v.engine.deposit(B, 10_000_000, ts=1_739_788_000_000))
+    v.limit(B, True, 1000, 6050, 1_739_788_400_000)
+    v.market(trader, False, 1000, 1_739_788_459_000)
+    assert v.proj.message("positions", trader).decode() == POSITIONS_EXAMPLE
+    assert v.proj.message("trade_history", trader).decode() == TRADE_EXAMPLE
+
+
+def test_orderbook_levels_ordering_and_last_updated() -> None:
+    v = Venue.funded(A, B, C, amount=1_000_000_000, ts=1_000)
+    v.limit(A, True, 1000, 5990, 2_000)
+    v.limit(A, True, 600, 6000, 3_000)
+    v.limit(B, True, 700, 5990, 4_000)  # joins A's level
+    v.limit(B, False, 800, 6030, 5_000)
+    v.limit(A, False, 900, 6010, 6_000)
+    v.limit(A, False, 500, 6020, 7_000)
+    assert v.proj.message("orderbook", 396) == push(
+        "orderbook",
+        [
+            book_level(True, "6", "6010", "900"),
+            book_level(True, "7", "6020", "500"),
+            book_level(True, "5", "6030", "800"),
+            book_level(False, "3", "6000", "600"),
+            book_level(False, "4", "5990", "1700"),
+        ],
+    )
+    # C sells 1100: empties the 6000 level and takes 500 from A's 5990 order.
+    v.market(C, False, 1100, 8_000)
+    # C buys 900: takes all of 6010 (A's) — the 6020 level keeps its time.
+    v.market(C, True, 900, 9_000)
+    # B withdraws its 6030 ask: that level empties too.
+    v.feed(v.engine.cancel_orders(B, 396, [4 << 64 | 6030 | 1 << 32], ts=10_000))
+    assert v.proj.message("orderbook", 396) == push(
+        "orderbook",
+        [book_level(True, "7", "6020", "500"), book_level(False, "8", "5990", "1200")],
+    )
+    asks, bids = v.engine.books[396].levels()
+    assert asks == [(6020, 500)]
+    assert bids == [(5990, 1200)]
+    assert v.proj.orderbook(397) == []
+    assert v.proj.message("orderbook", 999) == b'{"data":[],"message":"orderbook"}'
+
+
+def test_positions_ordered_by_market_then_long_first() -> None:
+    v = Venue.funded(A, B, amount=10_000_000_000, ts=1_000)
+    # A: short 396, short 397, long 397, long 396 (hedge mode), each against B's resting order.
+    v.limit(B, True, 500, 6000, 2_000)
+    v.market(A, False, 500, 2_100)
+    v.limit(B, True, 10, 50_000, 3_000, market=397)
+    v.market(A, False, 10, 3_100, market=397)
+    v.limit(B, False, 10, 50_000, 4_000, market=397)
+    v.market(A, True, 10, 4_100, market=397)
+    v.limit(B, False, 500, 6000, 5_000)
+    v.market(A, True, 500, 5_100)
+    rows = v.proj.positions(A)
+    assert [(r.market_id, r.is_long) for r in rows] == [
+        ("396", True),
+        ("396", False),
+        ("397", True),
+        ("397", False),
+    ]
+    # In each market the slots were made in order: B long 1, A short 2, B short 3, A long 4.
+    assert [r.trade_id for r in rows] == [tid(4), tid(2), tid(4, 397), tid(2, 397)]
+    check_message_types("positions", v.proj.message("positions", A))
+
+
+def test_position_updates_change_only_positions() -> None:
+    v = Venue.funded(A, B, amount=100_000_000, ts=1_000)
+    v.limit(B, False, 1000, 6000, 2_000)
+    v.market(A, True, 1000, 3_000)
+    assert v.feed(v.engine.update_take_profit(A, 396, True, 6500, ts=4_000)) == keys(
+        ("positions", A)
+    )
+    assert v.feed(v.engine.update_stop_loss(A, 396, True, 5500, ts=5_000)) == keys(("positions", A))
+    (row,) = v.proj.positions(A)
+    assert (row.tp, row.sl, row.last_updated) == ("6500", "5500", "5")
+    assert v.feed(v.engine.add_margin(A, 396, True, 600_000, ts=6_000)) == keys(("positions", A))
+    (row,) = v.proj.positions(A)
+    # 600000 is 10 % of the 6000000 value: the long's cushion is 1/2 + 0.1.
+    assert row.margin == "3600000"
+    assert row.liq_price == repr(6000 * (1 - (1 / 2 + 0.1)) / (1 - 0.025))
+    # A resting close order leaves the position's row alone.
+    changed = v.limit(A, True, 600, 6100, 7_000, is_close=True)
+    assert changed == keys(("order_history", A), ("open_orders", A), ("orderbook", 396))
+    assert v.proj.positions(A) == [row]
+    assert v.feed(v.engine.deposit(A, 5, ts=8_000)) == set()
+    assert v.feed(v.engine.withdraw(A, 5, ts=9_000)) == set()
+
+
+def test_history_newest_first_with_limits() -> None:
+    v = Venue.funded(A, B, amount=1_000_000_000, ts=1_000, history_limit=3)
+    # A's bids 1..5, the oldest at the best price so that it fills first.
+    for n in range(5):
+        v.limit(A, True, 500, 6005 - n, (n + 2) * 1_000)
+    ids = [oid(n + 1, 6005 - n) for n in range(5)]
+    assert [r.order_id for r in v.proj.order_history(A)] == [ids[4], ids[3], ids[2]]
+    assert [r.order_id for r in v.proj.order_history(A, limit=2)] == [ids[4], ids[3]]
+    assert len(v.proj.open_orders(A)) == 5
+    assert [r.order_id for r in v.proj.open_orders(A)] == ids  # oldest first
+    # Filling the oldest order (no longer in memory) brings it back to the front.
+    v.market(B, False, 500, 10_000)
+    assert [r.order_id for r in v.proj.order_history(A)] == [ids[0], ids[4], ids[3]]
+    assert v.proj.order_history(A)[0].status == "Filled"
+    # Cancelling order 4, the oldest in memory, moves it to the front too.
+    v.feed(v.engine.cancel_orders(A, 396, [int(ids[3])], ts=10_500))
+    history = v.proj.order_history(A)
+    assert [r.order_id for r in history] == [ids[3], ids[0], ids[4]]
+    assert [r.status for r in history] == ["Cancelled", "Filled", "Open"]
+    # Three more fills (orders 2, 3 and 5): A's trade history keeps the three newest.
+    for n in range(1, 4):
+        v.market(B, False, 500, (10 + n) * 1_000)
+    trades = v.proj.trade_history(A)
+    assert [(t.price, t.timestamp) for t in trades] == [
+        ("6001", "13"),
+        ("6003", "12"),
+        ("6004", "11"),
+    ]
+    assert [t.price for t in v.proj.trade_history(A, limit=1)] == ["6001"]
+    assert len(json.loads(v.proj.message("trade_history", B))["data"]) == 3
+    assert v.proj.open_orders(A) == []
+
+
+def test_messages_are_encoded_once_per_change(
+    venue: Venue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def counting(topic: str, rows: Any) -> bytes:
+        calls.append(topic)
+        return wire.encode_message(topic, rows)
+
+    monkeypatch.setattr(projections, "encode_message", counting)
+    p = venue.proj
+    first = p.message("orderbook", 396)
+    b_history = p.message("order_history", B)
+    assert p.message("orderbook", 396) is first
+    assert calls == ["orderbook", "order_history"]
+    venue.feed(venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000))
+    assert p.message("order_history", B) is b_history  # B's view did not change
+    again = p.message("orderbook", 396)
+    assert again != first
+    assert p.message("orderbook", 396) is again
+    assert calls == ["orderbook", "order_history", "orderbook"]
+
+
+def test_sequence_gap_is_rejected_before_anything_changes(venue: Venue) -> None:
+    events = venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000)
+    events += venue.engine.deposit(A, 1, ts=6_000_001)
+    before = venue.proj.message("open_orders", A)
+    seq = venue.proj.seq
+    with pytest.raises(errors.SequenceGap) as info:
+        venue.proj.apply_batch([events[0], events[0]])
+    assert (info.value.expected, info.value.got) == (seq + 2, seq + 1)
+    with pytest.raises(errors.SequenceGap):
+        venue.proj.apply(events[1])
+    assert venue.proj.seq == seq
+    assert venue.proj.message("open_orders", A) == before
+    venue.proj.apply(events[0])
+    assert venue.proj.seq == events[0].seq
+    assert venue.proj.open_orders(A) == []
+    with pytest.raises(errors.SequenceGap):
+        Projections(MARKETS).apply(events[1])
+
+
+def all_keys(addresses: list[str]) -> Iterator[tuple[str, str | int]]:
+    for topic in sorted(wire.ADDRESS_TOPICS):
+        for addr in addresses:
+            yield topic, addr
+    for market in MARKETS:
+        yield "orderbook", market
+
+
+def all_messages(p: Projections, addresses: list[str]) -> dict[tuple[str, str | int], bytes]:
+    return {key: p.message(*key) for key in all_keys(addresses)}
+
+
+def test_snapshot_restore(venue: Venue) -> None:
+    data = venue.proj.snapshot()
+    restored = Projections.restore(MARKETS, data)
+    assert restored.seq == venue.proj.seq
+    assert all_messages(restored, [A, B, C]) == all_messages(venue.proj, [A, B, C])
+    assert restored.snapshot() == data
+    # The restored models go on folding like the original.
+    more = venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000)
+    more += venue.engine.place_limit_order(
+        B, 396, is_long=True, is_close=False, size=500, price=5900, leverage=2, ts=6_500_000
+    ).events
+    assert restored.apply_batch(more) == venue.feed(more)
+    assert all_messages(restored, [A, B, C]) == all_messages(venue.proj, [A, B, C])
+
+
+def test_restore_rejects_bad_snapshots(venue: Venue) -> None:
+    with pytest.raises(errors.IntegrityError, match="unreadable"):
+        Projections.restore(MARKETS, b"\x00not msgpack")
+    with pytest.raises(errors.IntegrityError, match="unknown market"):
+        Projections.restore({396: MARKETS[396]}, venue.proj.snapshot())
+
+
+def test_unknown_topic_and_keys() -> None:
+    p = Projections(MARKETS)
+    with pytest.raises(KeyError):
+        p.message("recent_trades", A)
+    assert p.message("positions", A) == b'{"data":[],"message":"positions"}'
+    assert p.message("orderbook", "396") == b'{"data":[],"message":"orderbook"}'
+    with pytest.raises(ValueError, match="history_limit"):
+        Projections(MARKETS, history_limit=0)
+
+
+# ---------------------------------------------------------------------- random command streams
+
+TRADERS = [A, B, C]
+# One flat draw per command; the kind picks the fields it needs. Limit orders come first and
+# most often, so that shrinking leads to them and books fill up.
+KINDS = ["limit", "limit", "limit", "market", "market", "cancel", "mark", "tp", "sl", "margin"]
+COMMAND = st.tuples(
+    st.sampled_from(KINDS),
+    st.integers(0, 2),  # trader
+    st.booleans(),  # long side
+    st.sampled_from([False, False, True]),  # close: a close needs a position
+    st.integers(500, 3000),  # lots
+    st.integers(5985, 6015),  # limit price
+    st.sampled_from([1, 2, 5, 10, 20]),  # leverage
+    st.sampled_from([0, 0, 0, 1, 2, 3]),  # restriction
+    st.one_of(st.none(), st.integers(5000, 7200)),  # mark or trigger price
+    st.integers(1, 500_000),  # margin to add
+)
+COMMANDS = st.lists(COMMAND, min_size=10, max_size=60)
+FUNDS = st.lists(st.integers(5_000_000, 100_000_000), min_size=3, max_size=3)
+
+
+def run_command(engine: Engine, step: int, cmd: tuple[Any, ...], ts: int) -> list[AnyEvent]:
+    """Run a drawn command. Trader and side rotate with the step, so that the draws Hypothesis
+    prefers (zeros, False) still give several traders on both sides of the book."""
+    kind, trader, side, is_close, size, price, leverage, restriction, level, amount = cmd
+    addr = TRADERS[(trader + step) % 3]
+    is_long = side != bool(step % 2)
+    if kind == "limit":
+        return engine.place_limit_order(
+            addr,
+            396,
+            is_long=is_long,
+            is_close=is_close,
+            size=size,
+            price=price,
+            leverage=leverage,
+            restriction=restriction,
+            ts=ts,
+        ).events
+    if kind == "market":
+        return engine.place_market_order(
+            addr, 396, is_long=is_long, is_close=is_close, size=size, leverage=leverage, ts=ts
+        ).events
+    if kind == "cancel":
+        mine = [o.order_id for o in engine.orders.values() if o.address == addr]
+        ids = [mine[size % len(mine)]] if mine else []  # none: rejected, as it should be
+        return engine.cancel_orders(addr, 396, ids, ts=ts)
+    if kind == "mark":
+        return engine.set_mark_price(396, level or price, ts=ts)
+    if kind == "margin":
+        return engine.add_margin(addr, 396, is_long, amount, ts=ts)
+    update = engine.update_take_profit if kind == "tp" else engine.update_stop_loss
+    return update(addr, 396, is_long, level, ts=ts)
+
+
+def check_against_engine(p: Projections, engine: Engine, log: list[AnyEvent]) -> None:
+    asks, bids = engine.books[396].levels()
+    rows = p.orderbook(396)
+    assert [(int(r.price), int(r.size)) for r in rows if r.is_ask] == asks
+    assert [(int(r.price), int(r.size)) for r in rows if not r.is_ask] == bids
+    assert [r.is_ask for r in rows] == [True] * len(asks) + [False] * len(bids)
+    latest = {}
+    for event in log:
+        if isinstance(event, OrderPlaced | OrderRested | OrderCancelled):
+            latest[event.order.order_id] = event.order
+        elif isinstance(event, Fill):
+            for side in (event.maker, event.taker):
+                latest[side.order.order_id] = side.order
+    for addr in TRADERS:
+        assert p.open_orders(addr) == [
+            wire.open_order_row(o) for o in engine.orders.values() if o.address == addr
+        ]
+        slots = sorted(
+            (pos for pos in engine.positions.values() if pos.address == addr and pos.size),
+            key=lambda pos: (pos.market_id, not pos.is_long),
+        )
+        got = p.positions(addr)
+        assert len(got) == len(slots)
+        for row, pos in zip(got, slots, strict=True):
+            # The engine also stamps `updated` for pending-order bookkeeping; the view's
+            # last_updated is the last change of a field on the wire, never later.
+            expected = wire.position_row(pos, MARKETS[396])
+            assert int(row.last_updated) <= int(expected.last_updated)
+            assert _without_time(row) == _without_time(expected)
+        history = p.order_history(addr)
+        ids = [r.order_id for r in history]
+        mine = [o for o in latest.values() if o.address == addr]
+        assert len(set(ids)) == len(ids) == min(len(mine), p.history_limit)
+        for r in history:
+            assert r == wire.order_history_row(latest[int(r.order_id)])
+        fills = [
+            wire.trade_row(side, e)
+            for e in log
+            if isinstance(e, Fill)
+            for side in (e.maker, e.taker)
+            if side.order.address == addr
+        ]
+        assert p.trade_history(addr) == fills[::-1][: p.history_limit]
+
+
+def _without_time(row: wire.PositionRow) -> tuple[Any, ...]:
+    return tuple(getattr(row, f) for f in row.__struct_fields__ if f != "last_updated")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands=COMMANDS, funds=FUNDS)
+def test_random_streams_match_the_engine(commands: list[tuple[Any, ...]], funds: list[int]) -> None:
+    engine = Engine(MARKETS)
+    batched = Projections(MARKETS, history_limit=6)
+    single = Projections(MARKETS, history_limit=6)
+    log: list[AnyEvent] = []
+    ts = 1_000
+    batches = [
+        engine.deposit(addr, amount, ts=ts) for addr, amount in zip(TRADERS, funds, strict=True)
+    ]
+    for step, cmd in enumerate(commands):
+        ts += 700
+        with contextlib.suppress(errors.CommandRejected):
+            batches.append(run_command(engine, step, cmd, ts))
+    for events in batches:
+        before = all_messages(batched, TRADERS)
+        changed = batched.apply_batch(events)
+        after = all_messages(batched, TRADERS)
+        assert {k for k in after if after[k] != before[k]} <= changed
+        for event in events:
+            single.apply(event)
+        log.extend(events)
+    check_against_engine(batched, engine, log)
+    whole = Projections(MARKETS, history_limit=6)
+    whole.apply_batch(log)
+    expected = all_messages(single, TRADERS)
+    assert all_messages(batched, TRADERS) == expected
+    assert all_messages(whole, TRADERS) == expected
+    for topic, key in expected:
+        check_message_types(topic, expected[topic, key])
+    restored = Projections.restore(MARKETS, batched.snapshot())
+    assert all_messages(restored, TRADERS) == expected

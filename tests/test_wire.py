@@ -1,0 +1,316 @@
+"""Wire rows and the envelope against the venue's published examples (reference README §1)."""
+
+from __future__ import annotations
+
+import json
+
+import msgspec
+import pytest
+
+from perps_indexer import wire
+from perps_indexer.events import FILLED, OPEN, Fill, FillSide, OrderState, PositionState
+from perps_indexer.markets import default_markets
+
+ADDR = "0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770"
+OTHER = "0x00000000000000000000000000000000000000000000000000000000000000aa"
+SPEC = default_markets()[396]
+
+# The venue's example pushes, copied from the reference. The trade_history example lacks the
+# closing bracket of "data" in the reference text; it is restored here.
+POSITIONS_EXAMPLE = (
+    '{"data":[{"address":"0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770",'
+    '"entry_price":"6050","is_long":false,"last_updated":"1739788459","leverage":2,'
+    '"liq_price":"8853.658536585366","margin":"3025000","market_id":"396","size":"1000",'
+    '"sl":null,"tp":null,"trade_id":"16509835945970048696716","value":"6050000"}],'
+    '"message":"positions"}'
+)
+TRADE_EXAMPLE = (
+    '{"data":[{"address":"0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770",'
+    '"fee":"3025","last_updated":"1739788459","market_id":"396","order_type":2,"pnl":"0",'
+    '"price":"6050","size":"1000","timestamp":"1739788459",'
+    '"trade_id":"16509835945970048696716"}],"message":"trade_history"}'
+)
+OPEN_ORDERS_EXAMPLE = (
+    '{"data":[{"address":"0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770",'
+    '"last_updated":"1739790733","leverage":2,"market_id":"396",'
+    '"order_id":"12907057702855018828273522","order_type":1,"order_value":"6002000",'
+    '"price":"6002","remaining_size":"1000","timestamp":"1739790733","total_size":"1000",'
+    '"trade_id":"16528282690043758248332"}],"message":"open_orders"}'
+)
+ORDER_HISTORY_EXAMPLE = (
+    '{"data":[{"address":"0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770",'
+    '"is_market_order":false,"last_updated":"1739790733","leverage":2,"market_id":"396",'
+    '"order_id":"12907057702855018828273522","order_type":1,"order_value":"6002000",'
+    '"price":"6002","size":"1000","status":"Open","timestamp":"1739790733",'
+    '"trade_id":"16528282690043758248332"},'
+    '{"address":"0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770",'
+    '"is_market_order":false,"last_updated":"1739790700","leverage":2,"market_id":"396",'
+    '"order_id":"12906965467445688751095808","order_type":4,"order_value":"6002000",'
+    '"price":"6002","size":"1000","status":"Filled","timestamp":"1739790700",'
+    '"trade_id":"16509835945970048696716"}],"message":"order_history"}'
+)
+ORDERBOOK_EXAMPLE = (
+    '{"data":[{"is_ask":true,"last_updated":"1739790988","market_id":"396","price":"6036",'
+    '"size":"169320"},{"is_ask":true,"last_updated":"1739758360","market_id":"396",'
+    '"price":"8000","size":"500"},{"is_ask":false,"last_updated":"1739790990",'
+    '"market_id":"396","price":"6002","size":"1000"}],"message":"orderbook"}'
+)
+
+# JSON types per field, transcribed from the reference README §1 table.
+S, INT, B, N = str, int, bool, type(None)
+ORDER_FIELDS: dict[str, tuple[type, ...]] = {
+    "address": (S,),
+    "last_updated": (S,),
+    "leverage": (INT,),
+    "market_id": (S,),
+    "order_id": (S,),
+    "order_type": (INT,),
+    "order_value": (S,),
+    "price": (S,),
+    "timestamp": (S,),
+    "trade_id": (S,),
+}
+"""The fields open_orders and order_history share."""
+FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    wire.POSITIONS: {
+        "address": (S,),
+        "entry_price": (S,),
+        "is_long": (B,),
+        "last_updated": (S,),
+        "leverage": (INT,),
+        "liq_price": (S,),
+        "margin": (S,),
+        "market_id": (S,),
+        "size": (S,),
+        "sl": (S, N),
+        "tp": (S, N),
+        "trade_id": (S,),
+        "value": (S,),
+    },
+    wire.TRADE_HISTORY: {
+        "address": (S,),
+        "fee": (S,),
+        "last_updated": (S,),
+        "market_id": (S,),
+        "order_type": (INT,),
+        "pnl": (S,),
+        "price": (S,),
+        "size": (S,),
+        "timestamp": (S,),
+        "trade_id": (S,),
+    },
+    wire.OPEN_ORDERS: {
+        **ORDER_FIELDS,
+        "remaining_size": (S,),
+        "total_size": (S,),
+    },
+    wire.ORDER_HISTORY: {
+        **ORDER_FIELDS,
+        "is_market_order": (B,),
+        "size": (S,),
+        "status": (S,),
+    },
+    wire.ORDERBOOK: {
+        "is_ask": (B,),
+        "last_updated": (S,),
+        "market_id": (S,),
+        "price": (S,),
+        "size": (S,),
+    },
+}
+
+
+def check_message_types(topic: str, message: bytes) -> list[dict[str, object]]:
+    """Assert a push's envelope, key order and every row's field set and JSON types."""
+    doc = json.loads(message)
+    assert list(doc) == ["data", "message"]
+    assert doc["message"] == topic
+    fields = FIELD_TYPES[topic]
+    for row in doc["data"]:
+        assert list(row) == sorted(fields), "fields are alphabetical, as in the examples"
+        for name, value in row.items():
+            # bool is a subclass of int: compare exact types.
+            assert type(value) in fields[name], (topic, name, value)
+    rows: list[dict[str, object]] = doc["data"]
+    return rows
+
+
+def position(**changes: object) -> PositionState:
+    pos = PositionState(
+        address=ADDR,
+        market_id=396,
+        is_long=False,
+        trade_id=(895 << 64) | 396,
+        leverage=2,
+        size=1000,
+        value=6_050_000,
+        margin=3_025_000,
+        updated=1_739_788_459_000,
+    )
+    return msgspec.structs.replace(pos, **changes)
+
+
+def order(**changes: object) -> OrderState:
+    base = OrderState(
+        order_id=12907057702855018828273522,
+        market_id=396,
+        address=ADDR,
+        is_long=True,
+        is_close=False,
+        is_market=False,
+        restriction=0,
+        order_type=1,
+        price=6002,
+        size=1000,
+        remaining=1000,
+        leverage=2,
+        trade_id=16528282690043758248332,
+        status=OPEN,
+        value=6_002_000,
+        created=1_739_790_733_000,
+        updated=1_739_790_733_000,
+    )
+    return msgspec.structs.replace(base, **changes)
+
+
+def test_positions_example_byte_for_byte() -> None:
+    row = wire.position_row(position(), SPEC)
+    assert row.trade_id == "16509835945970048696716"
+    assert wire.encode_message(wire.POSITIONS, [row]).decode() == POSITIONS_EXAMPLE
+
+
+def test_long_position_liquidation_price_from_reference() -> None:
+    row = wire.position_row(position(is_long=True), SPEC)
+    assert (row.liq_price, row.entry_price, row.is_long) == ("3102.5641025641025", "6050", True)
+
+
+def test_position_row_with_fraction_entry_triggers_and_added_margin() -> None:
+    # 6050500 / 1000 = 6050.5; added margin 605050 is 10 % of the value, so the short's cushion
+    # is 1/2 + 0.1 and liq = 6050.5 * 1.6 / 1.025.
+    pos = position(value=6_050_500, added_margin=605_050, margin=3_630_300, tp=5000, sl=7000)
+    row = wire.position_row(pos, SPEC)
+    assert row.entry_price == "6050.5"
+    assert row.liq_price == repr(6050.5 * (1 + 1 / 2 + 0.1) / (1 + 0.025))
+    assert (row.tp, row.sl, row.margin, row.value) == ("5000", "7000", "3630300", "6050500")
+    check_message_types(wire.POSITIONS, wire.encode_message(wire.POSITIONS, [row]))
+
+
+def test_position_row_rejects_an_empty_slot() -> None:
+    with pytest.raises(ValueError, match="no size"):
+        wire.position_row(position(size=0, value=0, margin=0), SPEC)
+
+
+def test_trade_history_example_byte_for_byte() -> None:
+    taker = FillSide(
+        order=order(
+            order_id=5 << 64,
+            is_long=False,
+            is_market=True,
+            order_type=2,
+            price=6050,
+            remaining=0,
+            status=FILLED,
+            value=6_050_000,
+            trade_id=(895 << 64) | 396,
+        ),
+        position=position(),
+        collateral=0,
+        fee=3025,
+        pnl=0,
+        is_maker=False,
+    )
+    maker = FillSide(
+        order=order(address=OTHER),
+        position=position(address=OTHER, is_long=True, trade_id=16528282690043758248332),
+        collateral=0,
+        fee=0,
+        pnl=0,
+        is_maker=True,
+    )
+    fill = Fill(
+        seq=7,
+        ts=1_739_788_459_999,  # milliseconds are dropped, not rounded
+        market_id=396,
+        price=6050,
+        size=1000,
+        taker=taker,
+        maker=maker,
+        fee_account=3025,
+    )
+    row = wire.trade_row(taker, fill)
+    assert wire.encode_message(wire.TRADE_HISTORY, [row]).decode() == TRADE_EXAMPLE
+    maker_row = wire.trade_row(maker, fill)
+    assert (maker_row.address, maker_row.fee, maker_row.order_type) == (OTHER, "0", 1)
+    assert maker_row.trade_id == "16528282690043758248332"
+
+
+def test_open_orders_example_byte_for_byte() -> None:
+    row = wire.open_order_row(order())
+    assert wire.encode_message(wire.OPEN_ORDERS, [row]).decode() == OPEN_ORDERS_EXAMPLE
+
+
+def test_open_order_row_distinguishes_created_updated_total_and_remaining() -> None:
+    row = wire.open_order_row(order(remaining=400, updated=1_739_790_800_500))
+    assert (row.timestamp, row.last_updated) == ("1739790733", "1739790800")
+    assert (row.total_size, row.remaining_size) == ("1000", "400")
+
+
+def test_order_history_example_byte_for_byte() -> None:
+    filled = order(
+        order_id=12906965467445688751095808,
+        is_long=False,
+        order_type=4,
+        remaining=0,
+        status=FILLED,
+        trade_id=16509835945970048696716,
+        created=1_739_790_700_000,
+        updated=1_739_790_700_000,
+    )
+    rows = [wire.order_history_row(order()), wire.order_history_row(filled)]
+    assert wire.encode_message(wire.ORDER_HISTORY, rows).decode() == ORDER_HISTORY_EXAMPLE
+
+
+def test_order_history_row_of_a_market_order() -> None:
+    row = wire.order_history_row(order(is_market=True, size=1200, value=7_198_000))
+    assert (row.is_market_order, row.size, row.order_value) == (True, "1200", "7198000")
+
+
+def test_orderbook_rows_byte_for_byte() -> None:
+    rows = [
+        wire.orderbook_row(396, True, 6036, 169_320, 1_739_790_988_000),
+        wire.orderbook_row(396, True, 8000, 500, 1_739_758_360_001),
+        wire.orderbook_row(396, False, 6002, 1000, 1_739_790_990_999),
+    ]
+    assert wire.encode_message(wire.ORDERBOOK, rows).decode() == ORDERBOOK_EXAMPLE
+
+
+@pytest.mark.parametrize(
+    ("topic", "example"),
+    [
+        (wire.POSITIONS, POSITIONS_EXAMPLE),
+        (wire.TRADE_HISTORY, TRADE_EXAMPLE),
+        (wire.OPEN_ORDERS, OPEN_ORDERS_EXAMPLE),
+        (wire.ORDER_HISTORY, ORDER_HISTORY_EXAMPLE),
+        (wire.ORDERBOOK, ORDERBOOK_EXAMPLE),
+    ],
+)
+def test_examples_match_the_field_table(topic: str, example: str) -> None:
+    # Guards the transcribed table against the examples, so both checks mean something.
+    assert check_message_types(topic, example.encode())
+
+
+def test_empty_push() -> None:
+    assert wire.encode_message(wire.OPEN_ORDERS, []) == b'{"data":[],"message":"open_orders"}'
+
+
+def test_topic_sets() -> None:
+    address_topics = {"positions", "trade_history", "open_orders", "order_history"}
+    assert address_topics == wire.ADDRESS_TOPICS
+    assert {"orderbook"} == wire.MARKET_TOPICS
+    assert set(FIELD_TYPES) == wire.ADDRESS_TOPICS | wire.MARKET_TOPICS
+
+
+def test_rows_are_frozen() -> None:
+    row = wire.open_order_row(order())
+    with pytest.raises(AttributeError):
+        row.price = "1"  # type: ignore[misc]
