@@ -1,0 +1,139 @@
+"""The ``perps-indexer`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from perps_indexer import __version__
+from perps_indexer.errors import PerpsIndexerError
+
+log = logging.getLogger("perps_indexer")
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the indexer: WebSocket streams and REST API",
+        description="Run the indexer: WebSocket streams on /ws and the REST API on one port.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port (default %(default)s; 0 = any)")
+    p.add_argument("--db", default="perps.db", help="SQLite file (default %(default)s)")
+    p.add_argument("--api-key", help="key for write calls (default: a random one, printed)")
+    p.add_argument("--demo", action="store_true", help="run the market simulator (demo venue)")
+    p.add_argument("--demo-seed", type=int, default=1, help="simulator seed (default 1)")
+    p.add_argument("--markets", help="market spec JSON file (default: bundled 396, 397, 398)")
+    p.add_argument(
+        "--history-limit",
+        type=int,
+        default=100,
+        help="rows in trade_history and order_history pushes (default %(default)s)",
+    )
+    p.add_argument(
+        "--ping-interval",
+        type=float,
+        default=20.0,
+        help="seconds of client silence before the server pings (default 20)",
+    )
+    p.add_argument(
+        "--ping-timeout",
+        type=float,
+        default=20.0,
+        help="seconds to wait for a pong before closing (default 20)",
+    )
+    p.add_argument(
+        "--sync",
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="SQLite synchronous mode: FULL survives power loss, NORMAL a process "
+        "crash (default FULL)",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perps-indexer",
+        description="A perpetual-futures indexer with a real-time WebSocket API.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    return parser
+
+
+def _banner(server: object) -> str:
+    from perps_indexer.server.app import Server  # noqa: PLC0415
+
+    assert isinstance(server, Server)
+    lines = [
+        f"perps-indexer {__version__} serving",
+        f"  WebSocket  {server.ws_url}",
+        f"  REST       {server.url}  (e.g. {server.url}/getOrderBook?marketId=396)",
+        f"  database   {server.config.db}",
+    ]
+    if server.config.api_key is None:
+        lines.append(f"  API key    {server.api_key}   (generated; pass --api-key to fix it)")
+    sim = server.simulator
+    featured = getattr(sim, "featured_address", None)
+    if featured:
+        lines += [
+            f"  demo venue running; a trading address: {featured}",
+            f"  paste into a WebSocket client (e.g. `python -m websockets {server.ws_url}`):",
+            f'    {{"topic": "positions", "address": "{featured}"}}',
+            '    {"topic": "orderbook", "market_id": "396"}',
+        ]
+    return "\n".join(lines)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from perps_indexer.server.app import Server, ServerConfig  # noqa: PLC0415
+
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        db=args.db,
+        api_key=args.api_key,
+        demo=args.demo,
+        demo_seed=args.demo_seed,
+        markets_file=args.markets,
+        history_limit=args.history_limit,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        sync=args.sync,
+    )
+    server = Server(config)
+    await server.start()
+    sys.stdout.write(_banner(server) + "\n")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
+    except PerpsIndexerError as exc:
+        sys.stderr.write(f"perps-indexer: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"perps-indexer: {exc}\n")
+        return 1
+    return 2

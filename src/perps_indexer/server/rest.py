@@ -1,0 +1,352 @@
+"""The REST API: the venue's read and trading calls (reference §6), as aiohttp handlers.
+
+Responses are ``{"success": true, "message": ..., "data": ...}``; errors are HTTP 4xx with
+``{"success": false, "message": <sentence>, "code": <stable code>}``. Integers may be sent as
+JSON numbers or decimal strings; ids and money are returned as strings.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from perps_indexer import commands
+from perps_indexer.errors import CommandRejected, InvalidAddress, PerpsIndexerError
+from perps_indexer.markets import MarketSpec
+from perps_indexer.session import RequestError, parse_market_id
+from perps_indexer.units import normalize_address
+from perps_indexer.venue import Venue, VenueHalted
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_encoder = msgspec.json.Encoder()
+_INT = re.compile(r"-?\d{1,40}")
+
+
+class BadRequest(PerpsIndexerError):
+    """A REST request is malformed (missing field, wrong type)."""
+
+    code = "invalid_request"
+
+
+def ok(message: str, data: Any) -> web.Response:
+    body = _encoder.encode({"success": True, "message": message, "data": data})
+    return web.Response(body=body, content_type="application/json")
+
+
+def fail(status: int, code: str, message: str) -> web.Response:
+    body = _encoder.encode({"success": False, "message": message, "code": code})
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def field_int(body: Mapping[str, Any], name: str, *, optional: bool = False) -> Any:
+    """An integer given as a JSON number or a decimal string (None if optional and absent)."""
+    value = body.get(name)
+    if value is None:
+        if optional:
+            return None
+        raise BadRequest(f'missing field "{name}"')
+    if type(value) is int:
+        return value
+    if isinstance(value, str) and _INT.fullmatch(value.strip()):
+        return int(value.strip())
+    raise BadRequest(
+        f'field "{name}" must be an integer (a JSON number or a decimal string), got {value!r}'
+    )
+
+
+def field_bool(body: Mapping[str, Any], name: str, meaning: str) -> bool:
+    value = body.get(name)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value is None:
+        raise BadRequest(f'missing field "{name}" ({meaning})')
+    raise BadRequest(f'field "{name}" must be true or false ({meaning}), got {value!r}')
+
+
+def field_address(source: Mapping[str, Any], name: str = "userAddress") -> str:
+    value = source.get(name)
+    if value is None:
+        raise BadRequest(f'missing field "{name}"')
+    try:
+        return normalize_address(value)
+    except InvalidAddress as exc:
+        raise BadRequest(f'field "{name}": {exc}') from None
+
+
+def field_market(source: Mapping[str, Any], markets: Mapping[int, MarketSpec]) -> int:
+    try:
+        return parse_market_id(source.get("marketId"), markets, "marketId")
+    except RequestError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+TRADE_SIDE = "tradeSide: true for long, false for short"
+DIRECTION = "direction: false to open or increase, true to decrease or close"
+
+
+def market_info(spec: MarketSpec) -> dict[str, Any]:
+    return {
+        "market_id": str(spec.market_id),
+        "base_name": spec.base_name,
+        "quote_name": spec.quote_name,
+        "base_decimals": spec.base_decimals,
+        "quote_decimals": spec.quote_decimals,
+        "price_decimals": spec.price_decimals,
+        "lot_size": str(spec.lot_size),
+        "tick_size": str(spec.tick_size),
+        "min_lots": str(spec.min_lots),
+        "max_lots": str(spec.max_lots),
+        "max_leverage": str(spec.max_leverage),
+        "maintenance_margin": str(spec.maintenance_margin_bps),
+        "taker_fee": str(spec.taker_fee_bps),
+        "maker_fee": str(spec.maker_fee_bps),
+    }
+
+
+class RestApi:
+    """Handlers bound to one venue."""
+
+    def __init__(self, venue: Venue, api_key: str) -> None:
+        self.venue = venue
+        self.markets = venue.markets
+        self.api_key = api_key.encode()
+
+    def routes(self) -> list[web.RouteDef]:
+        reads: dict[str, Handler] = {
+            "/getMarketInfo": self.get_market_info,
+            "/getPositions": self.get_positions,
+            "/getOpenOrders": self.get_open_orders,
+            "/getOrderHistory": self.get_order_history,
+            "/getTradeHistory": self.get_trade_history,
+            "/getOrderBook": self.get_order_book,
+            "/getMarketPrice": self.get_market_price,
+        }
+        writes: dict[str, Callable[[dict[str, Any]], commands.AnyCommand]] = {
+            "/deposit": self.cmd_deposit,
+            "/withdraw": self.cmd_withdraw,
+            "/placeLimitOrder": self.cmd_limit,
+            "/placeMarketOrder": self.cmd_market,
+            "/cancelMultipleOrders": self.cmd_cancel,
+            "/updateTakeProfit": self.cmd_take_profit,
+            "/updateStopLoss": self.cmd_stop_loss,
+            "/addMargin": self.cmd_add_margin,
+            "/setMarkPrice": self.cmd_mark,
+        }
+        routes = [web.get(path, handler) for path, handler in reads.items()]
+        routes += [web.post(path, self._write(parse)) for path, parse in writes.items()]
+        return routes
+
+    # -- reads
+
+    async def get_market_info(self, request: web.Request) -> web.Response:
+        if "marketId" in request.query:
+            spec = self.markets[field_market(request.query, self.markets)]
+            return ok("market info", [market_info(spec)])
+        return ok("market info", [market_info(s) for s in self.markets.values()])
+
+    async def get_positions(self, request: web.Request) -> web.Response:
+        address = field_address(request.query)
+        return ok("positions", self.venue.projections.positions(address))
+
+    async def get_open_orders(self, request: web.Request) -> web.Response:
+        address = field_address(request.query)
+        return ok("open orders", self.venue.projections.open_orders(address))
+
+    def _limit(self, request: web.Request) -> int | None:
+        limit = field_int(request.query, "limit", optional=True)
+        if limit is not None and limit <= 0:
+            raise BadRequest('field "limit" must be positive')
+        return limit  # type: ignore[no-any-return]
+
+    async def get_order_history(self, request: web.Request) -> web.Response:
+        address = field_address(request.query)
+        rows = self.venue.order_history(address, self._limit(request))
+        return ok("order history", rows)
+
+    async def get_trade_history(self, request: web.Request) -> web.Response:
+        address = field_address(request.query)
+        rows = self.venue.trade_history(address, self._limit(request))
+        return ok("trade history", rows)
+
+    async def get_order_book(self, request: web.Request) -> web.Response:
+        market = field_market(request.query, self.markets)
+        return ok("order book", self.venue.projections.orderbook(market))
+
+    async def get_market_price(self, request: web.Request) -> web.Response:
+        market = field_market(request.query, self.markets)
+        rows = self.venue.projections.orderbook(market)
+        ask = next((r for r in rows if r.is_ask), None)
+        bid = next((r for r in rows if not r.is_ask), None)
+        mark = self.venue.engine.marks.get(market)
+        return ok(
+            "market price",
+            {
+                "market_id": str(market),
+                "best_bid_price": bid.price if bid else None,
+                "best_bid_size": bid.size if bid else None,
+                "best_ask_price": ask.price if ask else None,
+                "best_ask_size": ask.size if ask else None,
+                "mark_price": str(mark) if mark is not None else None,
+            },
+        )
+
+    # -- writes
+
+    def _write(self, parse: Callable[[dict[str, Any]], commands.AnyCommand]) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            given = request.headers.get("x-api-key", "").encode()
+            if not hmac.compare_digest(given, self.api_key):
+                return fail(
+                    401,
+                    "unauthorized",
+                    "writes need the header x-api-key with the server's API key",
+                )
+            raw = await request.read()
+            try:
+                body = msgspec.json.decode(raw) if raw else None
+            except msgspec.DecodeError as exc:
+                return fail(400, "invalid_json", f"the request body is not valid JSON ({exc})")
+            if not isinstance(body, dict):
+                return fail(400, "invalid_request", "the request body must be a JSON object")
+            command = parse(body)
+            outcome = self.venue.execute(command)
+            return ok(_done(command), self._result(command, outcome))
+
+        return handler
+
+    def _result(self, command: commands.AnyCommand, outcome: commands.Outcome) -> Any:
+        seq = outcome.events[-1].seq if outcome.events else self.venue.engine.seq
+        if outcome.order is not None:
+            order = outcome.order.order
+            return {
+                "order_id": str(order.order_id),
+                "status": order.status,
+                "order_type": order.order_type,
+                "trade_id": str(order.trade_id),
+                "size": str(order.size),
+                "remaining_size": str(order.remaining),
+                "fills": [
+                    {
+                        "price": str(f.price),
+                        "size": str(f.size),
+                        "fee": str(f.fee),
+                        "pnl": str(f.pnl),
+                    }
+                    for f in outcome.order.fills
+                ],
+                "seq": seq,
+            }
+        address = getattr(command, "address", None)
+        data: dict[str, Any] = {"seq": seq}
+        if address is not None:
+            address = normalize_address(address)
+            data["collateral"] = str(self.venue.engine.collateral.get(address, 0))
+        return data
+
+    def cmd_deposit(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.Deposit(address=field_address(body), amount=field_int(body, "amount"))
+
+    def cmd_withdraw(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.Withdraw(address=field_address(body), amount=field_int(body, "amount"))
+
+    def cmd_limit(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.PlaceLimitOrder(
+            address=field_address(body),
+            market_id=field_market(body, self.markets),
+            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
+            is_close=field_bool(body, "direction", DIRECTION),
+            size=field_int(body, "size"),
+            price=field_int(body, "price"),
+            leverage=field_int(body, "leverage"),
+            restriction=field_int(body, "restriction", optional=True) or 0,
+            take_profit=field_int(body, "takeProfit", optional=True),
+            stop_loss=field_int(body, "stopLoss", optional=True),
+        )
+
+    def cmd_market(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.PlaceMarketOrder(
+            address=field_address(body),
+            market_id=field_market(body, self.markets),
+            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
+            is_close=field_bool(body, "direction", DIRECTION),
+            size=field_int(body, "size"),
+            leverage=field_int(body, "leverage"),
+            take_profit=field_int(body, "takeProfit", optional=True),
+            stop_loss=field_int(body, "stopLoss", optional=True),
+        )
+
+    def cmd_cancel(self, body: dict[str, Any]) -> commands.AnyCommand:
+        ids = body.get("cancelOrderIds")
+        if not isinstance(ids, list) or not ids:
+            raise BadRequest('field "cancelOrderIds" must be a non-empty list of order ids')
+        order_ids = tuple(field_int({"id": i}, "id") for i in ids)
+        return commands.CancelOrders(
+            address=field_address(body),
+            market_id=field_market(body, self.markets),
+            order_ids=order_ids,
+        )
+
+    def cmd_take_profit(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.UpdateTakeProfit(
+            address=field_address(body),
+            market_id=field_market(body, self.markets),
+            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
+            price=field_int(body, "price", optional=True),
+        )
+
+    def cmd_stop_loss(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.UpdateStopLoss(
+            address=field_address(body),
+            market_id=field_market(body, self.markets),
+            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
+            price=field_int(body, "price", optional=True),
+        )
+
+    def cmd_add_margin(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.AddMargin(
+            address=field_address(body),
+            market_id=field_market(body, self.markets),
+            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
+            amount=field_int(body, "amount"),
+        )
+
+    def cmd_mark(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.SetMarkPrice(
+            market_id=field_market(body, self.markets), price=field_int(body, "price")
+        )
+
+
+def _done(command: commands.AnyCommand) -> str:
+    return type(command).__name__ + " accepted"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error as the JSON envelope, with a stable code."""
+    try:
+        return await handler(request)
+    except CommandRejected as exc:
+        return fail(400, exc.code, exc.message)
+    except BadRequest as exc:
+        return fail(400, exc.code, exc.message)
+    except VenueHalted as exc:
+        return fail(503, exc.code, exc.message)
+    except web.HTTPRequestEntityTooLarge:
+        return fail(413, "body_too_large", "the request body is larger than the server accepts")
+    except web.HTTPNotFound:
+        return fail(404, "not_found", f"no such endpoint: {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        return fail(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.path}; use "
+            f"{', '.join(sorted(exc.allowed_methods))}",
+        )

@@ -1,0 +1,175 @@
+"""Bad input, oversize frames and keepalive, over real connections."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import websocket
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
+
+from tests.server.conftest import ThreadedServer, start_threaded
+
+A = "0x" + "a" * 64
+
+BAD_INPUTS = [
+    ("not json at all", "not valid JSON"),
+    ("[1, 2, 3]", "must be a JSON object"),
+    ('"positions"', "must be a JSON object"),
+    ("{}", 'no "topic"'),
+    (json.dumps({"address": A}), 'no "topic"'),
+    (json.dumps({"topic": "fills", "address": A}), "unknown topic 'fills'"),
+    (json.dumps({"topic": 7, "address": A}), "unknown topic 7"),
+    ('{"topic": "positions"}', 'needs an "address"'),
+    ('{"topic": "positions", "address": "0xZZ"}', "not hex digits"),
+    ('{"topic": "positions", "address": "abc"}', "must start with 0x"),
+    ('{"topic": "positions", "address": 12}', "must be a string"),
+    (json.dumps({"topic": "positions", "address": "0x" + "1" * 65}), "more than 64"),
+    ('{"topic": "orderbook"}', 'needs a "market_id"'),
+    ('{"topic": "orderbook", "market_id": "999"}', "unknown market_id '999'"),
+    ('{"topic": "orderbook", "market_id": 39.6}', "unknown market_id 39.6"),
+    ('{"topic": "orderbook", "market_id": null}', 'needs a "market_id"'),
+]
+
+
+@pytest.mark.parametrize(("frame", "needle"), BAD_INPUTS)
+def test_bad_input_gets_an_error_and_the_connection_stays(
+    server: ThreadedServer, frame: str, needle: str
+) -> None:
+    ws = websocket.create_connection(server.ws_url, timeout=5)
+    ws.send(frame)
+    reply = json.loads(ws.recv())
+    assert set(reply) == {"message", "error"}
+    assert reply["message"] == "error"
+    assert needle in reply["error"]
+    # Still open and serving.
+    ws.send(json.dumps({"topic": "orderbook", "market_id": "396"}))
+    assert json.loads(ws.recv()) == {"data": [], "message": "orderbook"}
+    ws.close()
+
+
+def test_binary_frame_is_refused_politely(server: ThreadedServer) -> None:
+    ws = websocket.create_connection(server.ws_url, timeout=5)
+    ws.send_binary(b'{"topic": "orderbook", "market_id": "396"}')
+    reply = json.loads(ws.recv())
+    assert reply["message"] == "error" and "binary frames" in reply["error"]
+    ws.send('{"topic": "orderbook", "market_id": "396"}')
+    assert json.loads(ws.recv())["message"] == "orderbook"
+    ws.close()
+
+
+def test_oversize_frame_closes_1009_and_others_keep_working(server: ThreadedServer) -> None:
+    rest = server.rest
+    rest.ok("/deposit", {"userAddress": A, "amount": 10_000_000})
+    bystander = websocket.create_connection(server.ws_url, timeout=5)
+    bystander.send('{"topic": "orderbook", "market_id": "396"}')
+    assert json.loads(bystander.recv())["data"] == []
+
+    with ws_connect(server.ws_url, max_size=None) as offender:
+        offender.send("x" * (64 * 1024 + 1))
+        with pytest.raises(ConnectionClosed):
+            offender.recv(timeout=5)
+        assert offender.close_code == 1009
+
+    # A frame of exactly 64 KiB is still accepted (and answered with an error, not a close).
+    with ws_connect(server.ws_url, max_size=None) as edge:
+        edge.send(" " * (64 * 1024 - 2) + "{}")
+        assert 'no "topic"' in json.loads(edge.recv(timeout=5))["error"]
+
+    rest.ok(
+        "/placeLimitOrder",
+        {
+            "userAddress": A,
+            "marketId": 396,
+            "tradeSide": True,
+            "direction": False,
+            "size": 1000,
+            "price": 6000,
+            "leverage": 2,
+        },
+    )
+    update = json.loads(bystander.recv())
+    assert update["data"][0]["price"] == "6000"
+    bystander.close()
+
+
+def test_garbage_storm_does_not_disturb_a_subscriber(server: ThreadedServer) -> None:
+    rest = server.rest
+    rest.ok("/deposit", {"userAddress": A, "amount": 100_000_000})
+    watcher = websocket.create_connection(server.ws_url, timeout=5)
+    watcher.send('{"topic": "orderbook", "market_id": "396"}')
+    watcher.recv()
+    noisy = websocket.create_connection(server.ws_url, timeout=5)
+    for i in range(300):
+        noisy.send(["{", "[]", "null", '{"topic":', "\u0000", "{}" * 50][i % 6])
+    for i in range(5):
+        rest.ok(
+            "/placeLimitOrder",
+            {
+                "userAddress": A,
+                "marketId": 396,
+                "tradeSide": True,
+                "direction": False,
+                "size": 500,
+                "price": 6000 - i,
+                "leverage": 2,
+            },
+        )
+    seen = []
+    while len(seen) < 5:
+        seen.append(json.loads(watcher.recv()))
+    assert [len(m["data"]) for m in seen] == [1, 2, 3, 4, 5]
+    errors = 0
+    noisy.settimeout(5)
+    while errors < 300:
+        assert json.loads(noisy.recv())["message"] == "error"
+        errors += 1
+    noisy.close()
+    watcher.close()
+
+
+def test_client_ping_is_answered(server: ThreadedServer) -> None:
+    with ws_connect(server.ws_url) as ws:
+        pong = ws.ping(b"hello")
+        assert pong.wait(5)
+
+
+def test_server_pings_quiet_clients_and_closes_silent_ones(tmp_path: Path) -> None:
+    running, stop = start_threaded(tmp_path, ping_interval=0.3, ping_timeout=0.4)
+    try:
+        # websockets answers pings by itself while its background thread reads.
+        with ws_connect(running.ws_url) as healthy:
+            healthy.send('{"topic": "orderbook", "market_id": "396"}')
+            healthy.recv(timeout=5)
+            time.sleep(1.5)
+            healthy.send('{"topic": "orderbook", "market_id": "397"}')
+            assert json.loads(healthy.recv(timeout=5))["message"] == "orderbook"
+
+        # A raw socket that completes the handshake and then never reads nor answers.
+        host, port = "127.0.0.1", running.server.port
+        silent = socket.create_connection((host, port), timeout=5)
+        silent.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        deadline = time.monotonic() + 5
+        data = b""
+        while time.monotonic() < deadline and b"\x88" not in data.split(b"\r\n\r\n", 1)[-1]:
+            chunk = silent.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        frames = data.split(b"\r\n\r\n", 1)[1]
+        assert frames[:1] == b"\x89"  # the server pinged first
+        close_at = frames.index(b"\x88")
+        code = int.from_bytes(frames[close_at + 2 : close_at + 4], "big")
+        assert code == 1011
+        assert b"keepalive ping timeout" in frames[close_at:]
+        silent.close()
+        assert running.call(lambda: running.server.metrics.keepalive_timeouts) == 1
+    finally:
+        stop()
