@@ -137,3 +137,10 @@ class SequenceGap(IntegrityError):
         super().__init__(f"expected event seq {expected}, got {got}")
         self.expected = expected
         self.got = got
+
+
+class StoreError(PerpsIndexerError):
+    """The event store cannot be opened or used: a bad URL or path, a database written by a newer
+    version, or a failure of the database itself. The message says which."""
+
+    code = "store_error"

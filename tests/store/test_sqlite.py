@@ -1,0 +1,408 @@
+"""The SQLite event store against real database files."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from perps_indexer import errors
+from perps_indexer.engine import Engine
+from perps_indexer.events import AnyEvent, Fill
+from perps_indexer.markets import default_markets
+from perps_indexer.store import event_keys, market_key
+from perps_indexer.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from tests.store.conftest import LIQUIDITY, MAKER, TRADER, deposits
+
+
+def raw_query(path: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """Ask the file through a connection of its own, not the store's."""
+    with closing(sqlite3.connect(path)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def raw_write(path: Path, sql: str, params: tuple[object, ...] = ()) -> None:
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(sql, params)
+
+
+def seqs(events: list[AnyEvent]) -> list[int]:
+    return [ev.seq for ev in events]
+
+
+# ---------------------------------------------------------------------- round trip & read
+
+
+def test_the_scenario_covers_every_event_type(events: list[AnyEvent]) -> None:
+    assert {type(ev) for ev in events} == set(get_args(AnyEvent))
+
+
+def test_every_event_type_round_trips(store: SQLiteStore, events: list[AnyEvent]) -> None:
+    store.append(events)
+    assert list(store.read()) == events
+    assert (store.first_seq(), store.last_seq()) == (1, len(events))
+    stored_types = raw_query(Path(store.path), "SELECT type FROM events ORDER BY seq")
+    assert [t for (t,) in stored_types] == [type(ev).__struct_config__.tag for ev in events]
+
+
+def test_an_empty_store(store: SQLiteStore) -> None:
+    assert (store.first_seq(), store.last_seq()) == (0, 0)
+    assert list(store.read()) == []
+    assert store.read_for_key(TRADER) == []
+    store.append([])  # a no-op, not an error
+    assert store.last_seq() == 0
+
+
+@pytest.mark.parametrize(
+    ("after", "limit"),
+    [(0, None), (0, 5), (3, None), (3, 4), (21, None), (22, None), (100, None), (5, 0), (0, 100)],
+)
+def test_read_after_and_limit(
+    store: SQLiteStore, events: list[AnyEvent], after: int, limit: int | None
+) -> None:
+    store.append(events)
+    expected = [ev for ev in events if ev.seq > after]
+    if limit is not None:
+        expected = expected[:limit]
+    assert list(store.read(after, limit)) == expected
+
+
+@pytest.mark.parametrize("limit", [None, 6, 7, 9])
+def test_read_fetches_in_chunks(
+    store: SQLiteStore, events: list[AnyEvent], limit: int | None
+) -> None:
+    store.append(events)
+    store.read_chunk = 3
+    queries: list[str] = []
+    assert store._conn is not None
+    store._conn.set_trace_callback(queries.append)
+    got = list(store.read(0, limit))
+    store._conn.set_trace_callback(None)
+    wanted = len(events) if limit is None else limit
+    assert got == events[:wanted]
+    # Full chunks of 3, plus one short (or empty) chunk that ends an unlimited read.
+    selects = [q for q in queries if q.startswith("SELECT seq, body FROM events")]
+    assert len(selects) == (wanted // 3 + 1 if limit is None else -(-wanted // 3))
+
+
+def test_read_is_lazy_and_sees_events_appended_meanwhile(
+    store: SQLiteStore, events: list[AnyEvent]
+) -> None:
+    store.read_chunk = 4
+    store.append(events[:10])
+    reader = store.read()
+    first = [next(reader) for _ in range(5)]
+    store.append(events[10:])
+    assert first + list(reader) == events
+
+
+def test_read_rejects_bad_arguments_at_once(store: SQLiteStore) -> None:
+    with pytest.raises(ValueError, match="after"):
+        store.read(-1)
+    with pytest.raises(ValueError, match="limit"):
+        store.read(0, -1)
+    with pytest.raises(ValueError, match="limit"):
+        store.read_for_key(TRADER, limit=-1)
+
+
+def test_read_reports_a_hole_in_the_stored_log(
+    store: SQLiteStore, events: list[AnyEvent], db_path: Path
+) -> None:
+    store.append(events)
+    raw_write(db_path, "DELETE FROM events WHERE seq = ?", (5,))
+    with pytest.raises(errors.SequenceGap, match="expected event seq 5, got 6"):
+        list(store.read())
+
+
+def test_a_body_that_is_not_its_row_is_an_integrity_error(
+    store: SQLiteStore, events: list[AnyEvent], db_path: Path
+) -> None:
+    store.append(events)
+    body = raw_query(db_path, "SELECT body FROM events WHERE seq = ?", (2,))[0][0]
+    raw_write(db_path, "UPDATE events SET body = ? WHERE seq = ?", (body, 3))
+    with pytest.raises(errors.IntegrityError, match="row of event 3 holds event 2"):
+        list(store.read())
+    raw_write(db_path, "UPDATE events SET body = ? WHERE seq = ?", (b"\xc1junk", 3))
+    with pytest.raises(errors.IntegrityError, match="event 3 cannot be decoded"):
+        list(store.read(2))
+
+
+# ---------------------------------------------------------------------- keys
+
+
+def test_event_keys_by_type(events: list[AnyEvent]) -> None:
+    fill = next(ev for ev in events if isinstance(ev, Fill))
+    assert event_keys(fill) == (TRADER, MAKER, "market:396")
+    by_type = {type(ev).__name__: event_keys(ev) for ev in events}
+    assert by_type["Deposited"] == (LIQUIDITY,)
+    assert by_type["Withdrew"] == (LIQUIDITY,)
+    assert by_type["MarkPriceSet"] == ("market:396",)
+    assert by_type["OrderPlaced"] == (TRADER, "market:396")  # the last one: the liquidation
+    assert by_type["OrderRested"] == (LIQUIDITY, "market:396")
+    assert by_type["OrderCancelled"] == (MAKER, "market:397")
+    assert by_type["PositionUpdated"] == (MAKER, "market:396")
+    assert by_type["PositionReleased"] == (TRADER, "market:396")
+    assert by_type["LiquidationSettled"] == (TRADER, "market:396")
+    assert market_key(397) == "market:397"
+
+
+# What the scenario in conftest.py touches, worked out by hand from its commands.
+TRADER_SEQS = [1, 7, 8, 13, 19, 20, 21, 22]
+MAKER_SEQS = [2, 5, 6, 8, 9, 10, 11, 12, 14, 15]
+MARKET_397_SEQS = [9, 10, 11, 12]
+
+
+def test_read_for_key_addresses_and_markets(store: SQLiteStore, events: list[AnyEvent]) -> None:
+    store.append(events)
+    assert seqs(store.read_for_key(TRADER)) == TRADER_SEQS
+    assert seqs(store.read_for_key(MAKER)) == MAKER_SEQS
+    assert seqs(store.read_for_key("market:397")) == MARKET_397_SEQS
+    market_396 = seqs(store.read_for_key("market:396"))
+    assert market_396 == [5, 6, 7, 8, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+    assert store.read_for_key(TRADER)[0] == events[0]
+    assert store.read_for_key("0x" + "99" * 32) == []
+    assert store.read_for_key("market:999") == []
+
+
+@pytest.mark.parametrize("newest_first", [False, True])
+@pytest.mark.parametrize(
+    ("after", "before", "limit"),
+    [
+        (0, None, None),
+        (7, None, None),
+        (0, 20, None),
+        (7, 20, None),
+        (0, None, 3),
+        (7, 21, 2),
+        (8, 9, None),
+        (0, 1, None),
+        (22, None, None),
+        (0, None, 0),
+    ],
+)
+def test_read_for_key_bounds_order_and_limit(
+    store: SQLiteStore,
+    events: list[AnyEvent],
+    after: int,
+    before: int | None,
+    limit: int | None,
+    newest_first: bool,
+) -> None:
+    store.append(events)
+    expected = [s for s in TRADER_SEQS if s > after and (before is None or s < before)]
+    if newest_first:
+        expected.reverse()
+    if limit is not None:
+        expected = expected[:limit]
+    got = store.read_for_key(
+        TRADER, after=after, before=before, limit=limit, newest_first=newest_first
+    )
+    assert seqs(got) == expected
+    assert got == [events[s - 1] for s in expected]
+
+
+# ---------------------------------------------------------------------- gaps & atomicity
+
+
+def count_rows(path: Path) -> tuple[int, int]:
+    ((n_events,),) = raw_query(path, "SELECT COUNT(*) FROM events")
+    ((n_keys,),) = raw_query(path, "SELECT COUNT(*) FROM event_keys")
+    return int(n_events), int(n_keys)  # type: ignore[call-overload]
+
+
+def test_gaps_and_duplicates_are_refused_and_write_nothing(
+    store: SQLiteStore, events: list[AnyEvent], db_path: Path
+) -> None:
+    with pytest.raises(errors.SequenceGap) as gap:
+        store.append(events[1:3])  # the log must start at 1
+    assert (gap.value.expected, gap.value.got) == (1, 2)
+    store.append(events[:5])
+    before = count_rows(db_path)
+    cases = [
+        (events[6:9], 6, 7),  # skips seq 6
+        (events[3:8], 6, 4),  # repeats 4 and 5
+        (events[4:5], 6, 5),  # repeats the last one
+        ([events[5], events[7]], 7, 8),  # a hole inside the batch
+        ([events[5], events[5]], 7, 6),  # a duplicate inside the batch
+        ([events[6], events[5]], 6, 7),  # out of order
+    ]
+    for batch, expected, got in cases:
+        with pytest.raises(errors.SequenceGap) as gap:
+            store.append(batch)
+        assert (gap.value.expected, gap.value.got) == (expected, got)
+        assert count_rows(db_path) == before
+    with SQLiteStore(db_path) as fresh:
+        assert list(fresh.read()) == events[:5]
+    store.append(events[5:])
+    assert list(store.read()) == events
+
+
+def test_a_batch_failing_midway_leaves_no_trace(
+    store: SQLiteStore, events: list[AnyEvent], db_path: Path
+) -> None:
+    store.append(events[:10])
+    # Plant an index row that the batch's last event will collide with, after its events and
+    # first index rows are already inserted inside the transaction.
+    raw_write(db_path, "INSERT INTO event_keys (key, seq) VALUES (?, ?)", ("market:396", 13))
+    before = count_rows(db_path)
+    with pytest.raises(errors.StoreError, match="UNIQUE constraint failed"):
+        store.append(events[10:13])
+    assert count_rows(db_path) == before
+    assert store.last_seq() == 10
+    raw_write(db_path, "DELETE FROM event_keys WHERE seq = ?", (13,))
+    store.append(events[10:])
+    assert list(store.read()) == events
+
+
+# ---------------------------------------------------------------------- reopening & replay
+
+
+def test_reopening_gives_the_same_log_and_replay_gives_the_same_state(
+    db_path: Path, session: tuple[Engine, list[AnyEvent]]
+) -> None:
+    engine, events = session
+    with SQLiteStore(db_path) as store:
+        store.append(events[:9])
+        store.append(events[9:])
+    with SQLiteStore(db_path, synchronous="NORMAL") as store:
+        assert list(store.read()) == events
+        assert seqs(store.read_for_key(TRADER)) == TRADER_SEQS
+        replayed = Engine.replay(default_markets(), store.read())
+    assert replayed.state() == engine.state()
+
+
+def test_settings_reach_the_database(db_path: Path) -> None:
+    for mode, level in (("FULL", 2), ("normal", 1), ("EXTRA", 3)):
+        with SQLiteStore(db_path, synchronous=mode) as store:
+            assert store._conn is not None
+            assert store._conn.execute("PRAGMA synchronous").fetchone() == (level,)
+            assert store.synchronous == mode.upper()
+    assert raw_query(db_path, "PRAGMA journal_mode") == [("wal",)]
+    with pytest.raises(errors.StoreError, match="synchronous must be one of"):
+        SQLiteStore(db_path, synchronous="OFF")
+
+
+def test_a_batch_commits_far_faster_than_single_commits(tmp_path: Path) -> None:
+    events = deposits(600)
+    with SQLiteStore(tmp_path / "batch.db") as store:
+        start = time.perf_counter()
+        store.append(events[:300])
+        batched = time.perf_counter() - start
+    with SQLiteStore(tmp_path / "single.db") as store:
+        start = time.perf_counter()
+        for event in events[:300]:
+            store.append([event])
+        single = time.perf_counter() - start
+    assert batched * 5 < single, (batched, single)
+
+
+def test_a_store_made_in_one_thread_works_in_another(db_path: Path) -> None:
+    events = deposits(50)
+    failures: list[BaseException] = []
+    with SQLiteStore(db_path) as store:
+
+        def work() -> None:
+            try:
+                store.append(events)
+                assert list(store.read()) == events
+            except BaseException as exc:  # surfaced to the test thread below
+                failures.append(exc)
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+        assert failures == []
+        assert store.last_seq() == 50
+
+
+# ---------------------------------------------------------------------- snapshots & meta
+
+
+def test_snapshots_keep_only_the_latest_per_name(
+    store: SQLiteStore, events: list[AnyEvent], db_path: Path
+) -> None:
+    assert store.load_snapshot("engine") is None
+    store.save_snapshot(0, "engine", b"empty")
+    assert store.load_snapshot("engine") == (0, b"empty")
+    store.append(events)
+    store.save_snapshot(5, "engine", b"at five")
+    store.save_snapshot(5, "projections", b"\x00\xffbinary")
+    store.save_snapshot(len(events), "engine", b"at the end")
+    assert store.load_snapshot("engine") == (len(events), b"at the end")
+    assert store.load_snapshot("projections") == (5, b"\x00\xffbinary")
+    assert raw_query(db_path, "SELECT name, seq FROM snapshots ORDER BY name") == [
+        ("engine", len(events)),
+        ("projections", 5),
+    ]
+    store.close()
+    with SQLiteStore(db_path) as reopened:
+        assert reopened.load_snapshot("engine") == (len(events), b"at the end")
+
+
+@pytest.mark.parametrize("seq", [-1, 23, 1000])
+def test_a_snapshot_outside_the_log_is_refused(
+    store: SQLiteStore, events: list[AnyEvent], seq: int
+) -> None:
+    store.append(events)
+    store.save_snapshot(3, "engine", b"kept")
+    with pytest.raises(errors.IntegrityError, match="outside the log"):
+        store.save_snapshot(seq, "engine", b"bad")
+    assert store.load_snapshot("engine") == (3, b"kept")
+
+
+def test_meta_get_and_set(store: SQLiteStore, db_path: Path) -> None:
+    assert store.get_meta("market_spec_hash") is None
+    store.set_meta("market_spec_hash", "abc")
+    store.set_meta("market_spec_hash", "def")
+    assert store.get_meta("market_spec_hash") == "def"
+    assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+    store.close()
+    with SQLiteStore(db_path) as reopened:
+        assert reopened.get_meta("market_spec_hash") == "def"
+
+
+# ---------------------------------------------------------------------- refusals
+
+
+def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("2", "schema_version"))
+    with pytest.raises(errors.StoreError, match=r"schema version 2, newer than the version 1"):
+        SQLiteStore(db_path)
+    raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("two", "schema_version"))
+    with pytest.raises(errors.StoreError, match="not a number"):
+        SQLiteStore(db_path)
+    raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("0", "schema_version"))
+    with pytest.raises(errors.StoreError, match="unknown old schema version 0"):
+        SQLiteStore(db_path)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not a SQLite database, just some text " * 100)
+    with pytest.raises(errors.StoreError, match=r"notes\.txt.*not a database"):
+        SQLiteStore(path)
+    with pytest.raises(errors.StoreError, match="cannot open"):
+        SQLiteStore(tmp_path / "missing-dir" / "events.db")
+
+
+def test_a_closed_store_refuses_calls(db_path: Path) -> None:
+    store = SQLiteStore(db_path)
+    store.close()
+    store.close()  # harmless
+    with pytest.raises(errors.StoreError, match="is closed"):
+        store.last_seq()
+    with pytest.raises(errors.StoreError, match="is closed"):
+        store.append(deposits(1))
+
+
+def test_an_unknown_body_format_is_refused(db_path: Path) -> None:
+    SQLiteStore(db_path).close()
+    raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("msgpack", "body_format"))
+    with pytest.raises(errors.StoreError, match="stored as 'msgpack'; this perps-indexer reads"):
+        SQLiteStore(db_path)
