@@ -123,7 +123,9 @@ FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
 def check_message_types(topic: str, message: bytes) -> list[dict[str, object]]:
     """Assert a push's envelope, key order and every row's field set and JSON types."""
     doc = json.loads(message)
-    assert list(doc) == ["data", "message"]
+    # Protocol v2 appends "seq" after the original keys.
+    assert list(doc) in (["data", "message"], ["data", "message", "seq"])
+    assert isinstance(doc.get("seq", 0), int)
     assert doc["message"] == topic
     fields = FIELD_TYPES[topic]
     for row in doc["data"]:

@@ -144,3 +144,9 @@ class StoreError(PerpsIndexerError):
     version, or a failure of the database itself. The message says which."""
 
     code = "store_error"
+
+
+class ConfigurationError(PerpsIndexerError):
+    """The server was asked to start in an unsafe or impossible configuration."""
+
+    code = "configuration_error"

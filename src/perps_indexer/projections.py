@@ -81,7 +81,7 @@ Key = tuple[str, str | int]
 _T = TypeVar("_T")
 _SNAPSHOT_VERSION: Final = 1
 _EMPTY: Final = {
-    topic: encode_message(topic, [])
+    topic: encode_message(topic, [], 0)
     for topic in (POSITIONS, TRADE_HISTORY, OPEN_ORDERS, ORDER_HISTORY, ORDERBOOK)
 }
 
@@ -105,6 +105,7 @@ class _Snapshot(msgspec.Struct, array_like=True):
     trade_history: dict[str, list[TradeRow]]
     asks: dict[int, list[OrderBookRow]]
     bids: dict[int, list[OrderBookRow]]
+    changed_at: list[tuple[str, str | int, int]]
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
@@ -133,6 +134,8 @@ class Projections:
         self._asks: dict[int, Any] = {m: SortedDict() for m in self.markets}
         self._bids: dict[int, Any] = {m: SortedDict() for m in self.markets}
         self._messages: dict[Key, bytes] = {}
+        # (topic, key) -> seq of the batch that last changed the view: the "seq" of its pushes.
+        self._changed_at: dict[Key, int] = {}
         self._appliers: dict[type[Event], Callable[[Any, set[Key]], None]] = {
             OrderPlaced: self._placed,
             OrderRested: self._rested,
@@ -163,8 +166,15 @@ class Projections:
             if event.seq != offset:
                 raise errors.SequenceGap(offset, event.seq)
         changed: set[Key] = set()
+        changed_at = self._changed_at
+        appliers = self._appliers
         for event in batch:
-            self._appliers[type(event)](event, changed)
+            touched: set[Key] = set()
+            appliers[type(event)](event, touched)
+            # The view's seq is its last changing event's, whatever the batching.
+            for key in touched:
+                changed_at[key] = event.seq
+            changed |= touched
             self.seq = event.seq
         for key in changed:
             self._messages.pop(key, None)
@@ -318,16 +328,25 @@ class Projections:
             raise KeyError(f"unknown topic {topic!r}")
         return _ADDRESS_VIEWS[topic](self, key) if isinstance(key, str) else []
 
+    def changed_at(self, topic: str, key: str | int) -> int:
+        """The seq of the last event that changed a view (0 if none ever did)."""
+        return self._changed_at.get((topic, key), 0)
+
     def message(self, topic: str, key: str | int) -> bytes:
-        """The encoded push of a view's current state, encoded once per change."""
+        """The encoded push of a view's current state, encoded once per change.
+
+        It carries ``"seq"``: the sequence number of the last event that changed the view, so
+        a subscriber's messages of one stream carry increasing seqs.
+        """
         cache_key = (topic, key)
         data = self._messages.get(cache_key)
         if data is None:
-            rows = self.view(topic, key)
-            if not rows:
+            seq = self._changed_at.get(cache_key)
+            if seq is None:
                 # Not cached: subscribers to unknown addresses must not grow the cache.
                 return _EMPTY[topic]
-            data = self._messages[cache_key] = encode_message(topic, rows)
+            rows = self.view(topic, key)
+            data = self._messages[cache_key] = encode_message(topic, rows, seq)
         return data
 
     # ------------------------------------------------------------------ persistence
@@ -344,6 +363,7 @@ class Projections:
             trade_history={a: list(rows) for a, rows in self._trades.items()},
             asks={m: [lv.row for lv in side.values()] for m, side in self._asks.items()},
             bids={m: [lv.row for lv in side.values()] for m, side in self._bids.items()},
+            changed_at=[(t, k, seq) for (t, k), seq in self._changed_at.items()],
         )
         return _snapshot_encoder.encode(snap)
 
@@ -360,6 +380,7 @@ class Projections:
             )
         self = cls(markets, snap.history_limit)
         self.seq = snap.seq
+        self._changed_at = {(topic, key): seq for topic, key, seq in snap.changed_at}
         for address, positions in snap.positions.items():
             self._positions[address] = {(int(r.market_id), r.is_long): r for r in positions}
         for address, opens in snap.open_orders.items():

@@ -1,17 +1,21 @@
-"""The WebSocket protocol core, sans I/O: request parsing, subscriptions, keepalive, outbox.
+"""The WebSocket protocol core, sans I/O: requests, subscriptions, limits, keepalive, outbox.
 
 A :class:`Session` is one connection's state. The transport feeds it what arrived
-(``receive_text``, ``receive_binary``, ``receive_pong``), asks it what to send (``take``) and
-what keepalive needs (``keepalive``), and tells it the time; the session never reads a clock or
-a socket. A :class:`Hub` maps each stream (topic and key) to the sessions that watch it and
-hands every published message to them.
+(``receive_text``, ``receive_binary``, ``receive_pong``), asks it what to send (``take``), what
+keepalive needs (``keepalive``) and whether to close (``close_code``), and tells it the time; the
+session never reads a clock or a socket. A :class:`Hub` maps each stream (topic and key) to the
+sessions that watch it and hands every published message to them. ``docs/protocol.md`` is the
+specification this module implements.
 
-Ordering and delivery (the protocol's guarantee): a subscription is answered with the current
-state, taken in the same step that registers the subscription, so every later change reaches
-the subscriber after that snapshot and nothing is missed in between. Every message is a full
-state (or newest-N window), so while a connection is busy writing, a newer message for the same
-stream replaces a pending older one: a slow reader gets the latest state, never a stale one, and
-messages of one stream never go backwards.
+Ordering and delivery: a subscription is answered with the current state, taken in the same step
+that registers it, so every later change reaches the subscriber after that snapshot and nothing
+is missed in between. Every message is a full state (or newest-N window), so while a connection
+is busy writing, a newer message for a stream replaces a pending older one: a slow reader gets
+the latest state, never a stale one, and the ``seq`` of one stream's messages only increases.
+
+Protocol v2 is opt-in per request: ``"op"`` (subscribe or unsubscribe), a client-chosen ``"id"``
+(then acks, and errors and data messages carry the id) and ``"since"`` (resume). A client that
+sends only the original requests gets only the original replies, plus ``"seq"``.
 """
 
 from __future__ import annotations
@@ -34,12 +38,35 @@ from perps_indexer.wire import (
 
 Key = str | int
 Stream = tuple[str, Key]
+RequestId = str | int
 
 ALL_TOPICS = (POSITIONS, TRADE_HISTORY, OPEN_ORDERS, ORDER_HISTORY, ORDERBOOK)
 """Every topic, in the order error messages list them."""
+RESUMABLE_TOPICS = frozenset({TRADE_HISTORY, ORDER_HISTORY})
+"""Topics whose ``since`` answer is the rows changed after that seq (others: a fresh snapshot)."""
 
 # Close codes (RFC 6455 §7.4.1).
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_KEEPALIVE_TIMEOUT = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+
+MAX_ID_LENGTH = 128
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-connection limits, each published in docs/protocol.md."""
+
+    max_subscriptions: int = 256
+    """Subscriptions one connection may hold."""
+    rate: float = 20.0
+    """Inbound messages per second a connection may send, on average..."""
+    burst: int = 50
+    """...with bursts up to this many. A client that keeps exceeding the rate is closed."""
+    max_outbox_bytes: int = 8 * 1024 * 1024
+    """Bytes waiting for a slow reader (after coalescing) before it is closed with 1013."""
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
 
 
 class MessageSource(Protocol):
@@ -47,80 +74,143 @@ class MessageSource(Protocol):
 
     def message(self, topic: str, key: Key) -> bytes: ...
 
+    def resume(self, topic: str, key: Key, since: int) -> bytes:
+        """The rows of a history stream changed after ``since``, as one data message; raises
+        :class:`RequestError` when ``since`` is older than what is kept."""
+        ...
+
 
 class RequestError(Exception):
-    """A client request that cannot be served; the text is sent back to the client."""
+    """A request that cannot be served: ``code`` is stable, the text is for a person."""
+
+    def __init__(self, code: str, text: str, request_id: RequestId | None = None) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.request_id = request_id
 
 
-class Subscribe(msgspec.Struct, frozen=True):
+class Request(msgspec.Struct, frozen=True):
+    op: str
     topic: str
     key: Key
+    id: RequestId | None = None
+    since: int | None = None
 
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
 
 
-def error_message(text: str) -> bytes:
-    """The error reply ``{"message": "error", "error": text}``."""
-    return _encoder.encode({"message": "error", "error": text})
+def error_message(text: str, request_id: RequestId | None = None, code: str = "") -> bytes:
+    """The error reply: ``{"message": "error", "error": text}``, plus ``"id"`` and ``"code"``
+    when the request carried an id (v2)."""
+    if request_id is None:
+        return _encoder.encode({"message": "error", "error": text})
+    return _encoder.encode({"message": "error", "error": text, "id": request_id, "code": code})
 
 
-def parse_request(text: str | bytes, markets: Collection[int]) -> Subscribe:
+def _request_id(request: dict[str, object]) -> RequestId | None:
+    if "id" not in request:
+        return None
+    value = request["id"]
+    if type(value) is int or (isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH):
+        return value
+    raise RequestError(
+        "invalid_id", f'"id" must be an integer or a string of 1 to {MAX_ID_LENGTH} characters'
+    )
+
+
+def parse_request(text: str | bytes, markets: Collection[int]) -> Request:
     """Validate one client frame; raise :class:`RequestError` with a sentence for a person."""
     try:
         request = _decoder.decode(text)
     except msgspec.DecodeError as exc:
-        raise RequestError(f"the message is not valid JSON ({exc})") from None
+        raise RequestError("invalid_json", f"the message is not valid JSON ({exc})") from None
     if not isinstance(request, dict):
         raise RequestError(
-            'a request must be a JSON object such as {"topic": "positions", "address": "0x..."}'
+            "invalid_request",
+            'a request must be a JSON object such as {"topic": "positions", "address": "0x..."}',
         )
+    request_id = _request_id(request)
+    try:
+        return _parse_fields(request, markets, request_id)
+    except RequestError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _parse_fields(
+    request: dict[str, object], markets: Collection[int], request_id: RequestId | None
+) -> Request:
+    op = request.get("op", "subscribe")
+    if op not in ("subscribe", "unsubscribe"):
+        raise RequestError("invalid_op", f'unknown op {op!r}; use "subscribe" or "unsubscribe"')
     topic = request.get("topic")
     if topic is None:
-        raise RequestError(f'the request has no "topic"; topics are {", ".join(ALL_TOPICS)}')
+        raise RequestError(
+            "invalid_request", f'the request has no "topic"; topics are {", ".join(ALL_TOPICS)}'
+        )
     if not isinstance(topic, str) or topic not in ALL_TOPICS:
-        raise RequestError(f"unknown topic {topic!r}; topics are {', '.join(ALL_TOPICS)}")
+        raise RequestError(
+            "unknown_topic", f"unknown topic {topic!r}; topics are {', '.join(ALL_TOPICS)}"
+        )
+    since = request.get("since")
+    if since is not None and (type(since) is not int or since < 0):
+        raise RequestError(
+            "invalid_since", f'"since" must be a non-negative integer seq, got {since!r}'
+        )
+    key: Key
     if topic in MARKET_TOPICS:
-        return Subscribe(topic, parse_market_id(request.get("market_id"), markets))
-    if "address" not in request:
-        raise RequestError(f'topic {topic!r} needs an "address"')
-    try:
-        return Subscribe(topic, normalize_address(request["address"]))
-    except InvalidAddress as exc:
-        raise RequestError(str(exc)) from None
+        key = parse_market_id(request.get("market_id"), markets)
+    elif "address" not in request:
+        raise RequestError("invalid_address", f'topic {topic!r} needs an "address"')
+    else:
+        try:
+            key = normalize_address(request["address"])
+        except InvalidAddress as exc:
+            raise RequestError("invalid_address", str(exc)) from None
+    return Request(str(op), topic, key, request_id, since)
 
 
 def parse_market_id(value: object, markets: Collection[int], field: str = "market_id") -> int:
     """A market id given as a JSON number or a decimal string, and known to the venue."""
     known = ", ".join(str(m) for m in sorted(markets))
     if value is None:
-        raise RequestError(f'the request needs a "{field}"; markets are {known}')
+        raise RequestError("unknown_market", f'the request needs a "{field}"; markets are {known}')
     market: int | None = None
     if type(value) is int:
         market = value
     elif isinstance(value, str) and value.strip().isdigit():
         market = int(value.strip())
     if market is None or market not in markets:
-        raise RequestError(f"unknown {field} {value!r}; markets are {known}")
+        raise RequestError("unknown_market", f"unknown {field} {value!r}; markets are {known}")
     return market
+
+
+def _with_id(message: bytes, request_id: RequestId) -> bytes:
+    """Append ``"id"`` to an encoded data message (a byte splice: no re-encoding per subscriber)."""
+    return b'%b,"id":%b}' % (message[:-1], _encoder.encode(request_id))
 
 
 class Session:
     """One connection's protocol state (no I/O)."""
 
     __slots__ = (
-        "_error_seq",
+        "_errors",
+        "_strikes",
+        "_tokens",
+        "_updated",
         "close_code",
         "close_reason",
         "hub",
         "last_received",
+        "limits",
         "markets",
         "notify",
         "outbox",
-        "ping_interval",
+        "outbox_bytes",
         "ping_sent",
-        "ping_timeout",
         "source",
         "subscriptions",
     )
@@ -132,40 +222,47 @@ class Session:
         markets: Collection[int],
         *,
         now: float,
-        ping_interval: float = 20.0,
-        ping_timeout: float = 20.0,
+        limits: Limits | None = None,
     ) -> None:
         self.hub = hub
         self.source = source
         self.markets = markets
-        self.subscriptions: set[Stream] = set()
+        self.limits = limits if limits is not None else Limits()
+        self.subscriptions: dict[Stream, RequestId | None] = {}
+        """Stream -> the id it was subscribed with (None: an original, v1 subscription)."""
         self.outbox: dict[object, bytes] = {}
-        """Pending frames: one per stream (newest wins) plus one per error reply."""
+        """Pending frames: one per stream (newest wins) plus one per reply."""
+        self.outbox_bytes = 0
         self.notify: Callable[[], None] | None = None
         """Called when the outbox goes from empty to non-empty (the transport's wake-up)."""
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
         self.last_received = now
         self.ping_sent: float | None = None
         self.close_code: int | None = None
+        """Set when the session wants the connection closed (with ``close_reason``)."""
         self.close_reason = ""
-        self._error_seq = 0
+        self._errors = 0
+        self._tokens = float(self.limits.burst)
+        self._updated = now
+        self._strikes = 0
 
     # -- input
 
     def receive_text(self, text: str | bytes, now: float) -> None:
-        """A text frame arrived: subscribe, or queue an error reply."""
-        self.last_received = now
+        """A text frame arrived: subscribe, unsubscribe, or queue an error reply."""
+        if not self._admit(now):
+            return
         try:
             request = parse_request(text, self.markets)
+            if request.op == "unsubscribe":
+                self.unsubscribe(request)
+            else:
+                self.subscribe(request.topic, request.key, request.id, request.since)
         except RequestError as exc:
-            self._queue_error(str(exc))
-            return
-        self.subscribe(request.topic, request.key)
+            self._queue(error_message(exc.text, exc.request_id, exc.code))
 
     def receive_binary(self, now: float) -> None:
-        self.last_received = now
-        self._queue_error("binary frames are not supported; send JSON text frames")
+        if self._admit(now):
+            self._queue(error_message("binary frames are not supported; send JSON text frames"))
 
     def receive_pong(self, now: float) -> None:
         self.last_received = now
@@ -174,27 +271,108 @@ class Session:
     def receive_ping(self, now: float) -> None:
         self.last_received = now
 
-    def subscribe(self, topic: str, key: Key) -> None:
+    def _admit(self, now: float) -> bool:
+        """Token bucket: ``rate`` per second, ``burst`` deep. A refused message gets one error
+        per run of refusals; a client refused more than ``burst`` times in a row is closed."""
+        self.last_received = now
+        limits = self.limits
+        self._tokens = min(limits.burst, self._tokens + (now - self._updated) * limits.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            self._strikes = 0
+            return True
+        self._strikes += 1
+        if self._strikes == 1:
+            self._queue(
+                error_message(
+                    f"rate limit: at most {limits.rate:g} messages per second (bursts of "
+                    f"{limits.burst}); this message was dropped",
+                )
+            )
+        elif self._strikes > limits.burst:
+            self._close(
+                CLOSE_POLICY_VIOLATION,
+                f"inbound rate limit of {limits.rate:g}/s exceeded repeatedly",
+            )
+        return False
+
+    def subscribe(
+        self, topic: str, key: Key, request_id: RequestId | None = None, since: int | None = None
+    ) -> None:
         """Register the stream and queue its current state, in one step (no gap, no race)."""
         stream = (topic, key)
+        if stream not in self.subscriptions and (
+            len(self.subscriptions) >= self.limits.max_subscriptions
+        ):
+            raise RequestError(
+                "too_many_subscriptions",
+                f"this connection holds {len(self.subscriptions)} subscriptions, the limit "
+                f"(max_subscriptions = {self.limits.max_subscriptions}); unsubscribe first",
+            )
+        first = (
+            self.source.resume(topic, key, since)
+            if since is not None and topic in RESUMABLE_TOPICS
+            else self.source.message(topic, key)
+        )
         if stream not in self.subscriptions:
-            self.subscriptions.add(stream)
             self.hub.add(self, stream)
-        self.push(stream, self.source.message(topic, key))
+        self.subscriptions[stream] = request_id
+        pending = self.outbox.pop(stream, None)  # the ack must go before this stream's data
+        if pending is not None:
+            self.outbox_bytes -= len(pending)
+        if request_id is not None:
+            ack = {"message": "subscribed", "id": request_id, "topic": topic}
+            ack["market_id" if topic in MARKET_TOPICS else "address"] = (
+                str(key) if topic in MARKET_TOPICS else key
+            )
+            self._queue(_encoder.encode(ack))
+        self.push(stream, first)
+
+    def unsubscribe(self, request: Request) -> None:
+        stream = (request.topic, request.key)
+        if stream not in self.subscriptions:
+            raise RequestError(
+                "not_subscribed",
+                f"not subscribed to {request.topic} for {request.key!r}",
+            )
+        del self.subscriptions[stream]
+        self.hub.remove(self, stream)
+        dropped = self.outbox.pop(stream, None)
+        if dropped is not None:
+            self.outbox_bytes -= len(dropped)
+        if request.id is not None:
+            ack = {"message": "unsubscribed", "id": request.id, "topic": request.topic}
+            ack["market_id" if request.topic in MARKET_TOPICS else "address"] = (
+                str(request.key) if request.topic in MARKET_TOPICS else request.key
+            )
+            self._queue(_encoder.encode(ack))
 
     # -- output
 
     def push(self, stream: Stream, message: bytes) -> None:
         """Queue a stream's newest state; replaces a pending older one of the same stream."""
-        was_empty = not self.outbox
-        self.outbox[stream] = message
+        request_id = self.subscriptions.get(stream)
+        if request_id is not None:
+            message = _with_id(message, request_id)
+        outbox = self.outbox
+        was_empty = not outbox
+        old = outbox.get(stream)
+        outbox[stream] = message
+        self.outbox_bytes += len(message) - (len(old) if old is not None else 0)
+        if self.outbox_bytes > self.limits.max_outbox_bytes:
+            self._close(
+                CLOSE_TRY_AGAIN_LATER,
+                "reading too slowly: the outbound buffer is full; reconnect and resume with since",
+            )
         if was_empty and self.notify is not None:
             self.notify()
 
-    def _queue_error(self, text: str) -> None:
-        self._error_seq += 1
+    def _queue(self, frame: bytes) -> None:
+        self._errors += 1
         was_empty = not self.outbox
-        self.outbox[("error", self._error_seq)] = error_message(text)
+        self.outbox[("reply", self._errors)] = frame
+        self.outbox_bytes += len(frame)
         if was_empty and self.notify is not None:
             self.notify()
 
@@ -204,19 +382,30 @@ class Session:
             return []
         frames = list(self.outbox.values())
         self.outbox.clear()
+        self.outbox_bytes = 0
         return frames
+
+    def _close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            if self.notify is not None:
+                self.notify()
+
+    def slow(self, reason: str) -> None:
+        """The transport says this reader is too slow: close with 1013."""
+        self._close(CLOSE_TRY_AGAIN_LATER, reason)
 
     # -- keepalive
 
     def keepalive(self, now: float) -> str | None:
         """``"ping"`` when a ping should go out, ``"timeout"`` when the peer stopped answering."""
         if self.ping_sent is not None:
-            if now - self.ping_sent >= self.ping_timeout:
-                self.close_code = CLOSE_KEEPALIVE_TIMEOUT
-                self.close_reason = "keepalive ping timeout"
+            if now - self.ping_sent >= self.limits.ping_timeout:
+                self._close(CLOSE_KEEPALIVE_TIMEOUT, "keepalive ping timeout")
                 return "timeout"
             return None
-        if now - self.last_received >= self.ping_interval:
+        if now - self.last_received >= self.limits.ping_interval:
             self.ping_sent = now
             return "ping"
         return None
@@ -226,6 +415,7 @@ class Session:
         self.hub.drop(self)
         self.subscriptions.clear()
         self.outbox.clear()
+        self.outbox_bytes = 0
         self.notify = None
 
 
@@ -245,14 +435,17 @@ class Hub:
     def add(self, session: Session, stream: Stream) -> None:
         self.streams.setdefault(stream, {})[session] = None
 
+    def remove(self, session: Session, stream: Stream) -> None:
+        watchers = self.streams.get(stream)
+        if watchers is not None:
+            watchers.pop(session, None)
+            if not watchers:
+                del self.streams[stream]
+
     def drop(self, session: Session) -> None:
         self.sessions.pop(session, None)
         for stream in session.subscriptions:
-            watchers = self.streams.get(stream)
-            if watchers is not None:
-                watchers.pop(session, None)
-                if not watchers:
-                    del self.streams[stream]
+            self.remove(session, stream)
 
     def watched(self, stream: Stream) -> bool:
         return stream in self.streams

@@ -28,14 +28,23 @@ from perps_indexer.events import (
 )
 from perps_indexer.markets import MarketSpec
 from perps_indexer.projections import Projections
-from perps_indexer.session import Hub
+from perps_indexer.session import Hub, Key, RequestError
 from perps_indexer.store.base import EventStore
-from perps_indexer.wire import OrderHistoryRow, TradeRow, order_history_row, trade_row
+from perps_indexer.wire import (
+    ORDER_HISTORY,
+    OrderHistoryRow,
+    TradeRow,
+    encode_message,
+    order_history_row,
+    trade_row,
+)
 
 log = logging.getLogger(__name__)
 
 REPLAY_BATCH = 10_000
 HISTORY_PAGE = 2_000
+MAX_RESUME_ROWS = 10_000
+"""Rows one resume message may hold; a client further behind fetches history over REST."""
 
 
 class VenueHalted(PerpsIndexerError):
@@ -126,6 +135,65 @@ class Venue:
             if hub.watched(stream):
                 hub.publish(stream, self.projections.message(*stream))
 
+    # -- what sessions read (the MessageSource protocol)
+
+    def message(self, topic: str, key: Key) -> bytes:
+        """A stream's current state as one encoded data message."""
+        return self.projections.message(topic, key)
+
+    def resume(self, topic: str, key: Key, since: int) -> bytes:
+        """The rows of a history stream that changed after ``since``, newest first."""
+        oldest = self.store.first_seq()
+        if oldest and since < oldest - 1:
+            raise RequestError(
+                "since_too_old",
+                f"since {since} is older than the oldest event kept (seq {oldest}); "
+                "subscribe without since for the newest rows",
+            )
+        assert isinstance(key, str)
+        rows: list[OrderHistoryRow] | list[TradeRow]
+        if topic == ORDER_HISTORY:
+            rows = self._order_rows(self._oldest_first(key, since), key)
+        else:
+            rows = self._trade_rows(self._oldest_first(key, since), key)
+        if len(rows) > MAX_RESUME_ROWS:
+            raise RequestError(
+                "since_too_old",
+                f"more than {MAX_RESUME_ROWS} rows changed since {since}; fetch them over REST "
+                "(getOrderHistory / getTradeHistory with limit) and subscribe without since",
+            )
+        seq = max(since, self.projections.changed_at(topic, key))
+        return encode_message(topic, rows, seq)
+
+    def _oldest_first(self, address: str, after: int) -> Iterator[AnyEvent]:
+        while True:
+            page = self.store.read_for_key(address, after=after, limit=HISTORY_PAGE)
+            yield from page
+            if len(page) < HISTORY_PAGE:
+                return
+            after = page[-1].seq
+
+    @staticmethod
+    def _order_rows(events: Iterator[AnyEvent], address: str) -> list[OrderHistoryRow]:
+        latest: dict[int, OrderHistoryRow] = {}
+        for event in events:
+            for order in _orders_in(event, address):
+                latest.pop(order.order_id, None)  # re-insert: newest change last
+                latest[order.order_id] = order_history_row(order)
+        return list(reversed(latest.values()))
+
+    @staticmethod
+    def _trade_rows(events: Iterator[AnyEvent], address: str) -> list[TradeRow]:
+        rows = [
+            trade_row(side, event)
+            for event in events
+            if isinstance(event, Fill)
+            for side in (event.taker, event.maker)
+            if side.order.address == address
+        ]
+        rows.reverse()
+        return rows
+
     # -- histories deeper than the in-memory window come from the store
 
     def order_history(self, address: str, limit: int | None = None) -> list[OrderHistoryRow]:
@@ -172,7 +240,7 @@ class Venue:
 
 
 def _orders_in(event: AnyEvent, address: str) -> Iterator[OrderState]:
-    """Order states of ``address`` an event carries, the latest first."""
+    """The order states of ``address`` that an event carries."""
     if isinstance(event, OrderPlaced | OrderRested | OrderCancelled):
         if event.order.address == address:
             yield event.order

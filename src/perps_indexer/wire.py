@@ -120,12 +120,22 @@ class _Envelope(msgspec.Struct):
     message: str
 
 
+class _SeqEnvelope(msgspec.Struct):
+    # Protocol v2 appends "seq" after the original keys, so v1 parsers see what they expect.
+    data: Sequence[Any]
+    message: str
+    seq: int
+
+
 _encoder = msgspec.json.Encoder()
 
 
-def encode_message(topic: str, rows: Sequence[Row]) -> bytes:
-    """The push for ``topic``: compact ``{"data":[...],"message":"<topic>"}``."""
-    return _encoder.encode(_Envelope(rows, topic))
+def encode_message(topic: str, rows: Sequence[Row], seq: int | None = None) -> bytes:
+    """The push for ``topic``: compact ``{"data":[...],"message":"<topic>"}``, with
+    ``,"seq":N`` appended when ``seq`` is given."""
+    if seq is None:
+        return _encoder.encode(_Envelope(rows, topic))
+    return _encoder.encode(_SeqEnvelope(rows, topic, seq))
 
 
 def seconds(ts_ms: int) -> str:

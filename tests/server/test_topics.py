@@ -115,7 +115,7 @@ def by_topic(frames: list[str]) -> dict[str, str]:
 
 def check_types(message: dict[str, Any]) -> None:
     expected = TYPES[message["message"]]
-    assert set(message) == {"data", "message"}
+    assert set(message) == {"data", "message", "seq"}
     for row in message["data"]:
         assert set(row) == set(expected), set(row) ^ set(expected)
         for name, kind in expected.items():
@@ -144,11 +144,11 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
     subscribe_all(ws, A)
     first = by_topic(recv_all(ws))
     assert first == {
-        "positions": '{"data":[],"message":"positions"}',
-        "trade_history": '{"data":[],"message":"trade_history"}',
-        "open_orders": '{"data":[],"message":"open_orders"}',
-        "order_history": '{"data":[],"message":"order_history"}',
-        "orderbook": '{"data":[],"message":"orderbook"}',
+        "positions": '{"data":[],"message":"positions","seq":0}',
+        "trade_history": '{"data":[],"message":"trade_history","seq":0}',
+        "open_orders": '{"data":[],"message":"open_orders","seq":0}',
+        "order_history": '{"data":[],"message":"order_history","seq":0}',
+        "orderbook": '{"data":[],"message":"orderbook","seq":0}',
     }
 
     # B rests a long bid: 1000 lots at 6050, 2x. Only the book changes for A's subscriptions.
@@ -181,6 +181,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
                     }
                 ],
                 "message": "orderbook",
+                "seq": 4,
             }
         ),
     }
@@ -225,6 +226,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
                 }
             ],
             "message": "positions",
+            "seq": 6,
         }
     )
     assert step["trade_history"] == j(
@@ -244,6 +246,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
                 }
             ],
             "message": "trade_history",
+            "seq": 6,
         }
     )
     assert step["order_history"] == j(
@@ -266,9 +269,10 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
                 }
             ],
             "message": "order_history",
+            "seq": 6,
         }
     )
-    assert step["orderbook"] == '{"data":[],"message":"orderbook"}'
+    assert step["orderbook"] == '{"data":[],"message":"orderbook","seq":6}'
 
     # A rests an ask increasing the short: 500 at 6100.
     server.clock.now = T0 + 9_000
@@ -319,8 +323,8 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
     older = json.loads(step["order_history"])["data"][0]
     step = by_topic(recv_all(ws))
     assert step == {
-        "open_orders": j({"data": [open_row], "message": "open_orders"}),
-        "order_history": j({"data": [history_row, older], "message": "order_history"}),
+        "open_orders": j({"data": [open_row], "message": "open_orders", "seq": 8}),
+        "order_history": j({"data": [history_row, older], "message": "order_history", "seq": 7}),
         "orderbook": j(
             {
                 "data": [
@@ -333,6 +337,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
                     }
                 ],
                 "message": "orderbook",
+                "seq": 8,
             }
         ),
     }  # no positions push: a resting order does not change the position row
@@ -350,9 +355,11 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
     )
     step = by_topic(recv_all(ws))
     cancelled = dict(history_row, status="Cancelled", last_updated=ts3)
-    assert step["open_orders"] == '{"data":[],"message":"open_orders"}'
-    assert step["order_history"] == j({"data": [cancelled, older], "message": "order_history"})
-    assert step["orderbook"] == '{"data":[],"message":"orderbook"}'
+    assert step["open_orders"] == '{"data":[],"message":"open_orders","seq":9}'
+    assert step["order_history"] == j(
+        {"data": [cancelled, older], "message": "order_history", "seq": 9}
+    )
+    assert step["orderbook"] == '{"data":[],"message":"orderbook","seq":9}'
     for frame in step.values():
         check_types(json.loads(frame))
 
@@ -408,7 +415,10 @@ def test_original_positions_example_over_the_wire(server: ThreadedServer) -> Non
         '"message":"positions"}'
     )
     # The venue's counter was at 895; ours starts at 1 (this is the 2nd position of market 396).
-    assert got == original.replace("16509835945970048696716", str((2 << 64) | 396))
+    # Protocol v2 appends the seq of the fill (deposits 1-2, bid 3-4, market order 5, fill 6).
+    expected = original.replace("16509835945970048696716", str((2 << 64) | 396))
+    assert got == expected[:-1] + ',"seq":6}'
+
     ws.close()
 
 
@@ -418,16 +428,13 @@ def test_subscriptions_share_connections_and_keys(server: ThreadedServer) -> Non
     one, two = connect(server), connect(server)
     for ws in (one, two):
         ws.send(json.dumps({"topic": "orderbook", "market_id": 396}))
-        ws.send(json.dumps({"topic": "orderbook", "market_id": "396"}))  # twice: harmless
+        assert json.loads(ws.recv())["message"] == "orderbook"
+        # Twice is harmless: answered with the current state again, no second stream.
+        ws.send(json.dumps({"topic": "orderbook", "market_id": "396"}))
+        assert json.loads(ws.recv())["message"] == "orderbook"
         ws.send(json.dumps({"topic": "open_orders", "address": "0x" + "B" * 64}))
-    for ws in (one, two):
-        frames = recv_all(ws)
-        # Each subscribe is answered with the current state; the repeat adds no stream.
-        assert [json.loads(f)["message"] for f in frames] == [
-            "orderbook",
-            "orderbook",
-            "open_orders",
-        ]
+        assert [json.loads(f)["message"] for f in recv_all(ws)] == ["open_orders"]
+    assert server.call(lambda: server.server.venue.hub.subscription_count) == 4
     rest.ok(
         "/placeLimitOrder",
         {

@@ -17,14 +17,29 @@ from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
-from perps_indexer.errors import CommandRejected
+from perps_indexer.errors import CommandRejected, ConfigurationError
 from perps_indexer.markets import MarketSpec, load_markets
-from perps_indexer.server.rest import RestApi, error_middleware, ok
-from perps_indexer.session import Session
+from perps_indexer.server.rest import RestApi, cors_middleware, error_middleware, ok
+from perps_indexer.session import (
+    CLOSE_KEEPALIVE_TIMEOUT,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    Limits,
+    Session,
+    error_message,
+)
 from perps_indexer.store import open_store
 from perps_indexer.venue import Venue, VenueHalted, wall_clock_ms
 
 log = logging.getLogger(__name__)
+
+
+def request_transport(ws: web.WebSocketResponse) -> asyncio.Transport | None:
+    """The socket transport under a prepared WebSocket response (None once it is gone)."""
+    req = getattr(ws, "_req", None)
+    transport = getattr(req, "transport", None)
+    return transport if isinstance(transport, asyncio.Transport) else None
+
 
 MAX_FRAME = 64 * 1024
 MAX_BODY = 64 * 1024
@@ -48,6 +63,15 @@ class ServerConfig:
     ping_timeout: float = 20.0
     max_frame: int = MAX_FRAME
     sync: str = "FULL"
+    max_subscriptions: int = 256
+    rate: float = 20.0
+    burst: int = 50
+    max_connections_per_ip: int = 1000
+    max_outbox_bytes: int = 8 * 1024 * 1024
+    slow_reader_timeout: float = 10.0
+    """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
+    read_only: bool = False
+    """Serve no write endpoints (the REST reads and the streams only)."""
 
 
 @dataclass
@@ -56,6 +80,8 @@ class Metrics:
     messages_sent: int = 0
     frames_received: int = 0
     keepalive_timeouts: int = 0
+    slow_readers: int = 0
+    closed_by_server: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -75,6 +101,16 @@ class Server:
         self.api_key = config.api_key or secrets.token_urlsafe(24)
         self.metrics = Metrics()
         self.connections: dict[Session, web.WebSocketResponse] = {}
+        self.per_ip: dict[str, int] = {}
+        self.writing_since: dict[Session, float] = {}
+        self.limits = Limits(
+            max_subscriptions=config.max_subscriptions,
+            rate=config.rate,
+            burst=config.burst,
+            max_outbox_bytes=config.max_outbox_bytes,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+        )
         self.venue: Venue | None = None
         self.simulator: object | None = None
         self.port = config.port
@@ -83,7 +119,19 @@ class Server:
 
     # -- lifecycle
 
+    def check_config(self) -> None:
+        """Refuse unsafe settings before anything listens."""
+        loopback = self.config.host in ("127.0.0.1", "localhost", "::1") or (
+            self.config.host.startswith("127.")
+        )
+        if not loopback and not self.config.read_only and self.config.api_key is None:
+            raise ConfigurationError(
+                f"refusing to accept writes on {self.config.host} without a key: pass "
+                "--api-key KEY (or --read-only to serve reads and streams only)"
+            )
+
     async def start(self) -> None:
+        self.check_config()
         url = self.config.db
         if "://" not in url and url != ":memory:":
             url = f"sqlite:///{url}?synchronous={self.config.sync}"
@@ -91,11 +139,15 @@ class Server:
         self.venue = Venue(
             self.markets, store, history_limit=self.config.history_limit, clock=self.clock
         )
-        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+        app = web.Application(
+            middlewares=[cors_middleware, error_middleware], client_max_size=MAX_BODY
+        )
         app.router.add_get("/ws", self.ws_handler)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_handler)
-        app.router.add_routes(RestApi(self.venue, self.api_key).routes())
+        app.router.add_routes(
+            RestApi(self.venue, None if self.config.read_only else self.api_key).routes()
+        )
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)
@@ -151,15 +203,20 @@ class Server:
             compress=False,
         )
         await ws.prepare(request)
+        ip = request.remote or "?"
+        if self.per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
+            limit = self.config.max_connections_per_ip
+            await ws.send_frame(
+                error_message(
+                    f"too many connections from {ip}: the limit is {limit} per client address"
+                ),
+                WSMsgType.TEXT,
+            )
+            await ws.close(code=CLOSE_POLICY_VIOLATION, message=b"connection limit per address")
+            return ws
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         clock = asyncio.get_running_loop().time
-        session = Session(
-            self.venue.hub,
-            self.venue.projections,
-            self.markets,
-            now=clock(),
-            ping_interval=self.config.ping_interval,
-            ping_timeout=self.config.ping_timeout,
-        )
+        session = Session(self.venue.hub, self.venue, self.markets, now=clock(), limits=self.limits)
         wake = asyncio.Event()
         session.notify = wake.set
         self.venue.hub.connect(session)
@@ -180,9 +237,19 @@ class Server:
                     session.receive_pong(clock())
                 elif msg.type is WSMsgType.ERROR:
                     break
+                if session.close_code is not None:
+                    break  # the writer flushes what is pending and closes with the reason
         finally:
+            if session.close_code is not None and not writer.done():
+                # Let the writer send the pending replies and the close frame, briefly.
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(writer), 2)
             session.closed()
             self.connections.pop(session, None)
+            self.writing_since.pop(session, None)
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
@@ -191,16 +258,35 @@ class Server:
     async def _write_loop(
         self, ws: web.WebSocketResponse, session: Session, wake: asyncio.Event
     ) -> None:
+        clock = asyncio.get_running_loop().time
         try:
             while not ws.closed:
                 await wake.wait()
                 wake.clear()
                 frames = session.take()
+                code = session.close_code
+                if code == CLOSE_TRY_AGAIN_LATER:
+                    frames = []  # a reader that is too slow does not get the backlog first
+                self.writing_since[session] = clock()
                 for frame in frames:
                     await ws.send_frame(frame, WSMsgType.TEXT)
+                del self.writing_since[session]
                 self.metrics.messages_sent += len(frames)
+                if code is not None:
+                    self.metrics.closed_by_server += 1
+                    await self._close(ws, code, session.close_reason)
+                    return
         except ConnectionError:
             pass  # the reader side notices the closed connection and cleans up
+
+    async def _close(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+        """Close with a code and reason; a peer that does not read gets its socket aborted."""
+        try:
+            await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), 2)
+        except (TimeoutError, ConnectionError):
+            transport = request_transport(ws)
+            if transport is not None:
+                transport.abort()
 
     async def _keepalive_loop(self) -> None:
         period = max(0.05, min(1.0, self.config.ping_interval / 4, self.config.ping_timeout / 4))
@@ -209,6 +295,14 @@ class Server:
             await asyncio.sleep(period)
             now = clock()
             for session, ws in list(self.connections.items()):
+                started = self.writing_since.get(session)
+                if started is not None and now - started > self.config.slow_reader_timeout:
+                    self.metrics.slow_readers += 1
+                    self.writing_since.pop(session)
+                    log.info("closing a connection that stopped reading for %.0f s", now - started)
+                    session.slow("not reading: a send waited too long; reconnect and resume")
+                    self._spawn(self._close(ws, CLOSE_TRY_AGAIN_LATER, session.close_reason))
+                    continue
                 action = session.keepalive(now)
                 if action == "ping":
                     with contextlib.suppress(ConnectionError):
@@ -216,11 +310,7 @@ class Server:
                 elif action == "timeout":
                     self.metrics.keepalive_timeouts += 1
                     log.info("closing a connection that stopped answering pings")
-                    self._spawn(
-                        ws.close(
-                            code=session.close_code or 1011, message=session.close_reason.encode()
-                        )
-                    )
+                    self._spawn(self._close(ws, CLOSE_KEEPALIVE_TIMEOUT, session.close_reason))
 
     # -- demo
 
@@ -298,6 +388,18 @@ class Server:
                 "counter",
                 "Connections closed for not answering pings.",
                 self.metrics.keepalive_timeouts,
+            ),
+            (
+                "slow_readers_total",
+                "counter",
+                "Connections closed with 1013 for not reading.",
+                self.metrics.slow_readers,
+            ),
+            (
+                "closed_by_server_total",
+                "counter",
+                "Connections the server closed with a code and reason.",
+                self.metrics.closed_by_server,
             ),
             (
                 "events_applied_total",

@@ -114,10 +114,11 @@ def market_info(spec: MarketSpec) -> dict[str, Any]:
 class RestApi:
     """Handlers bound to one venue."""
 
-    def __init__(self, venue: Venue, api_key: str) -> None:
+    def __init__(self, venue: Venue, api_key: str | None) -> None:
+        """``api_key`` None serves the reads only (no write endpoints)."""
         self.venue = venue
         self.markets = venue.markets
-        self.api_key = api_key.encode()
+        self.api_key = api_key.encode() if api_key is not None else None
 
     def routes(self) -> list[web.RouteDef]:
         reads: dict[str, Handler] = {
@@ -141,7 +142,11 @@ class RestApi:
             "/setMarkPrice": self.cmd_mark,
         }
         routes = [web.get(path, handler) for path, handler in reads.items()]
-        routes += [web.post(path, self._write(parse)) for path, parse in writes.items()]
+        # CORS: a browser page on another origin may read; writes get no CORS headers, so
+        # browsers refuse cross-origin writes (their preflight finds no OPTIONS route).
+        routes += [web.options(path, preflight) for path in reads]
+        if self.api_key is not None:
+            routes += [web.post(path, self._write(parse)) for path, parse in writes.items()]
         return routes
 
     # -- reads
@@ -203,7 +208,8 @@ class RestApi:
     def _write(self, parse: Callable[[dict[str, Any]], commands.AnyCommand]) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             given = request.headers.get("x-api-key", "").encode()
-            if not hmac.compare_digest(given, self.api_key):
+            assert self.api_key is not None
+            if not hmac.compare_digest(given, self.api_key):  # constant time
                 return fail(
                     401,
                     "unauthorized",
@@ -322,6 +328,26 @@ class RestApi:
         return commands.SetMarkPrice(
             market_id=field_market(body, self.markets), price=field_int(body, "price")
         )
+
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, OPTIONS",
+    "Access-Control-Max-Age": "86400",
+}
+
+
+async def preflight(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers=CORS_HEADERS)
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reads (GET) are open to every origin, as on the venue."""
+    response = await handler(request)
+    if request.method == "GET" and request.path != "/ws":
+        response.headers["Access-Control-Allow-Origin"] = "*"
+    return response
 
 
 def _done(command: commands.AnyCommand) -> str:
