@@ -59,6 +59,7 @@ from perps_indexer.events import (
 )
 from perps_indexer.markets import MarketSpec
 from perps_indexer.units import (
+    BPS,
     MAX_PRICE,
     ceil_div,
     fee_for,
@@ -80,18 +81,14 @@ KIND_STOP_LOSS: Final = 5
 KIND_TAKE_PROFIT: Final = 6
 KIND_LIQUIDATION: Final = 7
 
+_ADDRESS_CACHE_SIZE: Final = 1 << 16
+
 LIQUIDATION_SHARES: Final = (20, 30, 50)
 """Percent of a liquidation's remaining collateral to insurance fund, liquidator, trader."""
 
 
 def order_type_code(kind: int, is_long: bool) -> int:
     return 2 * kind - 1 if is_long else 2 * kind
-
-
-def _status(size: int, remaining: int) -> str:
-    if remaining == 0:
-        return FILLED
-    return OPEN if remaining == size else PARTIALLY_FILLED
 
 
 class FillInfo(msgspec.Struct, frozen=True):
@@ -204,7 +201,10 @@ class Engine:
         self.positions: dict[SlotKey, PositionState] = {}
         self.slots_by_market: dict[int, dict[SlotKey, None]] = {m: {} for m in self.markets}
         self.marks: dict[int, int] = {}
-        self.order_counters: dict[int, int] = dict.fromkeys(self.markets, 0)
+        self.order_counter = 0
+        """The last order counter used. One counter for the whole venue, not one per market:
+        an order id then names a single order (per-market counters made ids of two markets
+        equal whenever counter and price matched, and ``orders`` is keyed by id alone)."""
         self.position_counters: dict[int, int] = dict.fromkeys(self.markets, 0)
         self.fee_account = 0
         self.insurance_fund = 0
@@ -214,6 +214,11 @@ class Engine:
         self.withdrawals = 0
         self.seq = 0
         self.ts = 0
+        self._liq_cache: dict[SlotKey, tuple[int, int, int, int, float]] = {}
+        """Slot -> (value, size, added margin, leverage, liquidation price): a mark re-checks
+        every slot and an order its own, and mostly those four have not changed since."""
+        self._addresses: dict[str, str] = {}
+        """Addresses as given -> normalised: a cache, as every command normalises one."""
         self._appliers: dict[type[Event], Callable[[Any], None]] = {
             Deposited: self._apply_deposit,
             Withdrew: self._apply_withdraw,
@@ -261,18 +266,17 @@ class Engine:
 
     def _set_position(self, pos: PositionState) -> None:
         key = (pos.address, pos.market_id, pos.is_long)
-        if key not in self.positions:
+        positions = self.positions
+        if key not in positions:
             self.slots_by_market[pos.market_id][key] = None
-            counter = pos.trade_id >> 64
-            self.position_counters[pos.market_id] = max(
-                self.position_counters[pos.market_id], counter
-            )
-        self.positions[key] = pos
+            counters = self.position_counters
+            counters[pos.market_id] = max(counters[pos.market_id], pos.trade_id >> 64)
+        positions[key] = pos
 
     def _apply_placed(self, ev: OrderPlaced) -> None:
         order = ev.order
         counter = order.order_id >> 64
-        self.order_counters[order.market_id] = max(self.order_counters[order.market_id], counter)
+        self.order_counter = max(self.order_counter, counter)
         self._set_position(ev.position)
 
     def _apply_rested(self, ev: OrderRested) -> None:
@@ -313,6 +317,7 @@ class Engine:
     def _apply_released(self, ev: PositionReleased) -> None:
         key = (ev.address, ev.market_id, ev.is_long)
         del self.positions[key]
+        self._liq_cache.pop(key, None)
         del self.slots_by_market[ev.market_id][key]
 
     def _apply_liquidation(self, ev: LiquidationSettled) -> None:
@@ -326,6 +331,15 @@ class Engine:
         return tx.events
 
     # ------------------------------------------------------------------ validation helpers
+
+    def _address(self, address: str) -> str:
+        addr = self._addresses.get(address) if type(address) is str else None
+        if addr is None:
+            addr = normalize_address(address)
+            if len(self._addresses) >= _ADDRESS_CACHE_SIZE:
+                self._addresses.clear()
+            self._addresses[address] = addr
+        return addr
 
     def _market(self, market_id: object) -> MarketSpec:
         spec = self.markets.get(market_id) if isinstance(market_id, int) else None
@@ -364,7 +378,7 @@ class Engine:
 
     def deposit(self, address: str, amount: int, *, ts: int) -> list[AnyEvent]:
         """Credit ``amount`` quote sub-units of collateral to ``address``."""
-        addr = normalize_address(address)
+        addr = self._address(address)
         amount = self._positive_int(amount, "deposit amount", errors.InvalidAmount)
         tx = _Tx(self, ts)
         balance = tx.get_collateral(addr) + amount
@@ -375,7 +389,7 @@ class Engine:
 
     def withdraw(self, address: str, amount: int, *, ts: int) -> list[AnyEvent]:
         """Debit free collateral; margin locked in positions or orders cannot be withdrawn."""
-        addr = normalize_address(address)
+        addr = self._address(address)
         amount = self._positive_int(amount, "withdrawal amount", errors.InvalidAmount)
         free = self.collateral.get(addr, 0)
         if amount > free:
@@ -475,11 +489,15 @@ class Engine:
         sl: int | None,
         ts: int,
     ) -> OrderResult:
-        addr = normalize_address(address)
+        addr = self._addresses.get(address) if type(address) is str else None
+        if addr is None:
+            addr = self._address(address)
         if type(is_long) is not bool or type(is_close) is not bool:
             raise errors.CommandRejected("tradeSide and direction must be true or false")
-        size = self._positive_int(size, "size", errors.InvalidSize)
-        leverage = self._leverage(spec, leverage)
+        if type(size) is not int or size <= 0:
+            self._positive_int(size, "size", errors.InvalidSize)
+        if type(leverage) is not int or not 1 <= leverage <= spec.max_leverage:
+            self._leverage(spec, leverage)
         market_id = spec.market_id
         key = (addr, market_id, is_long)
         slot = self.positions.get(key)
@@ -524,7 +542,8 @@ class Engine:
                     f"the {'long' if is_long else 'short'} position in market {market_id} uses "
                     f"leverage {slot.leverage}; an increase must use the same, got {leverage}"
                 )
-            self._check_triggers(spec, is_long, price, tp, sl)
+            if tp is not None or sl is not None:
+                self._check_triggers(spec, is_long, price, tp, sl)
             kind = KIND_INCREASE if slot is not None and slot.size > 0 else KIND_OPEN
         if restriction == POST_OR_ABORT and price is not None and book.would_cross(is_ask, price):
             raise errors.WouldCross(
@@ -560,7 +579,7 @@ class Engine:
                 f"fill-or-abort order for {size} lots could fill only {filled} at once"
             )
         rests = remaining > 0 and restriction in (NO_RESTRICTION, POST_OR_ABORT)
-        counter = self.order_counters[market_id] + 1
+        counter = self.order_counter + 1
         limit = price if price is not None else 0
         oid = order_id(counter, limit, is_ask, remaining > 0)
         order = OrderState(
@@ -587,8 +606,9 @@ class Engine:
         tx.orders[oid] = order
         tx.events.append(OrderPlaced(seq=tx.next_seq(), ts=ts, order=order, position=slot))
         fills = self._execute(tx, spec, oid, matches, cancels, close_pot=None)
-        order = tx.get_order(oid)
-        shortfall = -tx.get_collateral(addr)
+        order = tx.orders[oid]
+        free = tx.collateral.get(addr)
+        shortfall = -(self.collateral.get(addr, 0) if free is None else free)
         if shortfall > 0 and is_close:
             raise errors.CloseLossTooLarge(
                 f"the close would realise a loss {shortfall} larger than the position's margin "
@@ -606,14 +626,17 @@ class Engine:
                 self._cancel(tx, order, "unfilled remainder of an immediate-or-cancel order")
         self._release_if_empty(tx, key)
         self._commit(tx)
-        result_order = tx.get_order(oid)
+        result_order = tx.orders[oid]
         # Positions this order touched may now sit at or beyond their liquidation price.
-        touched = {
-            (m.address, market_id, m.is_long) for m in (tx.get_order(mid) for mid, _ in matches)
-        }
-        touched.add(key)
-        events = list(tx.events)
-        events.extend(self._run_triggers(spec, ts, touched))
+        events = tx.events
+        if market_id in self.marks:
+            touched = {key}
+            for mid, _ in matches:
+                maker = tx.orders[mid]  # every maker met was filled, so it is in the overlay
+                touched.add((maker.address, market_id, maker.is_long))
+            triggered = self._run_triggers(spec, ts, touched)
+            if triggered:
+                events = [*events, *triggered]
         return OrderResult(order=result_order, fills=fills, events=events)
 
     def _check_triggers(
@@ -649,10 +672,14 @@ class Engine:
         """
         matches: list[tuple[int, int]] = []
         cancels: list[tuple[int, str]] = []
+        book = self.books[spec.market_id]
+        best = book.best_bid() if is_ask else book.best_ask()
+        if best is None or (limit is not None and (best < limit if is_ask else best > limit)):
+            return matches, cancels, 0  # nothing to meet: most resting quotes
         want = size
         maker_state: dict[SlotKey, tuple[int, int, int, int]] = {}
         collateral: dict[str, int] = {}
-        for price, level in self.books[spec.market_id].crossing_levels(is_ask, limit):
+        for price, level in book.crossing_levels(is_ask, limit):
             for oid, rest in level.order_ids.items():
                 maker = self.orders[oid]
                 if maker.address == addr:
@@ -669,7 +696,7 @@ class Engine:
                     free = collateral.get(maker.address)
                     if free is None:
                         free = tx.get_collateral(maker.address)
-                    rel_value, rel_margin, _ = _released(pos, lots)
+                    rel_value, rel_margin, rel_added = _released(pos, lots)
                     pnl = _pnl(maker.is_long, price * lots, rel_value)
                     after = free + rel_margin + pnl - fee_for(price * lots, spec.maker_fee_bps)
                     if after < 0:
@@ -687,7 +714,7 @@ class Engine:
                         pos[0] - lots,
                         pos[1] - rel_value,
                         pos[2] - rel_margin,
-                        pos[3] - _released(pos, lots)[2],
+                        pos[3] - rel_added,
                     )
                     collateral[maker.address] = after
                 elif fill_ok is not None and not fill_ok(price, lots):
@@ -712,16 +739,21 @@ class Engine:
         for oid, reason in cancels:
             self._cancel(tx, tx.get_order(oid), reason)
         fills: list[FillInfo] = []
+        orders = tx.orders
+        taker = orders[taker_id]
         for maker_id, lots in matches:
-            maker = tx.get_order(maker_id)
+            maker = orders.get(maker_id)
+            if maker is None:
+                maker = self.orders[maker_id]
             price = maker.price
-            taker = tx.get_order(taker_id)
             maker_side = self._fill_side(tx, spec, maker, price, lots, True, None)
             taker_side = self._fill_side(tx, spec, taker, price, lots, False, close_pot)
+            taker = taker_side.order
             tx.fee_account += maker_side.fee + taker_side.fee
+            tx.seq += 1
             tx.events.append(
                 Fill(
-                    seq=tx.next_seq(),
+                    seq=tx.seq,
                     ts=tx.ts,
                     market_id=spec.market_id,
                     price=price,
@@ -732,6 +764,9 @@ class Engine:
                 )
             )
             fills.append(FillInfo(price, lots, taker_side.fee, taker_side.pnl, False))
+            if maker_side.position.size == 0:
+                # A resting close order took the maker's whole position: retire the slot.
+                self._release_if_empty(tx, (maker.address, maker.market_id, maker.is_long))
         return fills
 
     def _fill_side(
@@ -744,11 +779,17 @@ class Engine:
         is_maker: bool,
         close_pot: list[int] | None,
     ) -> FillSide:
-        key = (order.address, order.market_id, order.is_long)
-        pos = tx.get_position(key)
+        address = order.address
+        key = (address, order.market_id, order.is_long)
+        # Inlined tx.get_position / tx.get_collateral: this runs twice per fill.
+        tx_positions = tx.positions
+        pos = tx_positions[key] if key in tx_positions else self.positions.get(key)
         assert pos is not None
         value = price * lots
-        free = tx.get_collateral(order.address)
+        free = tx.collateral.get(address)
+        if free is None:
+            free = self.collateral.get(address, 0)
+        ts = tx.ts
         remaining = order.remaining - lots
         pnl = 0
         reserved_margin, reserved_fee = order.reserved_margin, order.reserved_fee
@@ -773,68 +814,79 @@ class Engine:
                 pending_close=pos.pending_close - lots if is_maker else pos.pending_close,
                 tp=pos.tp if size else None,
                 sl=pos.sl if size else None,
-                updated=tx.ts,
+                updated=ts,
             )
         else:
             if is_maker:
                 # A resting open order pays from its reservation, lot by lot, the last lot
                 # taking what is left so the total is exactly what was reserved.
-                margin = reserved_margin * lots // order.remaining if remaining else reserved_margin
-                fee = reserved_fee * lots // order.remaining if remaining else reserved_fee
+                if remaining:
+                    margin = reserved_margin * lots // order.remaining
+                    fee = reserved_fee * lots // order.remaining
+                else:
+                    margin, fee = reserved_margin, reserved_fee
                 reserved_margin -= margin
                 reserved_fee -= fee
+                pending_opens = pos.pending_opens if remaining else pos.pending_opens - 1
             else:
-                margin = ceil_div(value, order.leverage)
-                fee = fee_for(value, spec.taker_fee_bps)
+                margin = -(-value // order.leverage)  # ceil_div
+                fee = -(-value * spec.taker_fee_bps // BPS)  # fee_for, rounded up
                 free -= margin + fee
+                pending_opens = pos.pending_opens
             pos = _replace(
                 pos,
                 size=pos.size + lots,
                 value=pos.value + value,
                 margin=pos.margin + margin,
-                tp=order.tp if order.tp is not None else pos.tp,
-                sl=order.sl if order.sl is not None else pos.sl,
-                pending_opens=pos.pending_opens - 1
-                if is_maker and not remaining
-                else pos.pending_opens,
-                updated=tx.ts,
+                tp=pos.tp if order.tp is None else order.tp,
+                sl=pos.sl if order.sl is None else order.sl,
+                pending_opens=pending_opens,
+                updated=ts,
             )
+        is_market = order.is_market
         order = _replace(
             order,
             remaining=remaining,
-            status=_status(order.size, remaining),
+            status=FILLED
+            if not remaining
+            else OPEN
+            if remaining == order.size
+            else PARTIALLY_FILLED,
             reserved_margin=reserved_margin,
             reserved_fee=reserved_fee,
-            updated=tx.ts,
-            price=price if order.is_market else order.price,
-            value=order.value + value if order.is_market else order.value,
+            updated=ts,
+            price=price if is_market else order.price,
+            value=order.value + value if is_market else order.value,
         )
         tx.orders[order.order_id] = order
-        tx.positions[key] = pos
-        tx.collateral[order.address] = free
+        tx_positions[key] = pos
+        tx.collateral[address] = free
         return FillSide(
             order=order, position=pos, collateral=free, fee=fee, pnl=pnl, is_maker=is_maker
         )
 
     def _rest(self, tx: _Tx, spec: MarketSpec, order: OrderState) -> None:
-        key = (order.address, order.market_id, order.is_long)
-        pos = tx.get_position(key)
+        address = order.address
+        key = (address, order.market_id, order.is_long)
+        pos = tx.positions[key] if key in tx.positions else self.positions.get(key)
         assert pos is not None
-        free = tx.get_collateral(order.address)
+        free = tx.collateral.get(address)
+        if free is None:
+            free = self.collateral.get(address, 0)
         if order.is_close:
             reserved_margin = reserved_fee = 0
-            pos = _replace(pos, pending_close=pos.pending_close + order.remaining, updated=tx.ts)
+            pos = _replace(pos, pending_close=pos.pending_close + order.remaining)
         else:
             value = order.price * order.remaining
-            reserved_margin = ceil_div(value, order.leverage)
-            reserved_fee = fee_for(value, spec.maker_fee_bps)
+            reserved_margin = -(-value // order.leverage)  # ceil_div
+            reserved_fee = -(-value * spec.maker_fee_bps // BPS)  # fee_for, rounded up
             free -= reserved_margin + reserved_fee
             if free < 0:
                 raise errors.InsufficientCollateral(
                     f"insufficient collateral: the order needs {reserved_margin} margin and "
                     f"{reserved_fee} fee reserve, {-free} more than {order.address} has free"
                 )
-            pos = _replace(pos, pending_opens=pos.pending_opens + 1, updated=tx.ts)
+            pos = _replace(pos, pending_opens=pos.pending_opens + 1)
         order = _replace(order, reserved_margin=reserved_margin, reserved_fee=reserved_fee)
         tx.orders[order.order_id] = order
         tx.positions[key] = pos
@@ -851,12 +903,10 @@ class Engine:
         resting = order.order_id in self.orders
         if resting:
             if order.is_close:
-                pos = _replace(
-                    pos, pending_close=pos.pending_close - order.remaining, updated=tx.ts
-                )
+                pos = _replace(pos, pending_close=pos.pending_close - order.remaining)
             else:
                 free += order.reserved_margin + order.reserved_fee
-                pos = _replace(pos, pending_opens=pos.pending_opens - 1, updated=tx.ts)
+                pos = _replace(pos, pending_opens=pos.pending_opens - 1)
         order = _replace(order, status=CANCELLED, reserved_margin=0, reserved_fee=0, updated=tx.ts)
         tx.orders[order.order_id] = order
         tx.positions[key] = pos
@@ -893,7 +943,7 @@ class Engine:
         self, address: str, market_id: int, order_ids: Iterable[int], *, ts: int
     ) -> list[AnyEvent]:
         """Cancel resting orders of ``address`` in ``market_id``; all or none."""
-        addr = normalize_address(address)
+        addr = self._address(address)
         spec = self._market(market_id)
         ids = list(order_ids)
         if not ids:
@@ -916,7 +966,7 @@ class Engine:
     # ------------------------------------------------------------------ positions
 
     def _open_position(self, address: str, market_id: int, is_long: object) -> PositionState:
-        addr = normalize_address(address)
+        addr = self._address(address)
         spec = self._market(market_id)
         if type(is_long) is not bool:
             raise errors.CommandRejected("tradeSide must be true (long) or false (short)")
@@ -1032,27 +1082,59 @@ class Engine:
         mark = self.marks.get(spec.market_id)
         if mark is None:
             return []
+        positions = self.positions
+        if only is None:
+            keys = list(self.slots_by_market[spec.market_id])
+        elif len(only) == 1:
+            keys = [k for k in only if k in positions]
+        else:
+            keys = sorted(k for k in only if k in positions)
         events: list[AnyEvent] = []
-        keys = (
-            list(self.slots_by_market[spec.market_id])
-            if only is None
-            else sorted(k for k in only if k in self.positions)
-        )
+        mm_bps = spec.maintenance_margin_bps
+        liq_cache = self._liq_cache
+        with_triggers: set[SlotKey] = set()
         for key in keys:
-            pos = self.positions.get(key)
+            pos = positions.get(key)
             if pos is None or pos.size == 0:
                 continue
-            liq = self.liq_price(pos)
+            value, size, added, leverage = pos.value, pos.size, pos.added_margin, pos.leverage
+            cached = liq_cache.get(key)
+            if (
+                cached is not None
+                and cached[0] == value
+                and cached[1] == size
+                and cached[2] == added
+                and cached[3] == leverage
+            ):
+                liq = cached[4]
+            else:
+                liq = liquidation_price(value, size, leverage, pos.is_long, mm_bps, added)
+                liq_cache[key] = (value, size, added, leverage, liq)
             if mark <= liq if pos.is_long else mark >= liq:
                 events.extend(self._liquidate(spec, pos, ts))
+            if pos.tp is not None or pos.sl is not None:
+                with_triggers.add(key)
+        if not events and not with_triggers:
+            return events
+        # Slots seen above without TP/SL are skipped until some fill may have changed them: a
+        # liquidation or TP/SL fill against a maker's resting order can bring that order's
+        # TP/SL to the maker's position, so from then on every slot is looked at again.
+        dirty = bool(events)
         for key in keys:
-            pos = self.positions.get(key)
+            if not dirty and key not in with_triggers:
+                continue
+            pos = positions.get(key)
             if pos is None or pos.size == 0:
                 continue
             if pos.tp is not None and (mark >= pos.tp if pos.is_long else mark <= pos.tp):
-                events.extend(self._close_at_market(spec, pos, KIND_TAKE_PROFIT, ts))
+                closed = self._close_at_market(spec, pos, KIND_TAKE_PROFIT, ts)
             elif pos.sl is not None and (mark <= pos.sl if pos.is_long else mark >= pos.sl):
-                events.extend(self._close_at_market(spec, pos, KIND_STOP_LOSS, ts))
+                closed = self._close_at_market(spec, pos, KIND_STOP_LOSS, ts)
+            else:
+                continue
+            if closed:
+                dirty = True
+                events.extend(closed)
         return events
 
     def _close_at_market(
@@ -1107,7 +1189,7 @@ class Engine:
                 "position closed by "
                 + ("liquidation" if liquidation else "take-profit/stop-loss trigger"),
             )
-        counter = self.order_counters[spec.market_id] + 1
+        counter = self.order_counter + 1
         rests = filled < pos.size
         oid = order_id(counter, 0, is_ask, rests)
         order = OrderState(
@@ -1216,13 +1298,13 @@ class Engine:
             "books": {m: b.levels() for m, b in sorted(self.books.items())},
             "book_orders": {
                 m: (
-                    [list(lv.order_ids.items()) for lv in b.asks.values()],
-                    [list(lv.order_ids.items()) for lv in b.bids.values()],
+                    [(p, list(lv.order_ids.items())) for p, lv in b.side_levels(True)],
+                    [(p, list(lv.order_ids.items())) for p, lv in b.side_levels(False)],
                 )
                 for m, b in sorted(self.books.items())
             },
             "marks": dict(sorted(self.marks.items())),
-            "order_counters": dict(self.order_counters),
+            "order_counter": self.order_counter,
             "position_counters": dict(self.position_counters),
             "accounts": (
                 self.fee_account,
