@@ -56,6 +56,35 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
 
+def _subscribe_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "subscribe",
+        help="stream one topic from a running indexer (or any server speaking its protocol)",
+        description="Stream one topic: a live view on a terminal, one JSON line per message "
+        "otherwise. Reconnects and resubscribes by itself; Ctrl-C to stop.",
+    )
+    p.add_argument(
+        "topic", help="positions, trade_history, open_orders, order_history or orderbook"
+    )
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--address", help="the account address (address topics)")
+    key.add_argument("--market-id", help="the market id (orderbook)")
+    p.add_argument(
+        "--url",
+        default="ws://127.0.0.1:8080/ws",
+        help="WebSocket URL, ws:// or wss:// (default %(default)s)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON line per message even on a terminal"
+    )
+    p.add_argument(
+        "--record",
+        metavar="FILE",
+        help='append every message to FILE as {"received_at": ..., "message": ...} lines',
+    )
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default WARNING)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perps-indexer",
@@ -64,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _subscribe_parser(sub)
     return parser
 
 
@@ -130,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args))
+        if args.command == "subscribe":
+            from perps_indexer.client.command import subscribe_main  # noqa: PLC0415
+
+            return asyncio.run(subscribe_main(args))
     except PerpsIndexerError as exc:
         sys.stderr.write(f"perps-indexer: {exc}\n")
         return 2

@@ -1,0 +1,163 @@
+"""Typed rows and the delivered message.
+
+Each topic's rows decode into a frozen struct with the wire's field names: ids, prices, sizes
+and money as exact ``int`` (they arrive as decimal strings), ``entry_price`` and ``liq_price``
+as ``Decimal``, timestamps as ``int`` unix seconds. Unknown fields are ignored, so rows of
+newer servers (e.g. with ``transaction_version``) still decode; the raw JSON text of every
+message stays on :attr:`Message.raw`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+import msgspec
+
+POSITIONS: Final = "positions"
+TRADE_HISTORY: Final = "trade_history"
+OPEN_ORDERS: Final = "open_orders"
+ORDER_HISTORY: Final = "order_history"
+ORDERBOOK: Final = "orderbook"
+
+
+# gc=False: rows hold only scalars, so they cannot form reference cycles.
+class Position(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One open position (``positions``)."""
+
+    address: str
+    entry_price: Decimal
+    is_long: bool
+    last_updated: int
+    leverage: int
+    liq_price: Decimal
+    margin: int
+    market_id: int
+    size: int
+    sl: int | None = None
+    tp: int | None = None
+    trade_id: int
+    value: int
+
+
+class Trade(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One party's side of a fill (``trade_history``)."""
+
+    address: str
+    fee: int
+    last_updated: int
+    market_id: int
+    order_type: int
+    pnl: int
+    price: int
+    size: int
+    timestamp: int
+    trade_id: int
+
+
+class OpenOrder(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One resting order (``open_orders``)."""
+
+    address: str
+    last_updated: int
+    leverage: int
+    market_id: int
+    order_id: int
+    order_type: int
+    order_value: int
+    price: int
+    remaining_size: int
+    timestamp: int
+    total_size: int
+    trade_id: int
+
+
+class OrderHistory(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One order in any status (``order_history``)."""
+
+    address: str
+    is_market_order: bool
+    last_updated: int
+    leverage: int
+    market_id: int
+    order_id: int
+    order_type: int
+    order_value: int
+    price: int
+    size: int
+    status: str
+    timestamp: int
+    trade_id: int
+
+
+class BookLevel(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One aggregated price level (``orderbook``)."""
+
+    is_ask: bool
+    last_updated: int
+    market_id: int
+    price: int
+    size: int
+
+
+ROW_TYPES: Final[dict[str, type[Any]]] = {
+    POSITIONS: Position,
+    TRADE_HISTORY: Trade,
+    OPEN_ORDERS: OpenOrder,
+    ORDER_HISTORY: OrderHistory,
+    ORDERBOOK: BookLevel,
+}
+"""The row type of each known topic; rows of other topics stay plain dicts."""
+
+R = TypeVar("R")
+
+
+def decode_rows(topic: str, data: Sequence[Any]) -> tuple[Any, ...]:
+    """The rows of a ``data`` list, typed for known topics; raises ``msgspec.ValidationError``."""
+    row_type = ROW_TYPES.get(topic)
+    if row_type is None:
+        return tuple(data)
+    # strict=False: numbers arrive as decimal strings and must become int / Decimal.
+    return msgspec.convert(data, tuple[row_type, ...], strict=False)  # type: ignore[valid-type]
+
+
+class SubscriptionInfo(Protocol):
+    """What a message says about the subscription it belongs to."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def address(self) -> str | None: ...
+    @property
+    def market_id(self) -> str | int | None: ...
+    @property
+    def id(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Message(Generic[R]):
+    """One data message of one subscription."""
+
+    topic: str
+    rows: tuple[R, ...]
+    raw: str
+    """The message exactly as the server sent it (JSON text)."""
+    seq: int | None
+    """Sequence number of the last event reflected (protocol v2), else None."""
+    snapshot: bool
+    """True for the first message after a (re)subscribe: a fresh full state."""
+    subscription: SubscriptionInfo
+    received_at: float
+    """Unix time (seconds) the message arrived."""
+    resumed: tuple[R, ...] | None = None
+    """After a resume with ``since`` (protocol v2, history topics): the rows that changed
+    since, as the server sent them (``raw``); ``rows`` is then that merged into the previous
+    window. None otherwise."""
+
+    @property
+    def data(self) -> list[Any]:
+        """The ``data`` list of ``raw`` as plain JSON values (after a resume: the delta)."""
+        decoded = msgspec.json.decode(self.raw)
+        return list(decoded["data"])
