@@ -201,6 +201,42 @@ class LiquidationSettled(Event, frozen=True, kw_only=True, tag="liquidation"):
     collateral: int
 
 
+class IndexPriceSet(Event, frozen=True, kw_only=True, tag="index"):
+    """The oracle (index) price of a market; funding follows the mark's premium over it."""
+
+    market_id: int
+    price: int
+
+
+class FundingPayment(msgspec.Struct, frozen=True, kw_only=True):
+    """One position's funding: ``amount`` is signed (negative paid, positive received) and
+    moves the position's margin; ``position`` is the slot after it."""
+
+    position: PositionState
+    amount: int
+
+
+class FundingSettled(Event, frozen=True, kw_only=True, tag="funding"):
+    """A market's periodic funding between longs and shorts.
+
+    The rate is ``rate_num / rate_den`` exactly: the mark's premium over the index, clamped to
+    the market's cap; a positive rate means longs pay shorts. Payers pay from their position
+    margin (at most all of it); receivers share what was paid pro rata by size, rounded down,
+    and the remainder goes to the dust account, so no unit of money is created or lost.
+    """
+
+    market_id: int
+    mark: int
+    index: int
+    rate_num: int
+    rate_den: int
+    payments: list[FundingPayment]
+    dust: int
+    """The dust account after this settlement."""
+    next_funding: int
+    """When the next settlement is due, unix milliseconds."""
+
+
 AnyEvent = (
     Deposited
     | Withdrew
@@ -212,13 +248,12 @@ AnyEvent = (
     | PositionUpdated
     | PositionReleased
     | LiquidationSettled
+    | IndexPriceSet
+    | FundingSettled
 )
 
 _json_encoder = msgspec.json.Encoder()
 _json_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
-_mp_encoder = msgspec.msgpack.Encoder()
-_mp_decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
-_mp_list_decoder: msgspec.msgpack.Decoder[list[AnyEvent]] = msgspec.msgpack.Decoder(list[AnyEvent])
 
 
 def to_json(event: Event) -> bytes:
@@ -228,15 +263,3 @@ def to_json(event: Event) -> bytes:
 
 def from_json(data: bytes | str) -> AnyEvent:
     return _json_decoder.decode(data)
-
-
-def to_msgpack(event: Event | list[AnyEvent]) -> bytes:
-    return _mp_encoder.encode(event)
-
-
-def from_msgpack(data: bytes) -> AnyEvent:
-    return _mp_decoder.decode(data)
-
-
-def list_from_msgpack(data: bytes) -> list[AnyEvent]:
-    return _mp_list_decoder.decode(data)

@@ -36,6 +36,10 @@ class MarketSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     maintenance_margin_bps: int
     taker_fee_bps: int
     maker_fee_bps: int
+    funding_interval_s: int = 3600
+    """Seconds between funding settlements (aligned to multiples of it since the epoch)."""
+    funding_cap_bps: int = 75
+    """The funding rate per interval is clamped to +/- this many basis points."""
 
     @property
     def pair(self) -> str:
@@ -67,6 +71,10 @@ def _check(spec: MarketSpec, where: str) -> None:
             f"({spec.max_leverage}) leaves no room above the maintenance margin "
             f"({spec.maintenance_margin_bps} bps): positions would open already liquidatable",
         )
+    if spec.funding_interval_s <= 0:
+        raise bad("funding_interval_s", f"must be positive, got {spec.funding_interval_s}")
+    if not 0 <= spec.funding_cap_bps < BPS:
+        raise bad("funding_cap_bps", "must be between 0 and 9999 basis points")
     for name in ("taker_fee_bps", "maker_fee_bps"):
         if not 0 <= getattr(spec, name) < BPS:
             raise bad(name, "must be between 0 and 9999 basis points")

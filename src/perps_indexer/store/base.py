@@ -19,6 +19,8 @@ from perps_indexer.events import (
     AnyEvent,
     Deposited,
     Fill,
+    FundingSettled,
+    IndexPriceSet,
     LiquidationSettled,
     MarkPriceSet,
     OrderCancelled,
@@ -58,8 +60,11 @@ def event_keys(event: AnyEvent) -> tuple[str, ...]:
     match event:
         case Deposited() | Withdrew():
             return (event.address,)
-        case MarkPriceSet():
+        case MarkPriceSet() | IndexPriceSet():
             return (market_key(event.market_id),)
+        case FundingSettled():
+            addresses = dict.fromkeys(p.position.address for p in event.payments)
+            return (*addresses, market_key(event.market_id))
         case OrderPlaced() | OrderRested() | OrderCancelled():
             return (event.order.address, market_key(event.order.market_id))
         case Fill():
