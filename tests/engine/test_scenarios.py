@@ -313,6 +313,31 @@ def test_liquidation_after_a_mark_move_splits_20_30_50_then_the_fund_covers_a_sh
     assert v.conserved()
 
 
+def test_a_short_is_liquidated_when_the_mark_rises_through_its_price() -> None:
+    v = Venue(A, B, T)
+    v.limit(A, long=True, size=1000, price=6000)  # A's bid
+    v.market(T, long=False, size=1000, lev=10)  # T: short 1000 @ 6000, margin 600,000
+    # Liquidation price 6000 x (1 + 1/10) / (1 + 0.025) = 6439.02...
+    assert v.engine.liq_price(v.pos(T, False)) == 6000 * (1 + 1 / 10) / (1 + 0.025)
+    v.limit(B, long=False, size=1000, price=6400, lev=1)  # B's ask: what T buys back
+    assert len(v.mark(6439)) == 1  # below 6439.02: nothing happens
+    events = v.mark(6440)
+    (fill,) = fills(events)
+    assert (fill.taker.order.order_type, fill.maker.order.order_type) == (14, 2)
+    # Bought back 1000 @ 6400: pnl 6,000,000 - 6,400,000 = -400,000; fee 3,200;
+    # left 600,000 - 400,000 - 3,200 = 196,800: 39,360 / 59,040 / 98,400.
+    (settled,) = [e for e in events if isinstance(e, LiquidationSettled)]
+    assert (settled.remaining, settled.to_insurance, settled.to_liquidator, settled.to_trader) == (
+        196_800,
+        39_360,
+        59_040,
+        98_400,
+    )
+    assert v.free(T) == BIG - 600_000 - 3_000 + 98_400
+    assert (v.engine.insurance_fund, v.engine.liquidator) == (39_360, 59_040)
+    assert v.conserved()
+
+
 def test_liquidation_cancels_the_positions_resting_close_orders() -> None:
     v = Venue(A, B, T)
     v.limit(A, long=False, size=1000, price=6000)

@@ -215,8 +215,9 @@ class Engine:
         self.seq = 0
         self.ts = 0
         self._liq_cache: dict[SlotKey, tuple[int, int, int, int, float]] = {}
-        """Slot -> (value, size, added margin, leverage, liquidation price): a mark re-checks
-        every slot and an order its own, and mostly those four have not changed since."""
+        """Slot -> (value, size, added margin, leverage, liquidation price): every mark checks
+        every slot of its market and every order the slots it touched, and mostly those four
+        have not changed since the last look."""
         self._addresses: dict[str, str] = {}
         """Addresses as given -> normalised: a cache, as every command normalises one."""
         self._appliers: dict[type[Event], Callable[[Any], None]] = {
@@ -293,21 +294,24 @@ class Engine:
         self._set_position(ev.position)
         self.collateral[order.address] = ev.collateral
 
-    def _apply_side(self, side: FillSide) -> None:
-        order = side.order
-        if side.is_maker:
-            book = self.books[order.market_id]
-            book.set_remaining(order.order_id, order.is_ask, order.price, order.remaining)
-            if order.remaining:
-                self.orders[order.order_id] = order
-            else:
-                del self.orders[order.order_id]
-        self._set_position(side.position)
-        self.collateral[order.address] = side.collateral
-
     def _apply_fill(self, ev: Fill) -> None:
-        self._apply_side(ev.maker)
-        self._apply_side(ev.taker)
+        positions, collateral = self.positions, self.collateral
+        for side in (ev.maker, ev.taker):
+            order = side.order
+            if side.is_maker:
+                book = self.books[order.market_id]
+                book.set_remaining(order.order_id, order.is_ask, order.price, order.remaining)
+                if order.remaining:
+                    self.orders[order.order_id] = order
+                else:
+                    del self.orders[order.order_id]
+            pos = side.position
+            key = (pos.address, pos.market_id, pos.is_long)
+            if key in positions:  # the common case of _set_position, inline: twice per fill
+                positions[key] = pos
+            else:
+                self._set_position(pos)
+            collateral[order.address] = side.collateral
         self.fee_account = ev.fee_account
 
     def _apply_position_updated(self, ev: PositionUpdated) -> None:
@@ -1079,63 +1083,71 @@ class Engine:
         return events
 
     def _run_triggers(self, spec: MarketSpec, ts: int, only: set[SlotKey] | None) -> list[AnyEvent]:
+        """Liquidate, then close by take-profit or stop-loss, the slots the mark reaches: all of
+        the market's (after a mark) or ``only`` those an order touched."""
         mark = self.marks.get(spec.market_id)
         if mark is None:
             return []
         positions = self.positions
-        if only is None:
-            keys = list(self.slots_by_market[spec.market_id])
-        elif len(only) == 1:
-            keys = [k for k in only if k in positions]
-        else:
-            keys = sorted(k for k in only if k in positions)
-        events: list[AnyEvent] = []
         mm_bps = spec.maintenance_margin_bps
+        slots = self.slots_by_market[spec.market_id]
+        # Most often nothing is due: look first (inlined, with the cached liquidation price),
+        # and only if something is, act on the slots in a fixed order.
         liq_cache = self._liq_cache
-        with_triggers: set[SlotKey] = set()
+        for key in slots if only is None else only:
+            pos = positions.get(key)
+            if pos is None or not pos.size:
+                continue
+            is_long, tp, sl = pos.is_long, pos.tp, pos.sl
+            if tp is not None and (mark >= tp if is_long else mark <= tp):
+                break
+            if sl is not None and (mark <= sl if is_long else mark >= sl):
+                break
+            cached = liq_cache.get(key)
+            if (
+                cached is not None
+                and cached[0] == pos.value
+                and cached[1] == pos.size
+                and cached[2] == pos.added_margin
+                and cached[3] == pos.leverage
+            ):
+                liq = cached[4]
+            else:
+                liq = self._liq(key, pos, mm_bps)
+            if mark <= liq if is_long else mark >= liq:
+                break
+        else:
+            return []
+        keys = list(slots) if only is None else sorted(k for k in only if k in positions)
+        events: list[AnyEvent] = []
         for key in keys:
             pos = positions.get(key)
             if pos is None or pos.size == 0:
                 continue
-            value, size, added, leverage = pos.value, pos.size, pos.added_margin, pos.leverage
-            cached = liq_cache.get(key)
-            if (
-                cached is not None
-                and cached[0] == value
-                and cached[1] == size
-                and cached[2] == added
-                and cached[3] == leverage
-            ):
-                liq = cached[4]
-            else:
-                liq = liquidation_price(value, size, leverage, pos.is_long, mm_bps, added)
-                liq_cache[key] = (value, size, added, leverage, liq)
+            liq = self._liq(key, pos, mm_bps)
             if mark <= liq if pos.is_long else mark >= liq:
                 events.extend(self._liquidate(spec, pos, ts))
-            if pos.tp is not None or pos.sl is not None:
-                with_triggers.add(key)
-        if not events and not with_triggers:
-            return events
-        # Slots seen above without TP/SL are skipped until some fill may have changed them: a
-        # liquidation or TP/SL fill against a maker's resting order can bring that order's
-        # TP/SL to the maker's position, so from then on every slot is looked at again.
-        dirty = bool(events)
+        # Liquidation fills may have changed any slot (a maker's fill brings its order's TP/SL
+        # to its position), so every slot is read again; so are later ones after a TP/SL close.
         for key in keys:
-            if not dirty and key not in with_triggers:
-                continue
             pos = positions.get(key)
             if pos is None or pos.size == 0:
                 continue
             if pos.tp is not None and (mark >= pos.tp if pos.is_long else mark <= pos.tp):
-                closed = self._close_at_market(spec, pos, KIND_TAKE_PROFIT, ts)
+                events.extend(self._close_at_market(spec, pos, KIND_TAKE_PROFIT, ts))
             elif pos.sl is not None and (mark <= pos.sl if pos.is_long else mark >= pos.sl):
-                closed = self._close_at_market(spec, pos, KIND_STOP_LOSS, ts)
-            else:
-                continue
-            if closed:
-                dirty = True
-                events.extend(closed)
+                events.extend(self._close_at_market(spec, pos, KIND_STOP_LOSS, ts))
         return events
+
+    def _liq(self, key: SlotKey, pos: PositionState, mm_bps: int) -> float:
+        """The position's liquidation price, cached per slot while the fields it reads stay."""
+        value, size, added, leverage = pos.value, pos.size, pos.added_margin, pos.leverage
+        cached = self._liq_cache.get(key)
+        if cached is not None and cached[:4] == (value, size, added, leverage):
+            return cached[4]
+        liq = liquidation_price(value, size, leverage, pos.is_long, mm_bps, added)
+        self._liq_cache[key] = (value, size, added, leverage, liq)
+        return liq
 
     def _close_at_market(
         self, spec: MarketSpec, pos: PositionState, kind: int, ts: int
