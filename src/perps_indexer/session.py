@@ -12,6 +12,9 @@ that registers it, so every later change reaches the subscriber after that snaps
 is missed in between. Every message is a full state (or newest-N window), so while a connection
 is busy writing, a newer message for a stream replaces a pending older one: a slow reader gets
 the latest state, never a stale one, and the ``seq`` of one stream's messages only increases.
+The one exception is the answer to ``"since"`` (the rows changed after it, not a full state): it
+is never replaced, and later messages of its stream queue behind it. Replies (acks, errors) are
+never replaced either; everything pending counts toward ``max_outbox_bytes``.
 
 Protocol v2 is opt-in per request: ``"op"`` (subscribe or unsubscribe), a client-chosen ``"id"``
 (then acks, and errors and data messages carry the id) and ``"since"`` (resume). A client that
@@ -20,6 +23,7 @@ sends only the original requests gets only the original replies, plus ``"seq"``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection
 from typing import Protocol
 
@@ -52,6 +56,9 @@ CLOSE_KEEPALIVE_TIMEOUT = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 
 MAX_ID_LENGTH = 128
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+"""A market id as a string: ASCII digits only (``str.isdigit`` also takes "²", which ``int``
+refuses, and a long run of digits makes ``int`` raise)."""
 
 
 class Limits(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,7 +71,8 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     burst: int = 50
     """...with bursts up to this many. A client that keeps exceeding the rate is closed."""
     max_outbox_bytes: int = 8 * 1024 * 1024
-    """Bytes waiting for a slow reader (after coalescing) before it is closed with 1013."""
+    """Bytes waiting for a slow reader (data after coalescing, and replies) before it is closed
+    with 1013."""
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
 
@@ -127,6 +135,10 @@ def parse_request(text: str | bytes, markets: Collection[int]) -> Request:
         request = _decoder.decode(text)
     except msgspec.DecodeError as exc:
         raise RequestError("invalid_json", f"the message is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RequestError("invalid_json", "the message is nested too deeply") from None
+    except UnicodeEncodeError:  # a str holding lone surrogates (never from a socket)
+        raise RequestError("invalid_json", "the message is not valid UTF-8") from None
     if not isinstance(request, dict):
         raise RequestError(
             "invalid_request",
@@ -181,11 +193,20 @@ def parse_market_id(value: object, markets: Collection[int], field: str = "marke
     market: int | None = None
     if type(value) is int:
         market = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
         market = int(value.strip())
     if market is None or market not in markets:
         raise RequestError("unknown_market", f"unknown {field} {value!r}; markets are {known}")
     return market
+
+
+def _ack(message: str, request_id: RequestId, topic: str, key: Key) -> bytes:
+    """``{"message": "subscribed" | "unsubscribed", "id": ..., "topic": ..., <key field>}``."""
+    if topic in MARKET_TOPICS:
+        return _encoder.encode(
+            {"message": message, "id": request_id, "topic": topic, "market_id": str(key)}
+        )
+    return _encoder.encode({"message": message, "id": request_id, "topic": topic, "address": key})
 
 
 def _with_id(message: bytes, request_id: RequestId) -> bytes:
@@ -197,7 +218,7 @@ class Session:
     """One connection's protocol state (no I/O)."""
 
     __slots__ = (
-        "_errors",
+        "_replies",
         "_strikes",
         "_tokens",
         "_updated",
@@ -240,7 +261,7 @@ class Session:
         self.close_code: int | None = None
         """Set when the session wants the connection closed (with ``close_reason``)."""
         self.close_reason = ""
-        self._errors = 0
+        self._replies = 0
         self._tokens = float(self.limits.burst)
         self._updated = now
         self._strikes = 0
@@ -253,12 +274,16 @@ class Session:
             return
         try:
             request = parse_request(text, self.markets)
+        except RequestError as exc:
+            self._queue(error_message(exc.text, exc.request_id, exc.code))
+            return
+        try:
             if request.op == "unsubscribe":
                 self.unsubscribe(request)
             else:
                 self.subscribe(request.topic, request.key, request.id, request.since)
-        except RequestError as exc:
-            self._queue(error_message(exc.text, exc.request_id, exc.code))
+        except RequestError as exc:  # raised without the id: the request has it
+            self._queue(error_message(exc.text, request.id, exc.code))
 
     def receive_binary(self, now: float) -> None:
         if self._admit(now):
@@ -286,8 +311,9 @@ class Session:
         if self._strikes == 1:
             self._queue(
                 error_message(
-                    f"rate limit: at most {limits.rate:g} messages per second (bursts of "
-                    f"{limits.burst}); this message was dropped",
+                    f"rate limit: at most {limits.rate:g} messages per second, in bursts of up "
+                    f"to {limits.burst} (rate = {limits.rate:g}, burst = {limits.burst}); this "
+                    "message was dropped",
                 )
             )
         elif self._strikes > limits.burst:
@@ -310,24 +336,27 @@ class Session:
                 f"this connection holds {len(self.subscriptions)} subscriptions, the limit "
                 f"(max_subscriptions = {self.limits.max_subscriptions}); unsubscribe first",
             )
+        resuming = since is not None and topic in RESUMABLE_TOPICS
         first = (
             self.source.resume(topic, key, since)
-            if since is not None and topic in RESUMABLE_TOPICS
+            if resuming and since is not None
             else self.source.message(topic, key)
         )
         if stream not in self.subscriptions:
             self.hub.add(self, stream)
         self.subscriptions[stream] = request_id
-        pending = self.outbox.pop(stream, None)  # the ack must go before this stream's data
-        if pending is not None:
-            self.outbox_bytes -= len(pending)
+        self._drop_pending(stream)  # the ack must go before this stream's data
         if request_id is not None:
-            ack = {"message": "subscribed", "id": request_id, "topic": topic}
-            ack["market_id" if topic in MARKET_TOPICS else "address"] = (
-                str(key) if topic in MARKET_TOPICS else key
+            self._queue(_ack("subscribed", request_id, topic, key))
+        if resuming:
+            # The rows changed after "since" are not a full state: a later push of the stream
+            # must not replace them, so they wait under a key of their own, ahead of it.
+            self._put(
+                ("resume", stream),
+                _with_id(first, request_id) if request_id is not None else first,
             )
-            self._queue(_encoder.encode(ack))
-        self.push(stream, first)
+        else:
+            self.push(stream, first)
 
     def unsubscribe(self, request: Request) -> None:
         stream = (request.topic, request.key)
@@ -338,15 +367,15 @@ class Session:
             )
         del self.subscriptions[stream]
         self.hub.remove(self, stream)
-        dropped = self.outbox.pop(stream, None)
-        if dropped is not None:
-            self.outbox_bytes -= len(dropped)
+        self._drop_pending(stream)
         if request.id is not None:
-            ack = {"message": "unsubscribed", "id": request.id, "topic": request.topic}
-            ack["market_id" if request.topic in MARKET_TOPICS else "address"] = (
-                str(request.key) if request.topic in MARKET_TOPICS else request.key
-            )
-            self._queue(_encoder.encode(ack))
+            self._queue(_ack("unsubscribed", request.id, request.topic, request.key))
+
+    def _drop_pending(self, stream: Stream) -> None:
+        for key in (stream, ("resume", stream)):
+            dropped = self.outbox.pop(key, None)
+            if dropped is not None:
+                self.outbox_bytes -= len(dropped)
 
     # -- output
 
@@ -355,25 +384,27 @@ class Session:
         request_id = self.subscriptions.get(stream)
         if request_id is not None:
             message = _with_id(message, request_id)
-        outbox = self.outbox
-        was_empty = not outbox
-        old = outbox.get(stream)
-        outbox[stream] = message
-        self.outbox_bytes += len(message) - (len(old) if old is not None else 0)
-        if self.outbox_bytes > self.limits.max_outbox_bytes:
-            self._close(
-                CLOSE_TRY_AGAIN_LATER,
-                "reading too slowly: the outbound buffer is full; reconnect and resume with since",
-            )
-        if was_empty and self.notify is not None:
-            self.notify()
+        self._put(stream, message)
 
     def _queue(self, frame: bytes) -> None:
-        self._errors += 1
-        was_empty = not self.outbox
-        self.outbox[("reply", self._errors)] = frame
-        self.outbox_bytes += len(frame)
-        if was_empty and self.notify is not None:
+        """Queue a reply (never replaced)."""
+        self._replies += 1
+        self._put(("reply", self._replies), frame)
+
+    def _put(self, key: object, frame: bytes) -> None:
+        """Queue ``frame`` under ``key`` (replacing a pending one), within the outbox bound."""
+        if self.close_code is not None:
+            return  # closing: nothing more will be sent, so nothing more is kept
+        outbox = self.outbox
+        was_empty = not outbox
+        old = outbox.get(key)
+        outbox[key] = frame
+        self.outbox_bytes += len(frame) - (len(old) if old is not None else 0)
+        if self.outbox_bytes > self.limits.max_outbox_bytes:
+            self.slow(
+                "reading too slowly: the outbound buffer is full; reconnect and resume with since"
+            )
+        elif was_empty and self.notify is not None:
             self.notify()
 
     def take(self) -> list[bytes]:
@@ -393,7 +424,11 @@ class Session:
                 self.notify()
 
     def slow(self, reason: str) -> None:
-        """The transport says this reader is too slow: close with 1013."""
+        """This reader is too slow (the outbox overflowed, or the transport says a send waited
+        too long): drop what is pending, it will not be sent, and close with 1013."""
+        if self.close_code is None:
+            self.outbox.clear()
+            self.outbox_bytes = 0
         self._close(CLOSE_TRY_AGAIN_LATER, reason)
 
     # -- keepalive

@@ -68,8 +68,11 @@ class Venue:
         history_limit: int = 100,
         clock: Callable[[], int] = wall_clock_ms,
         hub: Hub | None = None,
+        max_resume_rows: int = MAX_RESUME_ROWS,
     ) -> None:
         self.markets = dict(markets)
+        self.max_resume_rows = max_resume_rows
+        """Rows one ``since`` answer may hold; further behind is answered ``since_too_old``."""
         self.store = store
         self.clock = clock
         self.hub = hub if hub is not None else Hub()
@@ -143,6 +146,14 @@ class Venue:
 
     def resume(self, topic: str, key: Key, since: int) -> bytes:
         """The rows of a history stream that changed after ``since``, newest first."""
+        newest = self.projections.seq
+        if since > newest:
+            # Not a seq this server ever sent (its log was replaced): no delta can be right.
+            raise RequestError(
+                "invalid_since",
+                f"since {since} is ahead of the newest event (seq {newest}); "
+                "subscribe without since for the newest rows",
+            )
         oldest = self.store.first_seq()
         if oldest and since < oldest - 1:
             raise RequestError(
@@ -151,48 +162,26 @@ class Venue:
                 "subscribe without since for the newest rows",
             )
         assert isinstance(key, str)
-        rows: list[OrderHistoryRow] | list[TradeRow]
-        if topic == ORDER_HISTORY:
-            rows = self._order_rows(self._oldest_first(key, since), key)
-        else:
-            rows = self._trade_rows(self._oldest_first(key, since), key)
-        if len(rows) > MAX_RESUME_ROWS:
-            raise RequestError(
-                "since_too_old",
-                f"more than {MAX_RESUME_ROWS} rows changed since {since}; fetch them over REST "
-                "(getOrderHistory / getTradeHistory with limit) and subscribe without since",
-            )
+        # Newest first, so the work is bounded by max_resume_rows, not by how old since is.
+        rows: list[OrderHistoryRow | TradeRow] = []
+        seen: set[int] = set()
+        for event in self._newest_first(key, after=since):
+            if topic == ORDER_HISTORY:
+                for order in _orders_in(event, key):
+                    if order.order_id not in seen:  # its newest change only
+                        seen.add(order.order_id)
+                        rows.append(order_history_row(order))
+            elif isinstance(event, Fill):
+                rows.extend(_trade_rows(event, key))
+            if len(rows) > self.max_resume_rows:
+                raise RequestError(
+                    "since_too_old",
+                    f"more than {self.max_resume_rows} rows (max_resume_rows) changed after "
+                    f"since {since}; the oldest since answered is {event.seq} (or fetch "
+                    "getOrderHistory / getTradeHistory with a limit and subscribe without since)",
+                )
         seq = max(since, self.projections.changed_at(topic, key))
         return encode_message(topic, rows, seq)
-
-    def _oldest_first(self, address: str, after: int) -> Iterator[AnyEvent]:
-        while True:
-            page = self.store.read_for_key(address, after=after, limit=HISTORY_PAGE)
-            yield from page
-            if len(page) < HISTORY_PAGE:
-                return
-            after = page[-1].seq
-
-    @staticmethod
-    def _order_rows(events: Iterator[AnyEvent], address: str) -> list[OrderHistoryRow]:
-        latest: dict[int, OrderHistoryRow] = {}
-        for event in events:
-            for order in _orders_in(event, address):
-                latest.pop(order.order_id, None)  # re-insert: newest change last
-                latest[order.order_id] = order_history_row(order)
-        return list(reversed(latest.values()))
-
-    @staticmethod
-    def _trade_rows(events: Iterator[AnyEvent], address: str) -> list[TradeRow]:
-        rows = [
-            trade_row(side, event)
-            for event in events
-            if isinstance(event, Fill)
-            for side in (event.taker, event.maker)
-            if side.order.address == address
-        ]
-        rows.reverse()
-        return rows
 
     # -- histories deeper than the in-memory window come from the store
 
@@ -218,25 +207,30 @@ class Venue:
         rows: list[TradeRow] = []
         for event in self._newest_first(address):
             if isinstance(event, Fill):
-                rows.extend(
-                    trade_row(side, event)
-                    for side in (event.taker, event.maker)
-                    if side.order.address == address
-                )
+                rows.extend(_trade_rows(event, address))
             if len(rows) >= limit:
                 break
         return rows[:limit]
 
-    def _newest_first(self, address: str) -> Iterator[AnyEvent]:
+    def _newest_first(self, address: str, after: int = 0) -> Iterator[AnyEvent]:
         before: int | None = None
         while True:
             page = self.store.read_for_key(
-                address, before=before, limit=HISTORY_PAGE, newest_first=True
+                address, after=after, before=before, limit=HISTORY_PAGE, newest_first=True
             )
             yield from page
             if len(page) < HISTORY_PAGE:
                 return
             before = page[-1].seq
+
+
+def _trade_rows(event: Fill, address: str) -> list[TradeRow]:
+    """The rows of ``address`` in a fill (taker's first), as trade_history shows them."""
+    return [
+        trade_row(side, event)
+        for side in (event.taker, event.maker)
+        if side.order.address == address
+    ]
 
 
 def _orders_in(event: AnyEvent, address: str) -> Iterator[OrderState]:

@@ -15,13 +15,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from perps_indexer.errors import CommandRejected, ConfigurationError
 from perps_indexer.markets import MarketSpec, load_markets
 from perps_indexer.server.rest import RestApi, cors_middleware, error_middleware, ok
 from perps_indexer.session import (
-    CLOSE_KEEPALIVE_TIMEOUT,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     Limits,
@@ -29,7 +28,7 @@ from perps_indexer.session import (
     error_message,
 )
 from perps_indexer.store import open_store
-from perps_indexer.venue import Venue, VenueHalted, wall_clock_ms
+from perps_indexer.venue import MAX_RESUME_ROWS, Venue, VenueHalted, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,23 @@ def request_transport(ws: web.WebSocketResponse) -> asyncio.Transport | None:
 
 MAX_FRAME = 64 * 1024
 MAX_BODY = 64 * 1024
+
+
+class WebSocket(web.WebSocketResponse):
+    """A server WebSocket whose close for an oversize message names the limit (aiohttp's own
+    close for it, 1009, carries no reason)."""
+
+    def __init__(self, max_frame: int) -> None:
+        # aiohttp refuses a message of exactly max_msg_size; ours allows max_frame itself.
+        super().__init__(autoping=False, max_msg_size=max_frame + 1, compress=False)
+        self.too_big = f"a message is larger than {max_frame} bytes (max_frame)".encode()
+
+    async def close(
+        self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
+    ) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not message:
+            message = self.too_big
+        return await super().close(code=code, message=message, drain=drain)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,8 @@ class ServerConfig:
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
     read_only: bool = False
     """Serve no write endpoints (the REST reads and the streams only)."""
+    max_resume_rows: int = MAX_RESUME_ROWS
+    """Rows one ``since`` answer may hold; a client further behind gets ``since_too_old``."""
 
 
 @dataclass
@@ -103,6 +121,9 @@ class Server:
         self.connections: dict[Session, web.WebSocketResponse] = {}
         self.per_ip: dict[str, int] = {}
         self.writing_since: dict[Session, float] = {}
+        """Sessions whose writer is inside a send, and since when (a peer not reading)."""
+        self.closing: set[Session] = set()
+        """Sessions whose close (with the session's code and reason) has begun."""
         self.limits = Limits(
             max_subscriptions=config.max_subscriptions,
             rate=config.rate,
@@ -137,7 +158,11 @@ class Server:
             url = f"sqlite:///{url}?synchronous={self.config.sync}"
         store = open_store(url)
         self.venue = Venue(
-            self.markets, store, history_limit=self.config.history_limit, clock=self.clock
+            self.markets,
+            store,
+            history_limit=self.config.history_limit,
+            clock=self.clock,
+            max_resume_rows=self.config.max_resume_rows,
         )
         app = web.Application(
             middlewares=[cors_middleware, error_middleware], client_max_size=MAX_BODY
@@ -196,19 +221,15 @@ class Server:
 
     async def ws_handler(self, request: web.Request) -> web.WebSocketResponse:
         assert self.venue is not None
-        ws = web.WebSocketResponse(
-            # aiohttp refuses a message of exactly max_msg_size; ours allows max_frame itself.
-            autoping=False,
-            max_msg_size=self.config.max_frame + 1,
-            compress=False,
-        )
+        ws = WebSocket(self.config.max_frame)
         await ws.prepare(request)
         ip = request.remote or "?"
         if self.per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
             limit = self.config.max_connections_per_ip
             await ws.send_frame(
                 error_message(
-                    f"too many connections from {ip}: the limit is {limit} per client address"
+                    f"too many connections from {ip}: the limit is {limit} per client address "
+                    f"(max_connections_per_ip = {limit})"
                 ),
                 WSMsgType.TEXT,
             )
@@ -218,7 +239,15 @@ class Server:
         clock = asyncio.get_running_loop().time
         session = Session(self.venue.hub, self.venue, self.markets, now=clock(), limits=self.limits)
         wake = asyncio.Event()
-        session.notify = wake.set
+
+        def notify() -> None:
+            wake.set()
+            if session.close_code == CLOSE_TRY_AGAIN_LATER and session in self.writing_since:
+                # Too slow, and the writer is in a send to that peer: it would see the close
+                # only when the send ends. Nothing more is owed to this reader: close now.
+                self._close_session(session, ws)
+
+        session.notify = notify
         self.venue.hub.connect(session)
         self.connections[session] = ws
         self.metrics.connections_total += 1
@@ -247,6 +276,7 @@ class Server:
             session.closed()
             self.connections.pop(session, None)
             self.writing_since.pop(session, None)
+            self.closing.discard(session)
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
@@ -273,11 +303,26 @@ class Server:
                 del self.writing_since[session]
                 self.metrics.messages_sent += len(frames)
                 if code is not None:
-                    self.metrics.closed_by_server += 1
-                    await self._close(ws, code, session.close_reason)
+                    if self._begin_close(session):
+                        await self._close(ws, code, session.close_reason)
                     return
         except ConnectionError:
             pass  # the reader side notices the closed connection and cleans up
+
+    def _begin_close(self, session: Session) -> bool:
+        """Count a close by the server, once per session; False if it has already begun."""
+        if session in self.closing:
+            return False
+        self.closing.add(session)
+        self.metrics.closed_by_server += 1
+        if session.close_code == CLOSE_TRY_AGAIN_LATER:
+            self.metrics.slow_readers += 1
+        return True
+
+    def _close_session(self, session: Session, ws: web.WebSocketResponse) -> None:
+        """Close with the session's code and reason, without waiting for its writer."""
+        if session.close_code is not None and self._begin_close(session):
+            self._spawn(self._close(ws, session.close_code, session.close_reason))
 
     async def _close(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
         """Close with a code and reason; a peer that does not read gets its socket aborted."""
@@ -295,13 +340,18 @@ class Server:
             await asyncio.sleep(period)
             now = clock()
             for session, ws in list(self.connections.items()):
+                # A closing session's writer sends what is pending and closes, unless a send
+                # to a peer that does not read holds it up for too long.
                 started = self.writing_since.get(session)
-                if started is not None and now - started > self.config.slow_reader_timeout:
-                    self.metrics.slow_readers += 1
-                    self.writing_since.pop(session)
-                    log.info("closing a connection that stopped reading for %.0f s", now - started)
+                waited = now - started if started is not None else 0.0
+                stuck = waited > self.config.slow_reader_timeout
+                if session.close_code is not None:
+                    if stuck:
+                        self._close_session(session, ws)
+                    continue
+                if stuck:
+                    log.info("closing a connection that stopped reading for %.0f s", waited)
                     session.slow("not reading: a send waited too long; reconnect and resume")
-                    self._spawn(self._close(ws, CLOSE_TRY_AGAIN_LATER, session.close_reason))
                     continue
                 action = session.keepalive(now)
                 if action == "ping":
@@ -310,7 +360,7 @@ class Server:
                 elif action == "timeout":
                     self.metrics.keepalive_timeouts += 1
                     log.info("closing a connection that stopped answering pings")
-                    self._spawn(self._close(ws, CLOSE_KEEPALIVE_TIMEOUT, session.close_reason))
+                    self._close_session(session, ws)  # a silent peer is owed nothing more
 
     # -- demo
 

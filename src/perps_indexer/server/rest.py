@@ -207,7 +207,8 @@ class RestApi:
 
     def _write(self, parse: Callable[[dict[str, Any]], commands.AnyCommand]) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
-            given = request.headers.get("x-api-key", "").encode()
+            # aiohttp keeps undecodable header bytes as surrogates: encode them back, not fail.
+            given = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
             assert self.api_key is not None
             if not hmac.compare_digest(given, self.api_key):  # constant time
                 return fail(
