@@ -7,13 +7,26 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from perps_indexer import errors, projections, wire
 from perps_indexer.engine import Engine
-from perps_indexer.events import AnyEvent, Fill, OrderCancelled, OrderPlaced, OrderRested
+from perps_indexer.events import (
+    AnyEvent,
+    Deposited,
+    Fill,
+    FundingPayment,
+    FundingSettled,
+    IndexPriceSet,
+    MarkPriceSet,
+    OrderCancelled,
+    OrderPlaced,
+    OrderRested,
+    Withdrew,
+)
 from perps_indexer.markets import default_markets
 from perps_indexer.projections import Projections
 from tests.test_wire import POSITIONS_EXAMPLE, TRADE_EXAMPLE, check_message_types
@@ -62,10 +75,12 @@ class Venue:
 
     @classmethod
     def funded(cls, *addresses: str, amount: int, ts: int, history_limit: int = 100) -> Venue:
-        """A venue where each address deposited ``amount``; deposits change no view."""
+        """A venue where each address deposited ``amount``; a deposit changes only the
+        address's deposit_withdraw_history."""
         venue = cls(history_limit)
         for addr in addresses:
-            assert venue.feed(venue.engine.deposit(addr, amount, ts=ts)) == set()
+            changed = venue.feed(venue.engine.deposit(addr, amount, ts=ts))
+            assert changed == {("deposit_withdraw_history", addr)}
         return venue
 
     def feed(self, events: list[AnyEvent]) -> set[tuple[str, str | int]]:
@@ -136,12 +151,41 @@ A_BID_5990 = {
     "status": "Partially Filled",
     "timestamp": "3000",
 }
+A_TRADE_5990 = {
+    "address": A,
+    "fee": "0",
+    "last_updated": "5000",
+    "market_id": "396",
+    "order_type": 1,
+    "pnl": "0",
+    "price": "5990",
+    "size": "200",
+    "timestamp": "5000",
+    "trade_id": tid(1),
+}
+C_SELL = {
+    "address": C,
+    "is_market_order": True,
+    "last_updated": "5000",
+    "leverage": 4,
+    "market_id": "396",
+    "order_id": oid(4),
+    "order_type": 2,
+    "order_value": "7198000",
+    "price": "5990",
+    "size": "1200",
+    "status": "Filled",
+    "timestamp": "5000",
+    "trade_id": tid(3),
+}
 
 
 def test_first_resting_order() -> None:
     fresh = Venue.funded(A, amount=100_000_000, ts=1_000_000)
     changed = fresh.limit(A, True, 1000, 6000, 2_000_000)
-    assert changed == keys(("order_history", A), ("open_orders", A), ("orderbook", 396))
+    assert changed == keys(
+        ("order_history", A), ("open_orders", A), ("orderbook", 396), ("best_price", 396)
+    )
     p = fresh.proj
     assert bare(p.message("open_orders", A)) == push(
         "open_orders",
@@ -217,18 +261,7 @@ def test_market_order_fills_two_makers(venue: Venue) -> None:
             }
         ],
     )
-    trade = {
-        "address": A,
-        "fee": "0",
-        "last_updated": "5000",
-        "market_id": "396",
-        "order_type": 1,
-        "pnl": "0",
-        "price": "5990",
-        "size": "200",
-        "timestamp": "5000",
-        "trade_id": tid(1),
-    }
+    trade = A_TRADE_5990
     assert bare(p.message("trade_history", A)) == push(
         "trade_history", [trade, {**trade, "price": "6000", "size": "1000"}]
     )
@@ -259,26 +292,7 @@ def test_market_order_fills_two_makers(venue: Venue) -> None:
     )
     # The 5990 bid changed last, so it leads.
     assert bare(p.message("order_history", A)) == push("order_history", [A_BID_5990, A_BID_6000])
-    assert bare(p.message("order_history", C)) == push(
-        "order_history",
-        [
-            {
-                "address": C,
-                "is_market_order": True,
-                "last_updated": "5000",
-                "leverage": 4,
-                "market_id": "396",
-                "order_id": oid(4),
-                "order_type": 2,
-                "order_value": "7198000",
-                "price": "5990",
-                "size": "1200",
-                "status": "Filled",
-                "timestamp": "5000",
-                "trade_id": tid(3),
-            }
-        ],
-    )
+    assert bare(p.message("order_history", C)) == push("order_history", [C_SELL])
     assert bare(p.message("orderbook", 396)) == push(
         "orderbook",
         [book_level(True, "4000", "6010", "700"), book_level(False, "5000", "5990", "300")],
@@ -291,7 +305,7 @@ def test_market_order_changed_keys() -> None:
     v.limit(A, True, 1000, 6000, 2_000_000)
     v.limit(A, True, 500, 5990, 3_000_000)
     assert v.limit(B, False, 700, 6010, 4_000_000) == keys(
-        ("order_history", B), ("open_orders", B), ("orderbook", 396)
+        ("order_history", B), ("open_orders", B), ("orderbook", 396), ("best_price", 396)
     )
     assert v.market(C, False, 1200, 5_000_000, leverage=4) == keys(
         ("order_history", A),
@@ -300,6 +314,8 @@ def test_market_order_changed_keys() -> None:
         ("trade_history", C),
         ("open_orders", A),
         ("orderbook", 396),
+        ("best_price", 396),
+        ("recent_trades", 396),
         ("positions", A),
         ("positions", C),
     )
@@ -308,7 +324,10 @@ def test_market_order_changed_keys() -> None:
 def test_cancel_resting_order(venue: Venue) -> None:
     changed = venue.feed(venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000))
     # A keeps its position: placing or cancelling orders does not change the positions view.
-    assert changed == keys(("order_history", A), ("open_orders", A), ("orderbook", 396))
+    # The 5990 bid was the best bid: best_price changes too.
+    assert changed == keys(
+        ("order_history", A), ("open_orders", A), ("orderbook", 396), ("best_price", 396)
+    )
     p = venue.proj
     assert bare(p.message("open_orders", A)) == b'{"data":[],"message":"open_orders"}'
     assert bare(p.message("order_history", A)) == push(
@@ -329,9 +348,9 @@ def test_liquidation_through_the_book(venue: Venue) -> None:
     kinds = [type(e).__name__ for e in events]
     assert kinds[0] == "MarkPriceSet"
     assert "LiquidationSettled" in kinds
-    # The mark price and the settlement alone change no view.
+    # The mark price changes only the funding view, the settlement none.
     p = v.proj
-    assert p.apply_batch(events[:1]) == set()
+    assert p.apply_batch(events[:1]) == {("live_funding_rate", 396)}
     changed = v.proj.apply_batch(events[1:])
     v.log.extend(events)
     assert changed == keys(
@@ -341,6 +360,8 @@ def test_liquidation_through_the_book(venue: Venue) -> None:
         ("trade_history", C),
         ("open_orders", B),
         ("orderbook", 396),
+        ("best_price", 396),
+        ("recent_trades", 396),
         ("positions", B),
         ("positions", C),
     )
@@ -455,10 +476,12 @@ def test_position_updates_change_only_positions() -> None:
     assert row.liq_price == repr(6000 * (1 - (1 / 2 + 0.1)) / (1 - 0.025))
     # A resting close order leaves the position's row alone.
     changed = v.limit(A, True, 600, 6100, 7_000, is_close=True)
-    assert changed == keys(("order_history", A), ("open_orders", A), ("orderbook", 396))
+    assert changed == keys(
+        ("order_history", A), ("open_orders", A), ("orderbook", 396), ("best_price", 396)
+    )
     assert v.proj.positions(A) == [row]
-    assert v.feed(v.engine.deposit(A, 5, ts=8_000)) == set()
-    assert v.feed(v.engine.withdraw(A, 5, ts=9_000)) == set()
+    assert v.feed(v.engine.deposit(A, 5, ts=8_000)) == keys(("deposit_withdraw_history", A))
+    assert v.feed(v.engine.withdraw(A, 5, ts=9_000)) == keys(("deposit_withdraw_history", A))
 
 
 def test_history_newest_first_with_limits() -> None:
@@ -540,8 +563,9 @@ def all_keys(addresses: list[str]) -> Iterator[tuple[str, str | int]]:
     for topic in sorted(wire.ADDRESS_TOPICS):
         for addr in addresses:
             yield topic, addr
-    for market in MARKETS:
-        yield "orderbook", market
+    for topic in sorted(wire.MARKET_TOPICS):
+        for market in MARKETS:
+            yield topic, market
 
 
 def all_messages(p: Projections, addresses: list[str]) -> dict[tuple[str, str | int], bytes]:
@@ -549,11 +573,31 @@ def all_messages(p: Projections, addresses: list[str]) -> dict[tuple[str, str | 
 
 
 def test_snapshot_restore(venue: Venue) -> None:
+    venue.feed(venue.engine.withdraw(B, 1_000, ts=5_500_000))
+    venue.feed(funding_events(venue))
     data = venue.proj.snapshot()
     restored = Projections.restore(MARKETS, data)
     assert restored.seq == venue.proj.seq
     assert all_messages(restored, [A, B, C]) == all_messages(venue.proj, [A, B, C])
+    for addr in (A, C):  # B holds no position: no funding
+        assert restored.funding_history(addr) == venue.proj.funding_history(addr) != []
+    for addr in (A, B, C):
+        assert restored.deposit_withdraw_history(addr) == venue.proj.deposit_withdraw_history(addr)
+    assert len(restored.deposit_withdraw_history(B)) == 2
+    bid = 2 << 64 | 5990
+    assert restored.order_status(396, bid) == venue.proj.order_status(396, bid) is not None
     assert restored.snapshot() == data
+    # The restored models go on folding like the original.
+    more = [MarkPriceSet(seq=venue.proj.seq + 1, ts=7_300_000, market_id=396, price=5990)]
+    assert restored.apply_batch(more) == venue.feed(more) == {("live_funding_rate", 396)}
+    assert all_messages(restored, [A, B, C]) == all_messages(venue.proj, [A, B, C])
+
+
+def test_snapshot_restore_then_the_engine_goes_on(venue: Venue) -> None:
+    data = venue.proj.snapshot()
+    restored = Projections.restore(MARKETS, data)
+    assert restored.seq == venue.proj.seq
+    assert all_messages(restored, [A, B, C]) == all_messages(venue.proj, [A, B, C])
     # The restored models go on folding like the original.
     more = venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000)
     more += venue.engine.place_limit_order(
@@ -568,16 +612,415 @@ def test_restore_rejects_bad_snapshots(venue: Venue) -> None:
         Projections.restore(MARKETS, b"\x00not msgpack")
     with pytest.raises(errors.IntegrityError, match="unknown market"):
         Projections.restore({396: MARKETS[396]}, venue.proj.snapshot())
+    # A market known to the book but not to the newer views' data is caught too.
+    only_396 = Projections({396: MARKETS[396]})
+    only_396.apply_batch(
+        [
+            Deposited(seq=1, ts=1_000, address=A, amount=5, collateral=5),
+            MarkPriceSet(seq=2, ts=2_000, market_id=396, price=6000),
+        ]
+    )
+    assert Projections.restore({396: MARKETS[396]}, only_396.snapshot()).seq == 2
+    with pytest.raises(errors.IntegrityError, match="unknown market 396"):
+        Projections.restore({397: MARKETS[397]}, only_396.snapshot())
+    old = projections._Snapshot(1, 0, 100, {}, {}, {}, {}, {}, {}, [], {}, {}, {}, {}, {})
+    with pytest.raises(errors.IntegrityError, match="version 1 is not 2"):
+        Projections.restore(MARKETS, projections._snapshot_encoder.encode(old))
 
 
 def test_unknown_topic_and_keys() -> None:
     p = Projections(MARKETS)
     with pytest.raises(KeyError):
-        p.message("recent_trades", A)
+        p.message("trades", A)
     assert bare(p.message("positions", A)) == b'{"data":[],"message":"positions"}'
     assert bare(p.message("orderbook", "396")) == b'{"data":[],"message":"orderbook"}'
     with pytest.raises(ValueError, match="history_limit"):
         Projections(MARKETS, history_limit=0)
+
+
+# ---------------------------------------------------------------------- the newer topics
+
+
+def row_of(message: bytes) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(message)["data"]
+    return rows
+
+
+def seq_of(message: bytes) -> int:
+    seq: int = json.loads(message)["seq"]
+    return seq
+
+
+def test_recent_trades_newest_first(venue: Venue) -> None:
+    # The fixture's fills are events 11 and 12 (deposits 1-3, three orders placed and rested
+    # 4-9, C's market order 10). C sold: the taker did not buy.
+    trade = {
+        "is_buy": False,
+        "last_updated": "5000",
+        "market_id": "396",
+        "price": "5990",
+        "size": "200",
+        "timestamp": "5000",
+        "transaction_version": "12",
+    }
+    older = {**trade, "price": "6000", "size": "1000", "transaction_version": "11"}
+    assert venue.proj.message("recent_trades", 396) == push("recent_trades", [trade, older])[
+        :-1
+    ] + (b',"seq":12}')
+    # A buys 500 more: it takes B's ask at 6010, a buy.
+    venue.market(A, True, 500, 6_000_000)
+    bought = {
+        **trade,
+        "is_buy": True,
+        "last_updated": "6000",
+        "price": "6010",
+        "size": "500",
+        "timestamp": "6000",
+        "transaction_version": "14",
+    }
+    assert row_of(venue.proj.message("recent_trades", 396)) == [bought, trade, older]
+    assert seq_of(venue.proj.message("recent_trades", 396)) == 14
+    assert [r.transaction_version for r in venue.proj.recent_trades(396, limit=2)] == ["14", "12"]
+    assert (
+        bare(venue.proj.message("recent_trades", 397)) == b'{"data":[],"message":"recent_trades"}'
+    )
+
+
+def test_recent_trades_keep_the_newest_n() -> None:
+    v = Venue.funded(A, B, amount=1_000_000_000, ts=1_000, history_limit=2)
+    for n in range(3):
+        v.limit(A, True, 500, 6000 + n, (n + 2) * 1_000)
+    v.market(B, False, 1500, 9_000)  # takes 6002, 6001, 6000
+    assert [(r.price, r.is_buy) for r in v.proj.recent_trades(396)] == [
+        ("6000", False),
+        ("6001", False),
+    ]
+
+
+def test_best_price_changes_only_with_the_top_of_the_book() -> None:
+    v = Venue.funded(A, B, C, amount=1_000_000_000, ts=1_000)
+    assert v.proj.message("best_price", 396) == b'{"data":[],"message":"best_price","seq":0}'
+    v.limit(A, True, 1000, 6000, 2_000)
+    best = {
+        "best_ask_price": None,
+        "best_ask_size": None,
+        "best_bid_price": "6000",
+        "best_bid_size": "1000",
+        "last_updated": "2",
+        "market_id": "396",
+    }
+    assert v.proj.message("best_price", 396) == (
+        b'{"data":[{"best_ask_price":null,"best_ask_size":null,"best_bid_price":"6000",'
+        b'"best_bid_size":"1000","last_updated":"2","market_id":"396"}],'
+        b'"message":"best_price","seq":5}'
+    )
+    # A bid below the best and an ask: the ask side changes the row, the low bid does not.
+    assert ("best_price", 396) not in v.limit(B, True, 600, 5990, 3_000)
+    assert ("best_price", 396) in v.limit(B, False, 700, 6020, 4_000)
+    best = {**best, "best_ask_price": "6020", "best_ask_size": "700", "last_updated": "4"}
+    assert row_of(v.proj.message("best_price", 396)) == [best]
+    assert seq_of(v.proj.message("best_price", 396)) == 9
+    # More size at the best bid changes it; an ask behind the best does not.
+    assert ("best_price", 396) in v.limit(C, True, 550, 6000, 5_000)
+    assert ("best_price", 396) not in v.limit(C, False, 500, 6030, 6_000)
+    best = {**best, "best_bid_size": "1550", "last_updated": "5"}
+    assert row_of(v.proj.message("best_price", 396)) == [best]
+    # A sell that empties the best bid level: the next bid becomes the best.
+    v.market(B, False, 1550, 7_000)
+    best = {**best, "best_bid_price": "5990", "best_bid_size": "600", "last_updated": "7"}
+    assert row_of(v.proj.message("best_price", 396)) == [best]
+    # Cancelling every ask empties that side.
+    v.feed(v.engine.cancel_orders(B, 396, [3 << 64 | 6020 | 1 << 32], ts=8_000))
+    best = {**best, "best_ask_price": "6030", "best_ask_size": "500", "last_updated": "8"}
+    assert row_of(v.proj.message("best_price", 396)) == [best]
+    v.feed(v.engine.cancel_orders(C, 396, [5 << 64 | 6030 | 1 << 32], ts=9_000))
+    best = {**best, "best_ask_price": None, "best_ask_size": None, "last_updated": "9"}
+    assert row_of(v.proj.message("best_price", 396)) == [best]
+    asks, bids = v.engine.books[396].levels()
+    assert (asks, bids[0]) == ([], (5990, 600))
+
+
+def test_live_rows_one_per_change_in_event_order(venue: Venue) -> None:
+    p = venue.proj
+    # The fixture's last batch: C's market order (10) filled A's bids (11, 12).
+    # A market order is placed with no price and value; each fill sets them.
+    c_order = {**C_SELL, "order_value": "0", "price": "0", "status": "Open"}
+    a_trade = {**A_TRADE_5990, "price": "6000", "size": "1000"}
+    c_trade = {**a_trade, "address": C, "fee": "3000", "order_type": 2, "trade_id": tid(3)}
+    expected = [
+        ("live_order_history", C, 10, c_order),
+        ("live_order_history", A, 11, A_BID_6000),
+        ("live_trade_history", A, 11, a_trade),
+        (
+            "live_order_history",
+            C,
+            11,
+            {**c_order, "order_value": "6000000", "price": "6000", "status": "Partially Filled"},
+        ),
+        ("live_trade_history", C, 11, c_trade),
+        ("live_order_history", A, 12, A_BID_5990),
+        ("live_trade_history", A, 12, A_TRADE_5990),
+        ("live_order_history", C, 12, C_SELL),
+        ("live_trade_history", C, 12, {**c_trade, "fee": "599", "price": "5990", "size": "200"}),
+    ]
+    assert [
+        (stream[0], stream[1], seq, msgspec.to_builtins(row)) for stream, seq, row in p.live
+    ] == expected
+    # Encoded one message per row, each with its own seq, only for the streams wanted.
+    messages = p.live_messages(lambda stream: stream[1] == A)
+    assert messages == [
+        (
+            (topic, key),
+            push(topic, [row])[:-1] + b',"seq":%d}' % seq,
+        )
+        for topic, key, seq, row in expected
+        if key == A
+    ]
+    # A subscriber's first message is the newest row, with the seq of its change.
+    assert p.message("live_trade_history", C) == push("live_trade_history", [expected[-1][3]])[
+        :-1
+    ] + (b',"seq":12}')
+    assert p.message("live_order_history", A) == push("live_order_history", [A_BID_5990])[:-1] + (
+        b',"seq":12}'
+    )
+    assert bare(p.message("live_order_history", B)) == push(
+        "live_order_history",
+        [
+            {
+                "address": B,
+                "is_market_order": False,
+                "last_updated": "4000",
+                "leverage": 2,
+                "market_id": "396",
+                "order_id": oid(3, 6010 | 1 << 32),
+                "order_type": 2,
+                "order_value": "4207000",
+                "price": "6010",
+                "size": "700",
+                "status": "Open",
+                "timestamp": "4000",
+                "trade_id": tid(2),
+            }
+        ],
+    )
+    assert p.message("live_trade_history", B) == (
+        b'{"data":[],"message":"live_trade_history","seq":0}'
+    )
+    # The next batch starts a new list; a resting limit order pushes one row, not two (its
+    # rested state shows nothing new), and live streams are not in the changed set.
+    changed = venue.limit(B, True, 500, 5900, 6_000_000)
+    assert [(s, seq, r.status) for s, seq, r in p.live] == [  # type: ignore[union-attr]
+        (("live_order_history", B), 13, "Open")
+    ]
+    assert not {key for key in changed if key[0] in wire.LIVE_TOPICS}
+    assert seq_of(p.message("live_order_history", B)) == 13
+    venue.feed(venue.engine.deposit(A, 1, ts=6_100_000))
+    assert p.live == []
+
+
+def test_live_messages_of_a_batch_applied_at_once_or_event_by_event(venue: Venue) -> None:
+    whole = Projections(MARKETS)
+    whole.apply_batch(venue.log)
+    single = Projections(MARKETS)
+    singles = []
+    for event in venue.log:
+        single.apply(event)
+        singles.extend(single.live)
+    assert singles == whole.live  # the whole log's live rows, in order
+    assert len([s for s in singles if s[0][0] == "live_trade_history"]) == 4
+
+
+def test_deposit_withdraw_history() -> None:
+    v = Venue.funded(A, amount=10_000_000, ts=1_000_000, history_limit=2)
+    v.feed(v.engine.withdraw(A, 2_500, ts=2_000_000))
+    row = {
+        "address": A,
+        "amount": "2500",
+        "is_deposit": False,
+        "last_updated": "2000",
+        "timestamp": "2000",
+        "transaction_version": "2",
+    }
+    first = {
+        **row,
+        "amount": "10000000",
+        "is_deposit": True,
+        "last_updated": "1000",
+        "timestamp": "1000",
+        "transaction_version": "1",
+    }
+    assert v.proj.message("deposit_withdraw_history", A) == push(
+        "deposit_withdraw_history", [row, first]
+    )[:-1] + (b',"seq":2}')
+    assert v.feed(v.engine.deposit(A, 7, ts=3_000_000)) == {("deposit_withdraw_history", A)}
+    # history_limit 2: the oldest goes.
+    assert [r.amount for r in v.proj.deposit_withdraw_history(A)] == ["7", "2500"]
+    assert [r.amount for r in v.proj.deposit_withdraw_history(A, limit=1)] == ["7"]
+    assert v.proj.deposit_withdraw_history(B) == []
+
+
+def test_order_status_by_id(venue: Venue) -> None:
+    p = venue.proj
+    assert msgspec.to_builtins(p.order_status(396, 1 << 64 | 6000)) == A_BID_6000
+    assert p.order_status(397, 1 << 64 | 6000) is None  # ids are global: wrong market
+    assert p.order_status(396, 99 << 64) is None
+    small = Venue.funded(A, B, amount=1_000_000_000, ts=1_000, history_limit=2)
+    for n in range(3):
+        small.limit(A, True, 500, 6000 - n, (n + 2) * 1_000)
+    # The oldest of A's three orders left the window: projections no longer know it.
+    assert small.proj.order_status(396, 1 << 64 | 6000) is None
+    assert small.proj.order_status(396, 3 << 64 | 5998) is not None
+    # Filling it brings it back.
+    small.market(B, False, 500, 9_000)
+    row = small.proj.order_status(396, 1 << 64 | 6000)
+    assert row is not None and row.status == "Filled"
+    assert small.proj.order_status(396, 2 << 64 | 5999) is None
+
+
+def funding_events(v: Venue) -> list[AnyEvent]:
+    """A settlement after the fixture: A (long 1200, value 7198000) pays C (short) 0.75 %."""
+    seq, ts = v.proj.seq, 7_200_000
+    a_pos = v.engine.positions[(A, 396, True)]
+    c_pos = v.engine.positions[(C, 396, False)]
+    return [
+        IndexPriceSet(seq=seq + 1, ts=7_000_000, market_id=396, price=5900),
+        MarkPriceSet(seq=seq + 2, ts=7_100_000, market_id=396, price=6030),
+        FundingSettled(
+            seq=seq + 3,
+            ts=ts,
+            market_id=396,
+            mark=6030,
+            index=5900,
+            rate_num=3,
+            rate_den=400,
+            payments=[
+                FundingPayment(
+                    position=msgspec.structs.replace(
+                        a_pos, margin=a_pos.margin - 53_985, updated=ts
+                    ),
+                    amount=-53_985,
+                ),
+                FundingPayment(
+                    position=msgspec.structs.replace(
+                        c_pos, margin=c_pos.margin + 53_985, updated=ts
+                    ),
+                    amount=53_985,
+                ),
+            ],
+            dust=0,
+            next_funding=10_800_000,
+        ),
+    ]
+
+
+def test_live_funding_rate_from_marks_indexes_and_settlements(venue: Venue) -> None:
+    p = venue.proj
+    assert p.message("live_funding_rate", 396) == (
+        b'{"data":[],"message":"live_funding_rate","seq":0}'
+    )
+    # A mark alone: no premium can be measured; the next funding is the next hour boundary
+    # after the event (ts 6000 s: 7200 s).
+    assert venue.feed(venue.engine.set_mark_price(396, 6030, ts=6_000_000)) == {
+        ("live_funding_rate", 396)
+    }
+    assert p.message("live_funding_rate", 396) == (
+        b'{"data":[{"funding_rate":"0","index_price":null,"last_updated":"6000",'
+        b'"mark_price":"6030","market_id":"396","next_funding_time":"7200"}],'
+        b'"message":"live_funding_rate","seq":13}'
+    )
+    seq = p.seq
+
+    def funding(*events: AnyEvent) -> set[tuple[str, str | int]]:
+        return venue.feed(list(events))
+
+    # Index 6000: premium 30/6000 = 0.5 %, under the 0.75 % cap.
+    assert funding(IndexPriceSet(seq=seq + 1, ts=6_500_000, market_id=396, price=6000)) == {
+        ("live_funding_rate", 396)
+    }
+    row = {
+        "funding_rate": "0.005",
+        "index_price": "6000",
+        "last_updated": "6500",
+        "mark_price": "6030",
+        "market_id": "396",
+        "next_funding_time": "7200",
+    }
+    assert p.message("live_funding_rate", 396) == push("live_funding_rate", [row])[:-1] + (
+        b',"seq":14}'
+    )
+    # Index 6029: 1/6029 = 0.000165864985901... does not end: 12 places, rounded.
+    funding(IndexPriceSet(seq=seq + 2, ts=6_600_000, market_id=396, price=6029))
+    assert row_of(p.message("live_funding_rate", 396)) == [
+        {**row, "funding_rate": "0.000165864986", "index_price": "6029", "last_updated": "6600"}
+    ]
+    # Index 5900: 130/5900 = 2.2 % is clamped to the cap; mark 6100 vs index 7000 to -cap.
+    funding(IndexPriceSet(seq=seq + 3, ts=6_700_000, market_id=396, price=5900))
+    assert row_of(p.message("live_funding_rate", 396))[0]["funding_rate"] == "0.0075"
+    # The same index again, later: nothing shown changes, so no push (and the seq stays).
+    assert funding(IndexPriceSet(seq=seq + 4, ts=6_800_000, market_id=396, price=5900)) == set()
+    assert seq_of(p.message("live_funding_rate", 396)) == seq + 3
+    assert row_of(p.message("live_funding_rate", 396))[0]["last_updated"] == "6700"
+    # Crossing the hour boundary moves next_funding_time even with the same prices.
+    assert funding(MarkPriceSet(seq=seq + 5, ts=7_200_000, market_id=396, price=6030)) == {
+        ("live_funding_rate", 396)
+    }
+    assert row_of(p.message("live_funding_rate", 396))[0]["next_funding_time"] == "10800"
+    funding(IndexPriceSet(seq=seq + 6, ts=7_300_000, market_id=396, price=7000))
+    assert row_of(p.message("live_funding_rate", 396))[0]["funding_rate"] == "-0.0075"
+    # Other markets are untouched.
+    assert p.live_funding_rate(397) == []
+
+
+def test_funding_settlement_moves_margins_and_records_payments(venue: Venue) -> None:
+    p = venue.proj
+    events = funding_events(venue)
+    assert venue.feed(events[:2]) == {("live_funding_rate", 396)}
+    changed = venue.feed(events[2:])
+    assert changed == keys(("positions", A), ("positions", C), ("live_funding_rate", 396))
+    settle = events[2].seq
+    # Margins moved by the payments; last_updated is the settlement's.
+    (a_row,) = p.positions(A)
+    (c_row,) = p.positions(C)
+    assert (a_row.margin, a_row.last_updated) == (str(3_599_000 - 53_985), "7200")
+    assert (c_row.margin, c_row.last_updated) == (str(1_799_500 + 53_985), "7200")
+    # The rate shown is the settled one; the next funding time the settlement announced.
+    assert p.message("live_funding_rate", 396) == (
+        b'{"data":[{"funding_rate":"0.0075","index_price":"5900","last_updated":"7200",'
+        b'"mark_price":"6030","market_id":"396","next_funding_time":"10800"}],'
+        b'"message":"live_funding_rate","seq":%d}' % settle
+    )
+    payment = {
+        "address": A,
+        "amount": "-53985",
+        "funding_rate": "0.0075",
+        "is_long": True,
+        "market_id": "396",
+        "size": "1200",
+        "timestamp": "7200",
+        "trade_id": tid(1),
+        "transaction_version": str(settle),
+    }
+    assert [msgspec.to_builtins(r) for r in p.funding_history(A)] == [payment]
+    assert [msgspec.to_builtins(r) for r in p.funding_history(C)] == [
+        {**payment, "address": C, "amount": "53985", "is_long": False, "trade_id": tid(3)}
+    ]
+    assert p.funding_history(B) == []
+    # After the announced time has passed without a settlement, the next boundary is shown.
+    venue.feed([MarkPriceSet(seq=settle + 1, ts=11_000_000, market_id=396, price=5900)])
+    assert row_of(p.message("live_funding_rate", 396)) == [
+        {
+            "funding_rate": "0",
+            "index_price": "5900",
+            "last_updated": "11000",
+            "mark_price": "5900",
+            "market_id": "396",
+            "next_funding_time": "14400",
+        }
+    ]
+    # Funding rows keep the newest history_limit per address.
+    small = Projections(MARKETS, history_limit=1)
+    small.apply_batch(venue.log)
+    assert [r.transaction_version for r in small.funding_history(A)] == [str(settle)]
 
 
 # ---------------------------------------------------------------------- random command streams
@@ -642,6 +1085,32 @@ def check_against_engine(p: Projections, engine: Engine, log: list[AnyEvent]) ->
     assert [(int(r.price), int(r.size)) for r in rows if r.is_ask] == asks
     assert [(int(r.price), int(r.size)) for r in rows if not r.is_ask] == bids
     assert [r.is_ask for r in rows] == [True] * len(asks) + [False] * len(bids)
+    best = p.best_price(396)
+    if best:  # the book changed at least once
+        (row,) = best
+        assert (row.best_ask_price, row.best_ask_size) == (
+            (str(asks[0][0]), str(asks[0][1])) if asks else (None, None)
+        )
+        assert (row.best_bid_price, row.best_bid_size) == (
+            (str(bids[0][0]), str(bids[0][1])) if bids else (None, None)
+        )
+    else:
+        assert not asks and not bids
+    fills = [e for e in log if isinstance(e, Fill)]
+    assert (
+        p.recent_trades(396) == [wire.recent_trade_row(e) for e in fills[::-1]][: p.history_limit]
+    )
+    marks = [e for e in log if isinstance(e, MarkPriceSet)]
+    if marks:
+        (funding,) = p.live_funding_rate(396)
+        assert (funding.mark_price, funding.index_price, funding.funding_rate) == (
+            str(marks[-1].price),
+            None,
+            "0",
+        )
+        assert int(funding.next_funding_time) == (marks[-1].ts // 3_600_000 + 1) * 3600
+    else:
+        assert p.live_funding_rate(396) == []
     latest = {}
     for event in log:
         if isinstance(event, OrderPlaced | OrderRested | OrderCancelled):
@@ -679,6 +1148,35 @@ def check_against_engine(p: Projections, engine: Engine, log: list[AnyEvent]) ->
             if side.order.address == addr
         ]
         assert p.trade_history(addr) == fills[::-1][: p.history_limit]
+        moves = [
+            wire.deposit_withdraw_row(e)
+            for e in log
+            if isinstance(e, Deposited | Withdrew) and e.address == addr
+        ]
+        assert p.deposit_withdraw_history(addr) == moves[::-1][: p.history_limit]
+
+
+def expected_live(log: list[AnyEvent]) -> list[projections.LiveRow]:
+    """The live pushes of a log, computed independently: one per fill side, and one per order
+    event whose history row differs from that order's previous row."""
+    rows: dict[int, wire.OrderHistoryRow] = {}
+    live: list[projections.LiveRow] = []
+
+    def order_changed(order: Any, seq: int) -> None:
+        row = wire.order_history_row(order)
+        if rows.get(order.order_id) != row:
+            rows[order.order_id] = row
+            live.append((("live_order_history", order.address), seq, row))
+
+    for event in log:
+        if isinstance(event, OrderPlaced | OrderRested | OrderCancelled):
+            order_changed(event.order, event.seq)
+        elif isinstance(event, Fill):
+            for side in (event.maker, event.taker):
+                order_changed(side.order, event.seq)
+                trade = wire.trade_row(side, event)
+                live.append((("live_trade_history", side.order.address), event.seq, trade))
+    return live
 
 
 def _without_time(row: wire.PositionRow) -> tuple[Any, ...]:
@@ -700,14 +1198,22 @@ def test_random_streams_match_the_engine(commands: list[tuple[Any, ...]], funds:
         ts += 700
         with contextlib.suppress(errors.CommandRejected):
             batches.append(run_command(engine, step, cmd, ts))
+    live: list[projections.LiveRow] = []
     for events in batches:
         before = all_messages(batched, TRADERS)
         changed = batched.apply_batch(events)
+        live.extend(batched.live)
         after = all_messages(batched, TRADERS)
-        assert {k for k in after if after[k] != before[k]} <= changed
+        live_streams = {stream for stream, _, _ in batched.live}
+        assert {k for k in after if after[k] != before[k]} <= changed | live_streams
+        assert not {k for k in changed if k[0] in wire.LIVE_TOPICS}
+        for stream in live_streams:  # a live stream's message is its newest row
+            newest = [row for s, _, row in batched.live if s == stream][-1]
+            assert json.loads(after[stream])["data"] == [msgspec.to_builtins(newest)]
         for event in events:
             single.apply(event)
         log.extend(events)
+    assert live == expected_live(log)
     check_against_engine(batched, engine, log)
     whole = Projections(MARKETS, history_limit=6)
     whole.apply_batch(log)

@@ -8,7 +8,18 @@ import msgspec
 import pytest
 
 from perps_indexer import wire
-from perps_indexer.events import FILLED, OPEN, Fill, FillSide, OrderState, PositionState
+from perps_indexer.events import (
+    FILLED,
+    OPEN,
+    Deposited,
+    Fill,
+    FillSide,
+    FundingPayment,
+    FundingSettled,
+    OrderState,
+    PositionState,
+    Withdrew,
+)
 from perps_indexer.markets import default_markets
 
 ADDR = "0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770"
@@ -117,7 +128,44 @@ FIELD_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
         "price": (S,),
         "size": (S,),
     },
+    # The later generations' topics (reference §6), as this project defines their rows.
+    wire.RECENT_TRADES: {
+        "is_buy": (B,),
+        "last_updated": (S,),
+        "market_id": (S,),
+        "price": (S,),
+        "size": (S,),
+        "timestamp": (S,),
+        "transaction_version": (S,),
+    },
+    wire.BEST_PRICE: {
+        "best_ask_price": (S, N),
+        "best_ask_size": (S, N),
+        "best_bid_price": (S, N),
+        "best_bid_size": (S, N),
+        "last_updated": (S,),
+        "market_id": (S,),
+    },
+    wire.DEPOSIT_WITHDRAW_HISTORY: {
+        "address": (S,),
+        "amount": (S,),
+        "is_deposit": (B,),
+        "last_updated": (S,),
+        "timestamp": (S,),
+        "transaction_version": (S,),
+    },
+    wire.LIVE_FUNDING_RATE: {
+        "funding_rate": (S,),
+        "index_price": (S, N),
+        "last_updated": (S,),
+        "mark_price": (S, N),
+        "market_id": (S,),
+        "next_funding_time": (S,),
+    },
 }
+# The live topics reuse the history rows, one per push.
+FIELD_TYPES[wire.LIVE_TRADE_HISTORY] = FIELD_TYPES[wire.TRADE_HISTORY]
+FIELD_TYPES[wire.LIVE_ORDER_HISTORY] = FIELD_TYPES[wire.ORDER_HISTORY]
 
 
 def check_message_types(topic: str, message: bytes) -> list[dict[str, object]]:
@@ -202,24 +250,10 @@ def test_position_row_rejects_an_empty_slot() -> None:
         wire.position_row(position(size=0, value=0, margin=0), SPEC)
 
 
-def test_trade_history_example_byte_for_byte() -> None:
+def example_fill(taker_order: OrderState, seq: int) -> Fill:
+    """The reference's fill: a taker (paying 3025) against OTHER's resting bid, 1000 @ 6050."""
     taker = FillSide(
-        order=order(
-            order_id=5 << 64,
-            is_long=False,
-            is_market=True,
-            order_type=2,
-            price=6050,
-            remaining=0,
-            status=FILLED,
-            value=6_050_000,
-            trade_id=(895 << 64) | 396,
-        ),
-        position=position(),
-        collateral=0,
-        fee=3025,
-        pnl=0,
-        is_maker=False,
+        order=taker_order, position=position(), collateral=0, fee=3025, pnl=0, is_maker=False
     )
     maker = FillSide(
         order=order(address=OTHER),
@@ -229,8 +263,8 @@ def test_trade_history_example_byte_for_byte() -> None:
         pnl=0,
         is_maker=True,
     )
-    fill = Fill(
-        seq=7,
+    return Fill(
+        seq=seq,
         ts=1_739_788_459_999,  # milliseconds are dropped, not rounded
         market_id=396,
         price=6050,
@@ -239,6 +273,22 @@ def test_trade_history_example_byte_for_byte() -> None:
         maker=maker,
         fee_account=3025,
     )
+
+
+def test_trade_history_example_byte_for_byte() -> None:
+    sell = order(
+        order_id=5 << 64,
+        is_long=False,
+        is_market=True,
+        order_type=2,
+        price=6050,
+        remaining=0,
+        status=FILLED,
+        value=6_050_000,
+        trade_id=(895 << 64) | 396,
+    )
+    fill = example_fill(sell, 7)
+    taker, maker = fill.taker, fill.maker
     row = wire.trade_row(taker, fill)
     assert wire.encode_message(wire.TRADE_HISTORY, [row]).decode() == TRADE_EXAMPLE
     maker_row = wire.trade_row(maker, fill)
@@ -306,9 +356,18 @@ def test_empty_push() -> None:
 
 
 def test_topic_sets() -> None:
-    address_topics = {"positions", "trade_history", "open_orders", "order_history"}
+    address_topics = {
+        "positions",
+        "trade_history",
+        "open_orders",
+        "order_history",
+        "live_trade_history",
+        "live_order_history",
+        "deposit_withdraw_history",
+    }
     assert address_topics == wire.ADDRESS_TOPICS
-    assert {"orderbook"} == wire.MARKET_TOPICS
+    assert {"orderbook", "recent_trades", "best_price", "live_funding_rate"} == wire.MARKET_TOPICS
+    assert {"live_trade_history", "live_order_history"} == wire.LIVE_TOPICS
     assert set(FIELD_TYPES) == wire.ADDRESS_TOPICS | wire.MARKET_TOPICS
 
 
@@ -316,3 +375,107 @@ def test_rows_are_frozen() -> None:
     row = wire.open_order_row(order())
     with pytest.raises(AttributeError):
         row.price = "1"  # type: ignore[misc]
+
+
+def test_recent_trade_row_byte_for_byte() -> None:
+    # The taker opens a short: it sells.
+    fill = example_fill(order(order_id=5 << 64, is_long=False, order_type=2), 41)
+    sold = wire.recent_trade_row(fill)
+    assert wire.encode_message(wire.RECENT_TRADES, [sold], 41) == (
+        b'{"data":[{"is_buy":false,"last_updated":"1739788459","market_id":"396",'
+        b'"price":"6050","size":"1000","timestamp":"1739788459","transaction_version":"41"}],'
+        b'"message":"recent_trades","seq":41}'
+    )
+    # A taker closing a short buys.
+    closing = msgspec.structs.replace(
+        fill.taker, order=order(order_id=6 << 64, is_long=False, is_close=True, order_type=8)
+    )
+    bought = wire.recent_trade_row(msgspec.structs.replace(fill, taker=closing))
+    assert bought.is_buy is True
+
+
+def test_best_price_row_with_an_empty_side() -> None:
+    row = wire.best_price_row(396, (6002, 1000), None, 1_739_790_990_999)
+    assert wire.encode_message(wire.BEST_PRICE, [row]) == (
+        b'{"data":[{"best_ask_price":null,"best_ask_size":null,"best_bid_price":"6002",'
+        b'"best_bid_size":"1000","last_updated":"1739790990","market_id":"396"}],'
+        b'"message":"best_price"}'
+    )
+    both = wire.best_price_row(397, (50_000, 3), (50_010, 7), 1_000)
+    assert (both.best_ask_price, both.best_ask_size, both.market_id) == ("50010", "7", "397")
+    check_message_types(wire.BEST_PRICE, wire.encode_message(wire.BEST_PRICE, [row, both]))
+
+
+def test_deposit_withdraw_rows() -> None:
+    deposit = Deposited(seq=3, ts=1_739_788_000_500, address=ADDR, amount=10_000_000, collateral=1)
+    withdrawal = Withdrew(seq=9, ts=1_739_788_100_000, address=ADDR, amount=2_500, collateral=0)
+    rows = [wire.deposit_withdraw_row(withdrawal), wire.deposit_withdraw_row(deposit)]
+    assert wire.encode_message(wire.DEPOSIT_WITHDRAW_HISTORY, rows, 9).decode() == (
+        '{"data":[{"address":"' + ADDR + '","amount":"2500","is_deposit":false,'
+        '"last_updated":"1739788100","timestamp":"1739788100","transaction_version":"9"},'
+        '{"address":"' + ADDR + '","amount":"10000000","is_deposit":true,'
+        '"last_updated":"1739788000","timestamp":"1739788000","transaction_version":"3"}],'
+        '"message":"deposit_withdraw_history","seq":9}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("numerator", "denominator", "text"),
+    [
+        (0, 7, "0"),
+        (75, 10_000, "0.0075"),
+        (-75, 10_000, "-0.0075"),
+        (50, 6000, "0.008333333333"),  # 1/120: does not end, 12 places
+        (-50, 6000, "-0.008333333333"),
+        (2, 3, "0.666666666667"),  # rounded up at the 12th place
+        (1, 2 * 10**12, "0"),  # exactly half a unit of the 12th place: half-even, down
+        (3, 2 * 10**12, "0.000000000002"),  # 1.5 units: half-even, up
+        (-1, 3 * 10**12, "0"),  # no "-0"
+        (12, 4, "3"),
+        (1, -4, "-0.25"),
+        (123456789012345678901234567890, 10**13, "12345678901234567.890123456789"),
+    ],
+)
+def test_format_rate_is_exact(numerator: int, denominator: int, text: str) -> None:
+    assert wire.format_rate(numerator, denominator) == text
+
+
+def test_format_rate_rejects_zero_denominator() -> None:
+    with pytest.raises(ValueError, match="denominator"):
+        wire.format_rate(1, 0)
+
+
+def test_funding_rows() -> None:
+    row = wire.funding_rate_row(396, "-0.0075", 5950, 6000, 1_739_790_000_000, 1_739_788_459_400)
+    assert wire.encode_message(wire.LIVE_FUNDING_RATE, [row], 12) == (
+        b'{"data":[{"funding_rate":"-0.0075","index_price":"6000","last_updated":"1739788459",'
+        b'"mark_price":"5950","market_id":"396","next_funding_time":"1739790000"}],'
+        b'"message":"live_funding_rate","seq":12}'
+    )
+    unknown = wire.funding_rate_row(396, "0", 5950, None, 1_739_790_000_000, 1_739_788_459_400)
+    assert unknown.index_price is None
+    check_message_types(wire.LIVE_FUNDING_RATE, wire.encode_message("live_funding_rate", [unknown]))
+    settled = FundingSettled(
+        seq=30,
+        ts=1_739_790_000_000,
+        market_id=396,
+        mark=6010,
+        index=6000,
+        rate_num=1,
+        rate_den=600,
+        payments=[
+            FundingPayment(position=position(is_long=True, margin=3_014_917), amount=-10_083),
+            FundingPayment(position=position(address=OTHER, margin=3_035_083), amount=10_083),
+        ],
+        dust=0,
+        next_funding=1_739_793_600_000,
+    )
+    rows = [wire.funding_history_row(p, settled) for p in settled.payments]
+    assert msgspec.json.encode(rows).decode() == (
+        '[{"address":"' + ADDR + '","amount":"-10083","funding_rate":"0.001666666667",'
+        '"is_long":true,"market_id":"396","size":"1000","timestamp":"1739790000",'
+        '"trade_id":"16509835945970048696716","transaction_version":"30"},'
+        '{"address":"' + OTHER + '","amount":"10083","funding_rate":"0.001666666667",'
+        '"is_long":false,"market_id":"396","size":"1000","timestamp":"1739790000",'
+        '"trade_id":"16509835945970048696716","transaction_version":"30"}]'
+    )

@@ -1,4 +1,4 @@
-"""Read models: the event log folded into the five WebSocket topics' current views.
+"""Read models: the event log folded into the WebSocket topics' current views.
 
 Pure and deterministic (no I/O, no clock, no asyncio): the same events give the same views and
 the same bytes. Events carry post-states, so each view is updated by assignment from the event,
@@ -13,10 +13,24 @@ Which events change which view:
 * ``OrderCancelled`` — order_history (status Cancelled); if the order was resting, it leaves
   open_orders and its level shrinks by its remainder.
 * ``Fill`` — for both sides: order_history, trade_history and positions; for the maker: its
-  open_orders row (remaining size, or gone when filled) and its level shrinks by the fill size.
+  open_orders row (remaining size, or gone when filled) and its level shrinks by the fill size;
+  the market's recent_trades (a new row).
 * ``PositionUpdated`` — positions (take-profit, stop-loss, added margin).
 * ``PositionReleased`` — positions (the slot is gone).
-* ``Deposited``, ``Withdrew``, ``MarkPriceSet``, ``LiquidationSettled`` — none.
+* ``Deposited``, ``Withdrew`` — deposit_withdraw_history (a new row).
+* ``MarkPriceSet``, ``IndexPriceSet`` — live_funding_rate (when the rate, a price or the next
+  funding time shown changes).
+* ``FundingSettled`` — positions (each payment moves a position's margin), live_funding_rate, and
+  one funding history row per payment (REST only).
+* ``LiquidationSettled`` — none.
+* best_price changes when an orderbook change moves a side's best price or its size.
+
+The live topics (``wire.LIVE_TOPICS``) are event streams, not states: live_trade_history gets one
+row per fill side, live_order_history one row per change of an order's history row. Their pushes
+are not in :meth:`Projections.apply_batch`'s result (a newer push must never replace one not yet
+sent); :attr:`Projections.live` lists them, in event order, for the batch last applied, each with
+the seq of its event. Their :meth:`Projections.message` is the newest single row (what a new
+subscriber gets first).
 
 The engine also stamps positions' ``updated`` when orders rest or are cancelled (its pending-order
 bookkeeping); no wire field of the position changes then, so these views take positions from
@@ -31,6 +45,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Reversible, Sequence
+from fractions import Fraction
 from itertools import islice
 from typing import Any, Final, TypeVar
 
@@ -43,6 +58,8 @@ from perps_indexer.events import (
     Deposited,
     Event,
     Fill,
+    FundingSettled,
+    IndexPriceSet,
     LiquidationSettled,
     MarkPriceSet,
     OrderCancelled,
@@ -55,34 +72,67 @@ from perps_indexer.events import (
     Withdrew,
 )
 from perps_indexer.markets import MarketSpec
+from perps_indexer.units import BPS
 from perps_indexer.wire import (
+    BEST_PRICE,
+    DEPOSIT_WITHDRAW_HISTORY,
+    LIVE_FUNDING_RATE,
+    LIVE_ORDER_HISTORY,
+    LIVE_TRADE_HISTORY,
     OPEN_ORDERS,
     ORDER_HISTORY,
     ORDERBOOK,
     POSITIONS,
+    RECENT_TRADES,
     TRADE_HISTORY,
+    BestPriceRow,
+    DepositWithdrawRow,
+    FundingHistoryRow,
+    FundingRateRow,
     OpenOrderRow,
     OrderBookRow,
     OrderHistoryRow,
     PositionRow,
+    RecentTradeRow,
     Row,
     TradeRow,
+    best_price_row,
+    deposit_withdraw_row,
     encode_message,
+    format_rate,
+    funding_history_row,
+    funding_rate_row,
     open_order_row,
     order_history_row,
     orderbook_row,
     position_row,
+    recent_trade_row,
     trade_row,
 )
 
 Key = tuple[str, str | int]
-"""A view: ``(topic, address)`` for the address topics, ``(ORDERBOOK, market_id)``."""
+"""A view: ``(topic, address)`` for the address topics, ``(topic, market_id)`` for the market
+topics."""
+LiveRow = tuple[Key, int, Row]
+"""A live topic's push: its stream, the seq of its event and its one row."""
 
 _T = TypeVar("_T")
-_SNAPSHOT_VERSION: Final = 1
+_SNAPSHOT_VERSION: Final = 2
 _EMPTY: Final = {
     topic: encode_message(topic, [], 0)
-    for topic in (POSITIONS, TRADE_HISTORY, OPEN_ORDERS, ORDER_HISTORY, ORDERBOOK)
+    for topic in (
+        POSITIONS,
+        TRADE_HISTORY,
+        OPEN_ORDERS,
+        ORDER_HISTORY,
+        ORDERBOOK,
+        RECENT_TRADES,
+        BEST_PRICE,
+        LIVE_TRADE_HISTORY,
+        LIVE_ORDER_HISTORY,
+        DEPOSIT_WITHDRAW_HISTORY,
+        LIVE_FUNDING_RATE,
+    )
 }
 
 
@@ -91,6 +141,16 @@ class _Level(msgspec.Struct, gc=False):
 
     size: int
     row: OrderBookRow
+
+
+class _Funding(msgspec.Struct, array_like=True, gc=False):
+    """A market's funding inputs and the row shown for them."""
+
+    mark: int | None
+    index: int | None
+    settled_next: int | None
+    """The next settlement time the last settlement announced (unix ms), None before one."""
+    row: FundingRateRow
 
 
 class _Snapshot(msgspec.Struct, array_like=True):
@@ -106,6 +166,11 @@ class _Snapshot(msgspec.Struct, array_like=True):
     asks: dict[int, list[OrderBookRow]]
     bids: dict[int, list[OrderBookRow]]
     changed_at: list[tuple[str, str | int, int]]
+    recent_trades: dict[int, list[RecentTradeRow]]
+    best_price: dict[int, BestPriceRow]
+    deposits: dict[str, list[DepositWithdrawRow]]
+    funding: dict[int, _Funding]
+    funding_history: dict[str, list[FundingHistoryRow]]
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
@@ -113,7 +178,7 @@ _snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
 
 
 class Projections:
-    """The five topics' views, folded from the event log from ``seq`` 1 on."""
+    """The topics' views, folded from the event log from ``seq`` 1 on."""
 
     def __init__(self, markets: Mapping[int, MarketSpec], history_limit: int = 100) -> None:
         if history_limit < 1:
@@ -133,6 +198,23 @@ class Projections:
         # market_id -> price -> level; SortedDict so that a view is a walk, not a sort.
         self._asks: dict[int, Any] = {m: SortedDict() for m in self.markets}
         self._bids: dict[int, Any] = {m: SortedDict() for m in self.markets}
+        # market_id -> public fill rows, oldest first; at most history_limit rows.
+        self._recent: dict[int, deque[RecentTradeRow]] = {
+            m: deque(maxlen=history_limit) for m in self.markets
+        }
+        # market_id -> best bid and ask row; from the market's first book change on.
+        self._best: dict[int, BestPriceRow] = {}
+        # address -> deposit and withdrawal rows, oldest first; at most history_limit rows.
+        self._deposits: dict[str, deque[DepositWithdrawRow]] = {}
+        # market_id -> funding inputs and row; from the market's first price or settlement on.
+        self._funding: dict[int, _Funding] = {}
+        # address -> funding payment rows, oldest first; at most history_limit rows.
+        self._funding_history: dict[str, deque[FundingHistoryRow]] = {}
+        # order_id -> address, for every order in an order_history window (ids are global).
+        self._order_owner: dict[int, str] = {}
+        self.live: list[LiveRow] = []
+        """The live topics' pushes of the batch last applied, in event order."""
+        self._pending_live: list[tuple[Key, Row]] = []
         self._messages: dict[Key, bytes] = {}
         # (topic, key) -> seq of the batch that last changed the view: the "seq" of its pushes.
         self._changed_at: dict[Key, int] = {}
@@ -143,9 +225,11 @@ class Projections:
             Fill: self._fill,
             PositionUpdated: self._position_updated,
             PositionReleased: self._released,
-            Deposited: _unchanged,
-            Withdrew: _unchanged,
-            MarkPriceSet: _unchanged,
+            Deposited: self._deposit,
+            Withdrew: self._deposit,
+            MarkPriceSet: self._mark,
+            IndexPriceSet: self._index,
+            FundingSettled: self._funding_settled,
             LiquidationSettled: _unchanged,
         }
 
@@ -156,7 +240,8 @@ class Projections:
         self.apply_batch((event,))
 
     def apply_batch(self, events: Iterable[AnyEvent]) -> set[Key]:
-        """Fold events in order and return the views they changed.
+        """Fold events in order and return the views they changed (live topics aside: their
+        pushes are in :attr:`live` afterwards).
 
         The sequence numbers are checked for the whole batch first, so a gap raises
         :class:`~perps_indexer.errors.SequenceGap` before anything is applied.
@@ -168,6 +253,10 @@ class Projections:
         changed: set[Key] = set()
         changed_at = self._changed_at
         appliers = self._appliers
+        pending = self._pending_live
+        live: list[LiveRow] = []
+        self.live = live
+        messages = self._messages
         for event in batch:
             touched: set[Key] = set()
             appliers[type(event)](event, touched)
@@ -175,10 +264,25 @@ class Projections:
             for key in touched:
                 changed_at[key] = event.seq
             changed |= touched
+            if pending:
+                for stream, row in pending:
+                    changed_at[stream] = event.seq
+                    messages.pop(stream, None)
+                    live.append((stream, event.seq, row))
+                pending.clear()
             self.seq = event.seq
         for key in changed:
-            self._messages.pop(key, None)
+            messages.pop(key, None)
         return changed
+
+    def live_messages(self, wanted: Callable[[Key], bool]) -> list[tuple[Key, bytes]]:
+        """The encoded pushes of :attr:`live` whose stream is ``wanted`` (e.g. has watchers),
+        in order: one message per row, each with its event's seq."""
+        return [
+            (stream, encode_message(stream[0], [row], seq))
+            for stream, seq, row in self.live
+            if wanted(stream)
+        ]
 
     def _placed(self, ev: OrderPlaced, changed: set[Key]) -> None:
         self._set_history(ev.order, changed)
@@ -205,8 +309,10 @@ class Projections:
             trades = self._trades.get(address)
             if trades is None:
                 trades = self._trades[address] = deque(maxlen=self.history_limit)
-            trades.append(trade_row(side, ev))
+            row = trade_row(side, ev)
+            trades.append(row)
             changed.add((TRADE_HISTORY, address))
+            self._pending_live.append(((LIVE_TRADE_HISTORY, address), row))
             if side.is_maker:
                 resting = self._open.get(address)
                 if resting is None or order.order_id not in resting:
@@ -220,6 +326,71 @@ class Projections:
                 changed.add((OPEN_ORDERS, address))
                 self._move_level(order, -ev.size, ev.ts, changed)
             self._set_position(side.position, changed)
+        self._recent[ev.market_id].append(recent_trade_row(ev))
+        changed.add((RECENT_TRADES, ev.market_id))
+
+    def _deposit(self, ev: Deposited | Withdrew, changed: set[Key]) -> None:
+        rows = self._deposits.get(ev.address)
+        if rows is None:
+            rows = self._deposits[ev.address] = deque(maxlen=self.history_limit)
+        rows.append(deposit_withdraw_row(ev))
+        changed.add((DEPOSIT_WITHDRAW_HISTORY, ev.address))
+
+    def _mark(self, ev: MarkPriceSet, changed: set[Key]) -> None:
+        state = self._funding.get(ev.market_id)
+        index = None if state is None else state.index
+        settled = None if state is None else state.settled_next
+        self._set_funding(ev.market_id, ev.ts, ev.price, index, settled, None, changed)
+
+    def _index(self, ev: IndexPriceSet, changed: set[Key]) -> None:
+        state = self._funding.get(ev.market_id)
+        mark = None if state is None else state.mark
+        settled = None if state is None else state.settled_next
+        self._set_funding(ev.market_id, ev.ts, mark, ev.price, settled, None, changed)
+
+    def _funding_settled(self, ev: FundingSettled, changed: set[Key]) -> None:
+        for payment in ev.payments:
+            self._set_position(payment.position, changed)
+            address = payment.position.address
+            rows = self._funding_history.get(address)
+            if rows is None:
+                rows = self._funding_history[address] = deque(maxlen=self.history_limit)
+            rows.append(funding_history_row(payment, ev))
+        rate = Fraction(ev.rate_num, ev.rate_den)
+        self._set_funding(ev.market_id, ev.ts, ev.mark, ev.index, ev.next_funding, rate, changed)
+
+    def _set_funding(
+        self,
+        market_id: int,
+        ts: int,
+        mark: int | None,
+        index: int | None,
+        settled_next: int | None,
+        rate: Fraction | None,
+        changed: set[Key],
+    ) -> None:
+        """Set a market's funding inputs; the view changes when a field other than
+        last_updated does. ``rate`` None: the premium of ``mark`` over ``index``, clamped."""
+        spec = self.markets[market_id]
+        if rate is None:
+            rate = Fraction(0)
+            if mark is not None and index:
+                cap = Fraction(spec.funding_cap_bps, BPS)
+                rate = max(-cap, min(cap, Fraction(mark - index, index)))
+        if settled_next is not None and settled_next > ts:
+            next_ms = settled_next
+        else:  # before the first settlement (or while one is due): the next interval boundary
+            interval = spec.funding_interval_s * 1000
+            next_ms = (ts // interval + 1) * interval
+        row = funding_rate_row(
+            market_id, format_rate(rate.numerator, rate.denominator), mark, index, next_ms, ts
+        )
+        old = self._funding.get(market_id)
+        if old is not None and _same_but_time(old.row, row):
+            row = old.row
+        else:
+            changed.add((LIVE_FUNDING_RATE, market_id))
+        self._funding[market_id] = _Funding(mark, index, settled_next, row)
 
     def _position_updated(self, ev: PositionUpdated, changed: set[Key]) -> None:
         self._set_position(ev.position, changed)
@@ -259,9 +430,13 @@ class Projections:
             if old is not None:
                 del rows[order.order_id]  # re-inserted below at the newest end
         rows[order.order_id] = row
+        self._order_owner[order.order_id] = order.address
         if len(rows) > self.history_limit:
-            del rows[next(iter(rows))]
+            oldest = next(iter(rows))
+            del rows[oldest]
+            del self._order_owner[oldest]
         changed.add((ORDER_HISTORY, order.address))
+        self._pending_live.append(((LIVE_ORDER_HISTORY, order.address), row))
 
     def _drop_open(self, order: OrderState) -> bool:
         """Remove a resting order's row; False when it was not resting."""
@@ -289,6 +464,23 @@ class Projections:
         else:
             del side[order.price]
         changed.add((ORDERBOOK, market_id))
+        self._set_best(market_id, ts, changed)
+
+    def _set_best(self, market_id: int, ts: int, changed: set[Key]) -> None:
+        asks, bids = self._asks[market_id], self._bids[market_id]
+        ask = None
+        if asks:
+            price, level = asks.peekitem(0)
+            ask = (price, level.size)
+        bid = None
+        if bids:
+            price, level = bids.peekitem(-1)
+            bid = (price, level.size)
+        row = best_price_row(market_id, bid, ask, ts)
+        old = self._best.get(market_id)
+        if old is None or not _same_but_time(old, row):
+            self._best[market_id] = row
+            changed.add((BEST_PRICE, market_id))
 
     # ------------------------------------------------------------------ views
 
@@ -320,10 +512,52 @@ class Projections:
         rows.extend(level.row for level in reversed(self._bids[market_id].values()))
         return rows
 
+    def recent_trades(self, market_id: int, limit: int | None = None) -> list[RecentTradeRow]:
+        """Public fills of a market, newest first."""
+        return _newest(self._recent.get(market_id, ()), limit)
+
+    def best_price(self, market_id: int) -> list[BestPriceRow]:
+        """The market's best bid and ask as one row; none before its first book change."""
+        row = self._best.get(market_id)
+        return [] if row is None else [row]
+
+    def live_funding_rate(self, market_id: int) -> list[FundingRateRow]:
+        """The market's funding row; none before its first price or settlement."""
+        state = self._funding.get(market_id)
+        return [] if state is None else [state.row]
+
+    def live_trade_history(self, address: str) -> list[TradeRow]:
+        """The address's newest fill row (what a new live_trade_history subscriber gets)."""
+        return self.trade_history(address, 1)
+
+    def live_order_history(self, address: str) -> list[OrderHistoryRow]:
+        """The address's most recently changed order (a new live_order_history subscriber's
+        first message)."""
+        return self.order_history(address, 1)
+
+    def deposit_withdraw_history(
+        self, address: str, limit: int | None = None
+    ) -> list[DepositWithdrawRow]:
+        """Deposits and withdrawals of ``address``, newest first."""
+        return _newest(self._deposits.get(address, ()), limit)
+
+    def funding_history(self, address: str, limit: int | None = None) -> list[FundingHistoryRow]:
+        """Funding payments of ``address``'s positions, newest first."""
+        return _newest(self._funding_history.get(address, ()), limit)
+
+    def order_status(self, market_id: int, order_id: int) -> OrderHistoryRow | None:
+        """An order's history row if it is in its address's window (else ask the store)."""
+        address = self._order_owner.get(order_id)
+        if address is None:
+            return None
+        row = self._orders[address][order_id]
+        return row if row.market_id == str(market_id) else None
+
     def view(self, topic: str, key: str | int) -> Sequence[Row]:
         """The rows of one view (``key`` an address or a market id, as the topic wants)."""
-        if topic == ORDERBOOK:
-            return self.orderbook(key) if isinstance(key, int) else []
+        market_view = _MARKET_VIEWS.get(topic)
+        if market_view is not None:
+            return market_view(self, key) if isinstance(key, int) else []
         if topic not in _ADDRESS_VIEWS:
             raise KeyError(f"unknown topic {topic!r}")
         return _ADDRESS_VIEWS[topic](self, key) if isinstance(key, str) else []
@@ -364,6 +598,11 @@ class Projections:
             asks={m: [lv.row for lv in side.values()] for m, side in self._asks.items()},
             bids={m: [lv.row for lv in side.values()] for m, side in self._bids.items()},
             changed_at=[(t, k, seq) for (t, k), seq in self._changed_at.items()],
+            recent_trades={m: list(rows) for m, rows in self._recent.items()},
+            best_price=dict(self._best),
+            deposits={a: list(rows) for a, rows in self._deposits.items()},
+            funding=dict(self._funding),
+            funding_history={a: list(rows) for a, rows in self._funding_history.items()},
         )
         return _snapshot_encoder.encode(snap)
 
@@ -387,6 +626,7 @@ class Projections:
             self._open[address] = {int(r.order_id): r for r in opens}
         for address, orders in snap.order_history.items():
             self._orders[address] = {int(r.order_id): r for r in orders}
+            self._order_owner.update(dict.fromkeys(self._orders[address], address))
         for address, trades in snap.trade_history.items():
             self._trades[address] = deque(trades, maxlen=snap.history_limit)
         for books, levels in ((self._asks, snap.asks), (self._bids, snap.bids)):
@@ -396,11 +636,31 @@ class Projections:
                         f"projection snapshot has unknown market {market_id}"
                     )
                 books[market_id].update((int(r.price), _Level(int(r.size), r)) for r in rows)
+        per_market: tuple[dict[int, Any], ...] = (snap.recent_trades, snap.best_price, snap.funding)
+        for views in per_market:
+            unknown = set(views) - set(self.markets)
+            if unknown:
+                raise errors.IntegrityError(
+                    f"projection snapshot has unknown market {min(unknown)}"
+                )
+        for market_id, recent in snap.recent_trades.items():
+            self._recent[market_id].extend(recent)
+        self._best = dict(snap.best_price)
+        self._funding = dict(snap.funding)
+        for address, moves in snap.deposits.items():
+            self._deposits[address] = deque(moves, maxlen=snap.history_limit)
+        for address, payments in snap.funding_history.items():
+            self._funding_history[address] = deque(payments, maxlen=snap.history_limit)
         return self
 
 
 def _unchanged(event: Event, changed: set[Key]) -> None:
-    """Events that change none of the five views (balances, marks, liquidation payouts)."""
+    """Events that change no view (liquidation payouts)."""
+
+
+def _same_but_time(old: BestPriceRow | FundingRateRow, new: BestPriceRow | FundingRateRow) -> bool:
+    """True when two rows differ at most in ``last_updated``."""
+    return msgspec.structs.replace(new, last_updated=old.last_updated) == old
 
 
 def _newest(rows: Reversible[_T], limit: int | None) -> list[_T]:
@@ -413,4 +673,13 @@ _ADDRESS_VIEWS: Final[dict[str, Callable[[Projections, str], Sequence[Row]]]] = 
     OPEN_ORDERS: Projections.open_orders,
     ORDER_HISTORY: Projections.order_history,
     TRADE_HISTORY: Projections.trade_history,
+    LIVE_TRADE_HISTORY: Projections.live_trade_history,
+    LIVE_ORDER_HISTORY: Projections.live_order_history,
+    DEPOSIT_WITHDRAW_HISTORY: Projections.deposit_withdraw_history,
+}
+_MARKET_VIEWS: Final[dict[str, Callable[[Projections, int], Sequence[Row]]]] = {
+    ORDERBOOK: Projections.orderbook,
+    RECENT_TRADES: Projections.recent_trades,
+    BEST_PRICE: Projections.best_price,
+    LIVE_FUNDING_RATE: Projections.live_funding_rate,
 }

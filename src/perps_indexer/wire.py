@@ -1,9 +1,12 @@
-"""The five WebSocket topics' row types, their builders and the message envelope.
+"""The WebSocket topics' row types, their builders and the message envelope.
 
 Rows keep the venue's field names and JSON types exactly (reference README §1): numbers and ids
 as strings (ids exceed 64 bits), ``leverage`` and ``order_type`` as integers, ``sl``/``tp`` as a
 string or null, timestamps as strings of unix seconds. Fields are declared in alphabetical order,
 the order of the venue's examples, because msgspec encodes them in declaration order.
+
+The topics of the venue's later generations (reference §6) follow the same rules; their rows
+carry ``transaction_version``, the ``seq`` of the event that made the row, as a string.
 
 Builders take the post-states that events carry; event timestamps are unix milliseconds.
 """
@@ -15,7 +18,16 @@ from typing import Any, Final
 
 import msgspec
 
-from perps_indexer.events import Fill, FillSide, OrderState, PositionState
+from perps_indexer.events import (
+    Deposited,
+    Fill,
+    FillSide,
+    FundingPayment,
+    FundingSettled,
+    OrderState,
+    PositionState,
+    Withdrew,
+)
 from perps_indexer.markets import MarketSpec
 from perps_indexer.units import format_float, format_ratio, liquidation_price
 
@@ -24,11 +36,33 @@ TRADE_HISTORY: Final = "trade_history"
 OPEN_ORDERS: Final = "open_orders"
 ORDER_HISTORY: Final = "order_history"
 ORDERBOOK: Final = "orderbook"
+# The later generations' topics (reference §6).
+RECENT_TRADES: Final = "recent_trades"
+BEST_PRICE: Final = "best_price"
+LIVE_TRADE_HISTORY: Final = "live_trade_history"
+LIVE_ORDER_HISTORY: Final = "live_order_history"
+DEPOSIT_WITHDRAW_HISTORY: Final = "deposit_withdraw_history"
+LIVE_FUNDING_RATE: Final = "live_funding_rate"
 
-ADDRESS_TOPICS: Final = frozenset({POSITIONS, TRADE_HISTORY, OPEN_ORDERS, ORDER_HISTORY})
+ADDRESS_TOPICS: Final = frozenset(
+    {
+        POSITIONS,
+        TRADE_HISTORY,
+        OPEN_ORDERS,
+        ORDER_HISTORY,
+        LIVE_TRADE_HISTORY,
+        LIVE_ORDER_HISTORY,
+        DEPOSIT_WITHDRAW_HISTORY,
+    }
+)
 """Topics subscribed with an ``address``."""
-MARKET_TOPICS: Final = frozenset({ORDERBOOK})
+MARKET_TOPICS: Final = frozenset({ORDERBOOK, RECENT_TRADES, BEST_PRICE, LIVE_FUNDING_RATE})
 """Topics subscribed with a ``market_id``."""
+LIVE_TOPICS: Final = frozenset({LIVE_TRADE_HISTORY, LIVE_ORDER_HISTORY})
+"""Event streams, not states: every push holds one new row and none may replace another."""
+
+FUNDING_RATE_PLACES: Final = 12
+"""Decimal places of a funding rate whose decimal expansion does not end sooner."""
 
 
 # gc=False: rows hold only str, int, bool and None, so they cannot form reference cycles, and
@@ -111,7 +145,85 @@ class OrderBookRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     size: str
 
 
-Row = PositionRow | TradeRow | OpenOrderRow | OrderHistoryRow | OrderBookRow
+class RecentTradeRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One public fill of a market (``recent_trades`` topic): no addresses, no fees."""
+
+    is_buy: bool
+    """True when the taker bought (the resting maker sold)."""
+    last_updated: str
+    market_id: str
+    price: str
+    size: str
+    timestamp: str
+    transaction_version: str
+
+
+class BestPriceRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A market's best bid and best ask with their sizes (``best_price`` topic); a side's
+    fields are null while that side of the book is empty."""
+
+    best_ask_price: str | None
+    best_ask_size: str | None
+    best_bid_price: str | None
+    best_bid_size: str | None
+    last_updated: str
+    market_id: str
+
+
+class DepositWithdrawRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One deposit or withdrawal (``deposit_withdraw_history`` topic)."""
+
+    address: str
+    amount: str
+    is_deposit: bool
+    last_updated: str
+    timestamp: str
+    transaction_version: str
+
+
+class FundingRateRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A market's current funding rate (``live_funding_rate`` topic).
+
+    ``funding_rate`` is per funding interval, the mark's premium over the index clamped to the
+    market's cap, as exact decimal text; positive means longs pay shorts. It is "0" while the
+    mark or the index price is not known yet (that price is then null).
+    """
+
+    funding_rate: str
+    index_price: str | None
+    last_updated: str
+    mark_price: str | None
+    market_id: str
+    next_funding_time: str
+
+
+class FundingHistoryRow(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One position's funding payment (REST ``getFundingHistory``); ``amount`` is signed:
+    negative paid, positive received."""
+
+    address: str
+    amount: str
+    funding_rate: str
+    is_long: bool
+    market_id: str
+    size: str
+    timestamp: str
+    trade_id: str
+    transaction_version: str
+
+
+Row = (
+    PositionRow
+    | TradeRow
+    | OpenOrderRow
+    | OrderHistoryRow
+    | OrderBookRow
+    | RecentTradeRow
+    | BestPriceRow
+    | DepositWithdrawRow
+    | FundingRateRow
+    | FundingHistoryRow
+)
 
 
 class _Envelope(msgspec.Struct):
@@ -234,4 +346,102 @@ def orderbook_row(market_id: int, is_ask: bool, price: int, size: int, ts_ms: in
         market_id=str(market_id),
         price=str(price),
         size=str(size),
+    )
+
+
+def recent_trade_row(fill: Fill) -> RecentTradeRow:
+    """The public row of a fill: its price and size and which side the taker was on."""
+    ts = seconds(fill.ts)
+    return RecentTradeRow(
+        is_buy=not fill.taker.order.is_ask,
+        last_updated=ts,
+        market_id=str(fill.market_id),
+        price=str(fill.price),
+        size=str(fill.size),
+        timestamp=ts,
+        transaction_version=str(fill.seq),
+    )
+
+
+def best_price_row(
+    market_id: int, bid: tuple[int, int] | None, ask: tuple[int, int] | None, ts_ms: int
+) -> BestPriceRow:
+    """The best-price row from the best ``(price, size)`` of each side (None: side empty)."""
+    return BestPriceRow(
+        best_ask_price=None if ask is None else str(ask[0]),
+        best_ask_size=None if ask is None else str(ask[1]),
+        best_bid_price=None if bid is None else str(bid[0]),
+        best_bid_size=None if bid is None else str(bid[1]),
+        last_updated=seconds(ts_ms),
+        market_id=str(market_id),
+    )
+
+
+def deposit_withdraw_row(event: Deposited | Withdrew) -> DepositWithdrawRow:
+    ts = seconds(event.ts)
+    return DepositWithdrawRow(
+        address=event.address,
+        amount=str(event.amount),
+        is_deposit=isinstance(event, Deposited),
+        last_updated=ts,
+        timestamp=ts,
+        transaction_version=str(event.seq),
+    )
+
+
+def format_rate(numerator: int, denominator: int) -> str:
+    """Exact decimal text of a rate ``numerator / denominator``.
+
+    The quotient is exact when its decimal expansion ends within :data:`FUNDING_RATE_PLACES`
+    places; otherwise it is rounded half-even to that many places, in integers (no float, no
+    intermediate rounding).
+    """
+    if not denominator:
+        raise ValueError("a rate's denominator must not be 0")
+    if denominator < 0:
+        numerator, denominator = -numerator, -denominator
+    sign = "-" if numerator < 0 else ""
+    scale = 10**FUNDING_RATE_PLACES
+    quotient, rest = divmod(abs(numerator) * scale, denominator)
+    if 2 * rest > denominator or (2 * rest == denominator and quotient % 2):
+        quotient += 1
+    whole, fraction = divmod(quotient, scale)
+    if not fraction:
+        return f"{sign}{whole}" if whole else "0"
+    digits = str(fraction).rjust(FUNDING_RATE_PLACES, "0").rstrip("0")
+    return f"{sign}{whole}.{digits}"
+
+
+def funding_rate_row(
+    market_id: int,
+    rate: str,
+    mark: int | None,
+    index: int | None,
+    next_funding_ms: int,
+    ts_ms: int,
+) -> FundingRateRow:
+    """The live funding row: ``rate`` as :func:`format_rate` text, prices None when unknown."""
+    return FundingRateRow(
+        funding_rate=rate,
+        index_price=_opt(index),
+        last_updated=seconds(ts_ms),
+        mark_price=_opt(mark),
+        market_id=str(market_id),
+        next_funding_time=seconds(next_funding_ms),
+    )
+
+
+def funding_history_row(payment: FundingPayment, event: FundingSettled) -> FundingHistoryRow:
+    """One position's row of a settlement: its signed amount and size at the settlement."""
+    pos = payment.position
+    return FundingHistoryRow(
+        address=pos.address,
+        amount=str(payment.amount),
+        funding_rate=format_rate(event.rate_num, event.rate_den),
+        is_long=pos.is_long,
+        market_id=str(event.market_id),
+        size=str(pos.size),
+        timestamp=seconds(event.ts),
+        trade_id=str(pos.trade_id),
+        transaction_version=str(event.seq),
     )
