@@ -74,6 +74,7 @@ from perps_indexer.events import (
 from perps_indexer.markets import MarketSpec
 from perps_indexer.units import BPS
 from perps_indexer.wire import (
+    ALL_TOPICS,
     BEST_PRICE,
     DEPOSIT_WITHDRAW_HISTORY,
     LIVE_FUNDING_RATE,
@@ -118,22 +119,7 @@ LiveRow = tuple[Key, int, Row]
 
 _T = TypeVar("_T")
 _SNAPSHOT_VERSION: Final = 2
-_EMPTY: Final = {
-    topic: encode_message(topic, [], 0)
-    for topic in (
-        POSITIONS,
-        TRADE_HISTORY,
-        OPEN_ORDERS,
-        ORDER_HISTORY,
-        ORDERBOOK,
-        RECENT_TRADES,
-        BEST_PRICE,
-        LIVE_TRADE_HISTORY,
-        LIVE_ORDER_HISTORY,
-        DEPOSIT_WITHDRAW_HISTORY,
-        LIVE_FUNDING_RATE,
-    )
-}
+_EMPTY: Final = {topic: encode_message(topic, [], 0) for topic in ALL_TOPICS}
 
 
 class _Level(msgspec.Struct, gc=False):

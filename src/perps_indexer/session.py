@@ -12,9 +12,12 @@ that registers it, so every later change reaches the subscriber after that snaps
 is missed in between. Every message is a full state (or newest-N window), so while a connection
 is busy writing, a newer message for a stream replaces a pending older one: a slow reader gets
 the latest state, never a stale one, and the ``seq`` of one stream's messages only increases.
-The one exception is the answer to ``"since"`` (the rows changed after it, not a full state): it
-is never replaced, and later messages of its stream queue behind it. Replies (acks, errors) are
-never replaced either; everything pending counts toward ``max_outbox_bytes``.
+The exceptions: the answer to ``"since"`` (the rows changed after it, not a full state) is never
+replaced, and later messages of its stream queue behind it; the live topics
+(``live_trade_history``, ``live_order_history``) are event streams, each message one new row, so
+none of their messages is ever replaced: a reader too slow for them is closed by the outbox bound
+(1013) and resumes with ``since``. Replies (acks, errors) are never replaced either; everything
+pending counts toward ``max_outbox_bytes``.
 
 Protocol v2 is opt-in per request: ``"op"`` (subscribe or unsubscribe), a client-chosen ``"id"``
 (then acks, and errors and data messages carry the id) and ``"since"`` (resume). A client that
@@ -32,11 +35,13 @@ import msgspec
 from perps_indexer.errors import InvalidAddress
 from perps_indexer.units import normalize_address
 from perps_indexer.wire import (
+    ALL_TOPICS,
+    DEPOSIT_WITHDRAW_HISTORY,
+    LIVE_ORDER_HISTORY,
+    LIVE_TOPICS,
+    LIVE_TRADE_HISTORY,
     MARKET_TOPICS,
-    OPEN_ORDERS,
     ORDER_HISTORY,
-    ORDERBOOK,
-    POSITIONS,
     TRADE_HISTORY,
 )
 
@@ -44,9 +49,9 @@ Key = str | int
 Stream = tuple[str, Key]
 RequestId = str | int
 
-ALL_TOPICS = (POSITIONS, TRADE_HISTORY, OPEN_ORDERS, ORDER_HISTORY, ORDERBOOK)
-"""Every topic, in the order error messages list them."""
-RESUMABLE_TOPICS = frozenset({TRADE_HISTORY, ORDER_HISTORY})
+RESUMABLE_TOPICS = frozenset(
+    {TRADE_HISTORY, ORDER_HISTORY, LIVE_TRADE_HISTORY, LIVE_ORDER_HISTORY, DEPOSIT_WITHDRAW_HISTORY}
+)
 """Topics whose ``since`` answer is the rows changed after that seq (others: a fresh snapshot)."""
 
 # Close codes (RFC 6455 §7.4.1).
@@ -218,6 +223,7 @@ class Session:
     """One connection's protocol state (no I/O)."""
 
     __slots__ = (
+        "_live",
         "_replies",
         "_strikes",
         "_tokens",
@@ -262,6 +268,7 @@ class Session:
         """Set when the session wants the connection closed (with ``close_reason``)."""
         self.close_reason = ""
         self._replies = 0
+        self._live = 0
         self._tokens = float(self.limits.burst)
         self._updated = now
         self._strikes = 0
@@ -368,6 +375,9 @@ class Session:
         del self.subscriptions[stream]
         self.hub.remove(self, stream)
         self._drop_pending(stream)
+        if request.topic in LIVE_TOPICS:
+            for key in [k for k in self.outbox if type(k) is tuple and k[:2] == ("live", stream)]:
+                self.outbox_bytes -= len(self.outbox.pop(key))
         if request.id is not None:
             self._queue(_ack("unsubscribed", request.id, request.topic, request.key))
 
@@ -380,11 +390,17 @@ class Session:
     # -- output
 
     def push(self, stream: Stream, message: bytes) -> None:
-        """Queue a stream's newest state; replaces a pending older one of the same stream."""
+        """Queue a stream's newest state; replaces a pending older one of the same stream.
+        A live topic's message is an event: it is queued after the pending ones, never
+        replacing any."""
         request_id = self.subscriptions.get(stream)
         if request_id is not None:
             message = _with_id(message, request_id)
-        self._put(stream, message)
+        if stream[0] in LIVE_TOPICS:
+            self._live += 1
+            self._put(("live", stream, self._live), message)
+        else:
+            self._put(stream, message)
 
     def _queue(self, frame: bytes) -> None:
         """Queue a reply (never replaced)."""

@@ -1,8 +1,9 @@
 """The venue service: engine, event store, projections and subscribers, kept in step.
 
 Every accepted command flows one way: the engine decides and produces events, the store commits
-them durably, the projections fold them, and the hub pushes each changed stream's new state to
-its subscribers. Only then is the command acknowledged. On start the service folds the stored
+them durably, the projections fold them, and the hub pushes each changed stream's new state (and
+each new row of the live streams, in order) to its subscribers. Only then is the command
+acknowledged. On start the service folds the stored
 log (from the newest snapshot) so a restart, even after ``kill -9``, comes back where it stopped.
 
 If the store cannot commit, the engine is ahead of the durable log: the service stops taking
@@ -13,31 +14,46 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 from perps_indexer import commands
 from perps_indexer.engine import Engine
 from perps_indexer.errors import PerpsIndexerError
 from perps_indexer.events import (
     AnyEvent,
+    Deposited,
     Fill,
+    FundingSettled,
     OrderCancelled,
     OrderPlaced,
     OrderRested,
     OrderState,
+    Withdrew,
 )
 from perps_indexer.markets import MarketSpec
 from perps_indexer.projections import Projections
 from perps_indexer.session import Hub, Key, RequestError
-from perps_indexer.store.base import EventStore
+from perps_indexer.store.base import EventStore, market_key
 from perps_indexer.wire import (
+    DEPOSIT_WITHDRAW_HISTORY,
+    LIVE_ORDER_HISTORY,
     ORDER_HISTORY,
+    DepositWithdrawRow,
+    FundingHistoryRow,
     OrderHistoryRow,
+    RecentTradeRow,
+    Row,
     TradeRow,
+    deposit_withdraw_row,
     encode_message,
+    funding_history_row,
     order_history_row,
+    recent_trade_row,
     trade_row,
 )
+
+_R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +153,9 @@ class Venue:
         for stream in changed:
             if hub.watched(stream):
                 hub.publish(stream, self.projections.message(*stream))
+        # Live streams: every row its own message, in event order (sessions never coalesce them).
+        for stream, message in self.projections.live_messages(hub.watched):
+            hub.publish(stream, message)
 
     # -- what sessions read (the MessageSource protocol)
 
@@ -145,7 +164,7 @@ class Venue:
         return self.projections.message(topic, key)
 
     def resume(self, topic: str, key: Key, since: int) -> bytes:
-        """The rows of a history stream that changed after ``since``, newest first."""
+        """The rows of a history or live stream that changed after ``since``, newest first."""
         newest = self.projections.seq
         if since > newest:
             # Not a seq this server ever sent (its log was replaced): no delta can be right.
@@ -162,8 +181,20 @@ class Venue:
                 "subscribe without since for the newest rows",
             )
         assert isinstance(key, str)
+        rows: Sequence[Row]
+        if topic == LIVE_ORDER_HISTORY:
+            rows = self._order_changes(key, since)
+        else:
+            rows = self._changed_rows(topic, key, since)
+        seq = max(since, self.projections.changed_at(topic, key))
+        return encode_message(topic, rows, seq)
+
+    def _changed_rows(self, topic: str, key: str, since: int) -> list[Row]:
+        """The rows of an address stream changed after ``since``, newest first: an order's
+        newest change (order_history), fills (trade_history, live_trade_history), deposits
+        and withdrawals (deposit_withdraw_history)."""
         # Newest first, so the work is bounded by max_resume_rows, not by how old since is.
-        rows: list[OrderHistoryRow | TradeRow] = []
+        rows: list[Row] = []
         seen: set[int] = set()
         for event in self._newest_first(key, after=since):
             if topic == ORDER_HISTORY:
@@ -171,17 +202,53 @@ class Venue:
                     if order.order_id not in seen:  # its newest change only
                         seen.add(order.order_id)
                         rows.append(order_history_row(order))
+            elif topic == DEPOSIT_WITHDRAW_HISTORY:
+                if isinstance(event, Deposited | Withdrew):
+                    rows.append(deposit_withdraw_row(event))
             elif isinstance(event, Fill):
                 rows.extend(_trade_rows(event, key))
-            if len(rows) > self.max_resume_rows:
-                raise RequestError(
-                    "since_too_old",
-                    f"more than {self.max_resume_rows} rows (max_resume_rows) changed after "
-                    f"since {since}; the oldest since answered is {event.seq} (or fetch "
-                    "getOrderHistory / getTradeHistory with a limit and subscribe without since)",
-                )
-        seq = max(since, self.projections.changed_at(topic, key))
-        return encode_message(topic, rows, seq)
+            self._check_resume_size(len(rows), since, event.seq)
+        return rows
+
+    def _order_changes(self, address: str, since: int) -> list[OrderHistoryRow]:
+        """Every push live_order_history made after ``since``, newest first: one row per
+        order event, except a row equal to that order's previous one (not a change, so it was
+        not pushed: an order that rests after being placed, a second partial fill in one
+        second)."""
+        rows: list[OrderHistoryRow | None] = []
+        oldest: dict[int, int] = {}  # order id -> index of its oldest row so far
+        for event in self._newest_first(address, after=since):
+            for order in _orders_in(event, address):
+                row = order_history_row(order)
+                index = oldest.get(order.order_id)
+                if index is not None and rows[index] == row:
+                    rows[index] = None  # the push was at this older event
+                oldest[order.order_id] = len(rows)
+                rows.append(row)
+            self._check_resume_size(len(rows), since, event.seq)
+        # An order's oldest row may equal its row at ``since`` (pushed then, so the client has
+        # it). Equal rows share their last_updated second: only that second's events count.
+        pending: dict[int, int] = dict(oldest)
+        floor = min((_seconds(rows[i]) for i in pending.values()), default=0)
+        for event in self._newest_first(address, before=since + 1) if pending and since else ():
+            if event.ts // 1000 < floor:
+                break
+            for order in _orders_in(event, address):
+                index = pending.pop(order.order_id, None)
+                if index is not None and rows[index] == order_history_row(order):
+                    rows[index] = None
+            if not pending:
+                break
+        return [row for row in rows if row is not None]
+
+    def _check_resume_size(self, count: int, since: int, seq: int) -> None:
+        if count > self.max_resume_rows:
+            raise RequestError(
+                "since_too_old",
+                f"more than {self.max_resume_rows} rows (max_resume_rows) changed after "
+                f"since {since}; the oldest since answered is {seq} (or fetch the history "
+                "over REST with a limit and subscribe without since)",
+            )
 
     # -- histories deeper than the in-memory window come from the store
 
@@ -201,22 +268,88 @@ class Venue:
 
     def trade_history(self, address: str, limit: int | None = None) -> list[TradeRow]:
         """The address's newest ``limit`` fills, newest first (any depth)."""
+        return self._history(
+            address,
+            limit,
+            lambda n: self.projections.trade_history(address, n),
+            lambda event: _trade_rows(event, address) if isinstance(event, Fill) else (),
+        )
+
+    def recent_trades(self, market_id: int, limit: int | None = None) -> list[RecentTradeRow]:
+        """The market's newest ``limit`` public fills, newest first (any depth)."""
+        return self._history(
+            market_key(market_id),
+            limit,
+            lambda n: self.projections.recent_trades(market_id, n),
+            lambda event: (recent_trade_row(event),) if isinstance(event, Fill) else (),
+        )
+
+    def deposit_withdraw_history(
+        self, address: str, limit: int | None = None
+    ) -> list[DepositWithdrawRow]:
+        """The address's newest ``limit`` deposits and withdrawals, newest first (any depth)."""
+        return self._history(
+            address,
+            limit,
+            lambda n: self.projections.deposit_withdraw_history(address, n),
+            lambda event: (
+                (deposit_withdraw_row(event),) if isinstance(event, Deposited | Withdrew) else ()
+            ),
+        )
+
+    def funding_history(self, address: str, limit: int | None = None) -> list[FundingHistoryRow]:
+        """The address's newest ``limit`` funding payments, newest first (any depth)."""
+        return self._history(
+            address,
+            limit,
+            lambda n: self.projections.funding_history(address, n),
+            lambda event: _funding_rows(event, address),
+        )
+
+    def order_status(self, market_id: int, order_id: int) -> OrderHistoryRow | None:
+        """An order's newest history row, however old; None if the market never had it."""
+        row = self.projections.order_status(market_id, order_id)
+        if row is not None:
+            return row
+        counter = order_id >> 64
+        if not 0 < counter <= self.engine.order_counter:
+            return None
+        for event in self._newest_first(market_key(market_id)):
+            # Order counters grow with seq: past an older order's placement it cannot appear.
+            if isinstance(event, OrderPlaced) and event.order.order_id >> 64 < counter:
+                return None
+            for order in _orders_in(event, None):
+                if order.order_id == order_id:
+                    return order_history_row(order)
+        return None
+
+    def _history(
+        self,
+        key: str,
+        limit: int | None,
+        in_memory: Callable[[int], list[_R]],
+        rows_of: Callable[[AnyEvent], Iterable[_R]],
+    ) -> list[_R]:
+        """The newest ``limit`` rows of a history: from memory within its window, else from
+        the events stored under ``key``, newest first."""
         limit = limit or self.projections.history_limit
         if limit <= self.projections.history_limit:
-            return self.projections.trade_history(address, limit)
-        rows: list[TradeRow] = []
-        for event in self._newest_first(address):
-            if isinstance(event, Fill):
-                rows.extend(_trade_rows(event, address))
+            return in_memory(limit)
+        rows: list[_R] = []
+        for event in self._newest_first(key):
+            rows.extend(rows_of(event))
             if len(rows) >= limit:
                 break
         return rows[:limit]
 
-    def _newest_first(self, address: str, after: int = 0) -> Iterator[AnyEvent]:
-        before: int | None = None
+    def _newest_first(
+        self, key: str, after: int = 0, before: int | None = None
+    ) -> Iterator[AnyEvent]:
+        """The events stored under ``key`` (an address or a market key) with
+        ``after < seq < before``, newest first, read page by page."""
         while True:
             page = self.store.read_for_key(
-                address, after=after, before=before, limit=HISTORY_PAGE, newest_first=True
+                key, after=after, before=before, limit=HISTORY_PAGE, newest_first=True
             )
             yield from page
             if len(page) < HISTORY_PAGE:
@@ -233,12 +366,28 @@ def _trade_rows(event: Fill, address: str) -> list[TradeRow]:
     ]
 
 
-def _orders_in(event: AnyEvent, address: str) -> Iterator[OrderState]:
-    """The order states of ``address`` that an event carries."""
+def _funding_rows(event: AnyEvent, address: str) -> list[FundingHistoryRow]:
+    """The funding rows of ``address``'s positions in a settlement."""
+    if not isinstance(event, FundingSettled):
+        return []
+    return [
+        funding_history_row(payment, event)
+        for payment in event.payments
+        if payment.position.address == address
+    ]
+
+
+def _seconds(row: OrderHistoryRow | None) -> int:
+    assert row is not None
+    return int(row.last_updated)
+
+
+def _orders_in(event: AnyEvent, address: str | None) -> Iterator[OrderState]:
+    """The order states of ``address`` (None: of anyone) that an event carries."""
     if isinstance(event, OrderPlaced | OrderRested | OrderCancelled):
-        if event.order.address == address:
+        if address is None or event.order.address == address:
             yield event.order
     elif isinstance(event, Fill):
         for side in (event.taker, event.maker):
-            if side.order.address == address:
+            if address is None or side.order.address == address:
                 yield side.order

@@ -44,6 +44,20 @@ LIVE_ORDER_HISTORY: Final = "live_order_history"
 DEPOSIT_WITHDRAW_HISTORY: Final = "deposit_withdraw_history"
 LIVE_FUNDING_RATE: Final = "live_funding_rate"
 
+ALL_TOPICS: Final = (
+    POSITIONS,
+    TRADE_HISTORY,
+    OPEN_ORDERS,
+    ORDER_HISTORY,
+    ORDERBOOK,
+    RECENT_TRADES,
+    BEST_PRICE,
+    LIVE_TRADE_HISTORY,
+    LIVE_ORDER_HISTORY,
+    DEPOSIT_WITHDRAW_HISTORY,
+    LIVE_FUNDING_RATE,
+)
+"""Every topic: the original five, then the later generations' six."""
 ADDRESS_TOPICS: Final = frozenset(
     {
         POSITIONS,

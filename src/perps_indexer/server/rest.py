@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -125,10 +125,17 @@ class RestApi:
             "/getMarketInfo": self.get_market_info,
             "/getPositions": self.get_positions,
             "/getOpenOrders": self.get_open_orders,
-            "/getOrderHistory": self.get_order_history,
-            "/getTradeHistory": self.get_trade_history,
+            "/getOrderHistory": self._history("order history", self.venue.order_history),
+            "/getTradeHistory": self._history("trade history", self.venue.trade_history),
             "/getOrderBook": self.get_order_book,
             "/getMarketPrice": self.get_market_price,
+            "/getAllTrades": self.get_all_trades,
+            "/getOrderStatusById": self.get_order_status,
+            "/getDepositAndWithdrawHistory": self._history(
+                "deposit and withdraw history", self.venue.deposit_withdraw_history
+            ),
+            "/getFundingHistory": self._history("funding history", self.venue.funding_history),
+            "/getFundingRate": self.get_funding_rate,
         }
         writes: dict[str, Callable[[dict[str, Any]], commands.AnyCommand]] = {
             "/deposit": self.cmd_deposit,
@@ -171,15 +178,15 @@ class RestApi:
             raise BadRequest('field "limit" must be positive')
         return limit  # type: ignore[no-any-return]
 
-    async def get_order_history(self, request: web.Request) -> web.Response:
-        address = field_address(request.query)
-        rows = self.venue.order_history(address, self._limit(request))
-        return ok("order history", rows)
+    def _history(self, message: str, read: Callable[[str, int | None], Sequence[Any]]) -> Handler:
+        """A read of an address's history: ``userAddress`` and an optional ``limit`` (any
+        depth: beyond the in-memory window it comes from the store)."""
 
-    async def get_trade_history(self, request: web.Request) -> web.Response:
-        address = field_address(request.query)
-        rows = self.venue.trade_history(address, self._limit(request))
-        return ok("trade history", rows)
+        async def handler(request: web.Request) -> web.StreamResponse:
+            address = field_address(request.query)
+            return ok(message, read(address, self._limit(request)))
+
+        return handler
 
     async def get_order_book(self, request: web.Request) -> web.Response:
         market = field_market(request.query, self.markets)
@@ -202,6 +209,23 @@ class RestApi:
                 "mark_price": str(mark) if mark is not None else None,
             },
         )
+
+    async def get_all_trades(self, request: web.Request) -> web.Response:
+        market = field_market(request.query, self.markets)
+        return ok("all trades", self.venue.recent_trades(market, self._limit(request)))
+
+    async def get_order_status(self, request: web.Request) -> web.Response:
+        market = field_market(request.query, self.markets)
+        order_id = field_int(request.query, "orderId")
+        row = self.venue.order_status(market, order_id) if order_id >= 0 else None
+        if row is None:
+            return fail(404, "unknown_order", f"market {market} has no order {order_id}")
+        return ok("order status", row)
+
+    async def get_funding_rate(self, request: web.Request) -> web.Response:
+        market = field_market(request.query, self.markets)
+        rows = self.venue.projections.live_funding_rate(market)
+        return ok("funding rate", rows[0] if rows else None)
 
     # -- writes
 
