@@ -20,6 +20,7 @@ from perps_indexer.session import (
     CLOSE_KEEPALIVE_TIMEOUT,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
+    MARKET_TOPICS,
     MAX_ID_LENGTH,
     Hub,
     Key,
@@ -611,7 +612,7 @@ def check_parsed(frame: str | bytes) -> None:
         return
     assert request.op in ("subscribe", "unsubscribe")
     assert request.topic in ALL_TOPICS
-    if request.topic == "orderbook":
+    if request.topic in MARKET_TOPICS:
         assert request.key in MARKETS
     else:
         assert isinstance(request.key, str) and len(request.key) == 66

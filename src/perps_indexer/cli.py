@@ -64,11 +64,17 @@ def _subscribe_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "otherwise. Reconnects and resubscribes by itself; Ctrl-C to stop.",
     )
     p.add_argument(
-        "topic", help="positions, trade_history, open_orders, order_history or orderbook"
+        "topic",
+        help="positions, trade_history, open_orders, order_history, live_trade_history, "
+        "live_order_history or deposit_withdraw_history (with --address); orderbook, "
+        "recent_trades, best_price or live_funding_rate (with --market-id)",
     )
     key = p.add_mutually_exclusive_group(required=True)
     key.add_argument("--address", help="the account address (address topics)")
-    key.add_argument("--market-id", help="the market id (orderbook)")
+    key.add_argument(
+        "--market-id",
+        help="the market id (orderbook, recent_trades, best_price, live_funding_rate)",
+    )
     p.add_argument(
         "--url",
         default="ws://127.0.0.1:8080/ws",

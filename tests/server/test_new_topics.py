@@ -8,12 +8,34 @@ Timestamps come from the server's injected clock.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import io
 import json
+import signal
+import subprocess
+import sys
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from websockets.sync.client import ClientConnection
 
+from perps_indexer import commands
+from perps_indexer.client import (
+    Backoff,
+    BestPrice,
+    Client,
+    ConnectionState,
+    DepositWithdraw,
+    FundingRate,
+    Message,
+    OrderHistory,
+    RecentTrade,
+    StateChange,
+)
+from perps_indexer.client.tui import TerminalView, render
+from tests.client.conftest import until
 from tests.server.conftest import T0, ThreadedServer
 from tests.server.test_protocol_v2 import (
     cancel,
@@ -533,3 +555,220 @@ def test_order_status_by_id_any_age(tmp_path: Path) -> None:
         moves = rest_rows(rest, f"/getDepositAndWithdrawHistory?userAddress={A}&limit=5")
         assert [m["transaction_version"] for m in moves] == ["1"]
         assert rest_rows(rest, f"/getFundingHistory?userAddress={A}&limit=5") == []
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+async def test_client_types_every_new_topic(server: ThreadedServer) -> None:
+    rest = server.rest
+    async with Client(server.ws_url) as client:
+        subs = {
+            "recent_trades": client.subscribe("recent_trades", market_id=396),
+            "best_price": client.subscribe("best_price", market_id="396"),
+            "live_funding_rate": client.subscribe("live_funding_rate", market_id=396),
+            "live_trade_history": client.subscribe("live_trade_history", address=A),
+            "live_order_history": client.subscribe("live_order_history", address=A),
+            "deposit_withdraw_history": client.subscribe("deposit_withdraw_history", address=A),
+        }
+        for topic, sub in subs.items():
+            first = await asyncio.wait_for(anext(sub), 5)
+            assert (first.topic, first.rows, first.seq, first.snapshot) == (topic, (), 0, True)
+        await asyncio.to_thread(deposit, rest, A, B)  # 1, 2
+        await asyncio.to_thread(limit, rest, B, 6050, long=True, size=1000)  # 3, 4
+        await asyncio.to_thread(market, rest, A, long=False, size=1000)  # 5, 6
+        await asyncio.to_thread(rest.ok, "/setMarkPrice", {"marketId": 396, "price": 6100})  # 7
+        trade_id = (2 << 64) | 396
+        got = await until(subs["recent_trades"], lambda m: m.seq == 6)
+        assert got.rows == (
+            RecentTrade(
+                is_buy=False,
+                last_updated=T0 // 1000,
+                market_id=396,
+                price=6050,
+                size=1000,
+                timestamp=T0 // 1000,
+                transaction_version=6,
+            ),
+        )
+        got = await until(subs["best_price"], lambda m: m.seq == 6)
+        assert got.rows == (BestPrice(last_updated=T0 // 1000, market_id=396),)
+        got = await until(subs["live_funding_rate"], lambda m: m.seq == 7)
+        assert got.rows == (
+            FundingRate(
+                funding_rate=Decimal(0),
+                last_updated=T0 // 1000,
+                mark_price=6100,
+                market_id=396,
+                next_funding_time=int(NEXT_HOUR),
+            ),
+        )
+        (trade,) = (await until(subs["live_trade_history"], lambda m: m.seq == 6)).rows
+        assert (trade.fee, trade.price, trade.trade_id) == (3025, 6050, trade_id)
+        placed = await until(subs["live_order_history"], lambda m: m.seq == 5)
+        filled = await asyncio.wait_for(anext(subs["live_order_history"]), 5)
+        assert [m.rows[0].status for m in (placed, filled)] == ["Open", "Filled"]
+        assert filled.seq == 6 and not filled.snapshot
+        got = await until(subs["deposit_withdraw_history"], lambda m: m.seq == 1)
+        assert got.rows == (
+            DepositWithdraw(
+                address=A,
+                amount=10**12,
+                is_deposit=True,
+                last_updated=T0 // 1000,
+                timestamp=T0 // 1000,
+                transaction_version=1,
+            ),
+        )
+
+
+async def test_client_resumes_a_live_stream_after_a_1013_close(server: ThreadedServer) -> None:
+    """The server closes the client as too slow and, before it is back, B's three bids are
+    filled: the client resumes with since and hands over every row it missed."""
+    rest = server.rest
+    await asyncio.to_thread(deposit, rest, A, B)
+    for price in (6001, 6002, 6003):
+        await asyncio.to_thread(limit, rest, B, price, long=True)  # seqs 3-8
+    changes: list[StateChange] = []
+    quick = Backoff(base=0.05, cap=0.2)
+    async with Client(server.ws_url, backoff=quick, on_state=changes.append) as client:
+        sub = client.subscribe("live_order_history", address=B)
+        first = await asyncio.wait_for(anext(sub), 5)
+        assert (first.seq, first.rows[0].price) == (7, 6003)
+
+        def close_then_trade() -> None:
+            venue = server.server.venue
+            (session,) = venue.hub.sessions
+            session.slow("test: too slow")
+            venue.execute(
+                commands.PlaceMarketOrder(
+                    address=A, market_id=396, is_long=False, is_close=False, size=1500, leverage=2
+                )
+            )
+
+        server.call(close_then_trade)  # on the server's loop: nothing in between
+        resumed = await asyncio.wait_for(anext(sub), 10)
+        assert resumed.snapshot and resumed.seq == 12
+        assert resumed.resumed is not None
+        assert [(r.price, r.status) for r in resumed.resumed] == [
+            (6001, "Filled"),
+            (6002, "Filled"),
+            (6003, "Filled"),
+        ]
+        assert resumed.rows == resumed.resumed[:1]
+        assert json.loads(resumed.raw)["data"][0]["order_id"] == str((1 << 64) | 6001)
+        # The next change is an ordinary push; no re-read of the state came in between.
+        await asyncio.to_thread(limit, rest, B, 5990, long=True)
+        after = await asyncio.wait_for(anext(sub), 5)
+        assert (after.seq, after.rows[0].price, after.snapshot) == (13, 5990, False)
+    assert [c.state for c in changes].count(ConnectionState.CONNECTED) == 2
+    assert any("1013" in c.reason for c in changes if c.state is ConnectionState.DISCONNECTED)
+
+
+def test_subscribe_command_prints_every_live_push(server: ThreadedServer) -> None:
+    rest = server.rest
+    deposit(rest, A, B)
+    for price in (6001, 6002):
+        limit(rest, B, price, long=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "perps_indexer",
+        "subscribe",
+        "live_trade_history",
+        "--address",
+        B,
+        "--url",
+        server.ws_url,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        market(rest, A, long=False, size=1000)  # fills both bids: two pushes for B
+        lines = [proc.stdout.readline() for _ in range(2)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(10)
+        _, err = proc.communicate()
+    assert code == 0, err
+    assert first == '{"data":[],"message":"live_trade_history","seq":0,"id":1}\n'
+    assert [json.loads(line)["seq"] for line in lines] == [8, 9]
+    assert [json.loads(line)["data"][0]["price"] for line in lines] == ["6002", "6001"]
+    assert json.loads(lines[1])["data"] == rest_rows(
+        rest, f"/getTradeHistory?userAddress={B}&limit=1"
+    )
+
+
+def test_terminal_view_piles_up_live_rows_and_shows_the_new_tables() -> None:
+    out = io.StringIO()
+    view = TerminalView(out, "live_order_history")
+    sub: Any = None
+
+    def message(seq: int, rows: tuple[Any, ...], **kw: Any) -> Message[Any]:
+        return Message("live_order_history", rows, "{}", seq, False, sub, 0.0, **kw)
+
+    def order(n: int, status: str) -> OrderHistory:
+        return OrderHistory(
+            address=A,
+            is_market_order=False,
+            last_updated=T0 // 1000,
+            leverage=2,
+            market_id=396,
+            order_id=n,
+            order_type=1,
+            order_value=6000,
+            price=6000,
+            size=1,
+            status=status,
+            timestamp=T0 // 1000,
+            trade_id=1,
+        )
+
+    first = dataclasses.replace(message(3, (order(1, "Open"),)), snapshot=True)
+    view.update(first)
+    view.update(message(4, (order(2, "Open"),)))
+    view.update(message(5, (order(1, "Filled"),)))
+    assert [(r.order_id, r.status) for r in view.live_rows] == [
+        (1, "Filled"),
+        (2, "Open"),
+        (1, "Open"),
+    ]
+    assert view.message is not None and len(view.message.rows) == 3
+    # After a reconnect: the rows missed, then what was shown before.
+    missed = (order(3, "Cancelled"), order(2, "Filled"))
+    view.update(dataclasses.replace(message(8, missed[:1], resumed=missed), snapshot=True))
+    assert [r.order_id for r in view.live_rows] == [3, 2, 1, 2, 1]
+    # A fresh subscription (a snapshot without resume) starts again.
+    view.update(dataclasses.replace(message(9, (order(3, "Cancelled"),)), snapshot=True))
+    assert [r.order_id for r in view.live_rows] == [3]
+    lines = render("t", "s", view.message, 200, 20)
+    assert lines[3].split() == [
+        "updated",
+        "market",
+        "type",
+        "status",
+        "price",
+        "size",
+        "lev",
+        "order_id",
+    ]
+    funding = FundingRate(
+        funding_rate=Decimal("-0.0075"),
+        last_updated=0,
+        market_id=396,
+        mark_price=6100,
+        next_funding_time=3600,
+    )
+    rate = Message("live_funding_rate", (funding,), "{}", 7, True, sub, 0.0)
+    assert render("t", "s", rate, 200, 20)[4].split() == [
+        "-0.0075",
+        "6100",
+        "-",
+        "01-01",
+        "01:00:00",
+        "01-01",
+        "00:00:00",
+    ]
+    best = Message("best_price", (BestPrice(last_updated=0, market_id=396),), "{}", 1, True, sub, 0)
+    assert render("t", "s", best, 200, 20)[4].split()[:4] == ["-", "-", "-", "-"]

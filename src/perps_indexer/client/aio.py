@@ -49,21 +49,31 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 from perps_indexer.client.backoff import Backoff
 from perps_indexer.client.errors import ClientClosed, ConnectFailed, SubscriptionRejected
 from perps_indexer.client.rows import (
+    DEPOSIT_WITHDRAW_HISTORY,
+    LIVE_ORDER_HISTORY,
+    LIVE_TOPICS,
+    LIVE_TRADE_HISTORY,
     ORDER_HISTORY,
     TRADE_HISTORY,
+    BestPrice,
     BookLevel,
+    DepositWithdraw,
+    FundingRate,
     Message,
     OpenOrder,
     OrderHistory,
     Position,
     R,
+    RecentTrade,
     Trade,
     decode_rows,
 )
 
 log = logging.getLogger(__name__)
 
-HISTORY_TOPICS = frozenset({TRADE_HISTORY, ORDER_HISTORY})
+HISTORY_TOPICS = frozenset(
+    {TRADE_HISTORY, ORDER_HISTORY, DEPOSIT_WITHDRAW_HISTORY, LIVE_TRADE_HISTORY, LIVE_ORDER_HISTORY}
+)
 """Topics whose resubscribe carries ``since`` (protocol v2)."""
 
 FATAL_CODES = frozenset(
@@ -119,7 +129,8 @@ class Sink(Protocol):
 class Mailbox:
     """A bounded FIFO of messages. When it is full the oldest message goes: every message is a
     full state (or newest-N window), so the newer one supersedes it; a dropped snapshot mark
-    moves to the next message."""
+    moves to the next message. The live topics are the exception: each of their messages is an
+    event, so a consumer that lets ``max_queue`` of them pile up loses the oldest (logged)."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = max(1, maxsize)
@@ -394,14 +405,16 @@ class Client:
       a reconnect is not refused.
     - ``backoff``: reconnect delays (default :class:`Backoff` with its defaults).
     - ``max_retries``: consecutive failed connection attempts before giving up (None: never).
-    - ``max_queue``: messages kept per subscription for a slow consumer (oldest dropped).
+    - ``max_queue``: messages kept per subscription for a slow consumer (oldest dropped; for
+      the live topics, whose messages are events, that loses events: consume them promptly).
     - ``on_state``: called with every :class:`StateChange`.
     - ``ssl``: an ``ssl.SSLContext`` for ``wss://`` (default: the system's trust store).
     - ``v2``: send the protocol v2 fields (``op``, ``id``, ``since``); False speaks only the
       original protocol, for servers that refuse unknown fields.
     - ``resume``: after a reconnect, ask history topics only for the rows changed since the
       last seq (v2); the snapshot then has them in ``resumed`` and the merged window in
-      ``rows``. False asks for the full window again.
+      ``rows``. False asks for the full window again. For the live topics ``resumed`` holds
+      every row pushed while disconnected (newest first) and ``rows`` the newest one.
     """
 
     def __init__(
@@ -513,6 +526,34 @@ class Client:
     def subscribe(
         self, topic: Literal["orderbook"], *, market_id: int | str, since: int | None = None
     ) -> Subscription[BookLevel]: ...
+    @overload
+    def subscribe(
+        self, topic: Literal["recent_trades"], *, market_id: int | str, since: int | None = None
+    ) -> Subscription[RecentTrade]: ...
+    @overload
+    def subscribe(
+        self, topic: Literal["best_price"], *, market_id: int | str, since: int | None = None
+    ) -> Subscription[BestPrice]: ...
+    @overload
+    def subscribe(
+        self, topic: Literal["live_trade_history"], *, address: str, since: int | None = None
+    ) -> Subscription[Trade]: ...
+    @overload
+    def subscribe(
+        self, topic: Literal["live_order_history"], *, address: str, since: int | None = None
+    ) -> Subscription[OrderHistory]: ...
+    @overload
+    def subscribe(
+        self,
+        topic: Literal["deposit_withdraw_history"],
+        *,
+        address: str,
+        since: int | None = None,
+    ) -> Subscription[DepositWithdraw]: ...
+    @overload
+    def subscribe(
+        self, topic: Literal["live_funding_rate"], *, market_id: int | str, since: int | None = None
+    ) -> Subscription[FundingRate]: ...
     @overload
     def subscribe(
         self,
@@ -886,16 +927,19 @@ class Client:
         if seq is not None:
             stream.last_seq = seq
         resumed = None
+        live = stream.topic in LIVE_TOPICS
         if since is not None and conn.protocol == 2:
             # The answer to "since" holds only the rows changed after it: merge them into the
             # last window, and ask for the full window too, which corrects the merge if the
-            # window moved in ways the delta cannot show.
+            # window moved in ways the delta cannot show. A live topic's "window" is its newest
+            # row, which the delta (or the last message) has: nothing to correct.
             resumed = rows
             base = stream.last.rows if stream.last is not None else ()
-            rows = merge_history(stream.topic, rows, base, stream.window)
-            stream.resync = True
-            self._enqueue("refresh", stream)
-        elif stream.topic in HISTORY_TOPICS:
+            rows = merge_history(stream.topic, rows, base, 1 if live else stream.window)
+            if not live:
+                stream.resync = True
+                self._enqueue("refresh", stream)
+        elif stream.topic in HISTORY_TOPICS and not live:
             stream.window = max(stream.window, len(rows))
         if not stream.subs:
             return  # a v1 leftover

@@ -20,7 +20,7 @@ import msgspec
 
 from perps_indexer.client.aio import Client, ConnectionState, StateChange
 from perps_indexer.client.errors import ConnectFailed, SubscriptionRejected
-from perps_indexer.client.rows import Message
+from perps_indexer.client.rows import LIVE_TOPICS, Message
 from perps_indexer.client.tui import TerminalView
 
 RENDER_INTERVAL = 0.1
@@ -95,8 +95,11 @@ async def subscribe_main(args: argparse.Namespace) -> int:
     record = open(args.record, "a", encoding="utf-8") if args.record else None  # noqa: SIM115
     tasks: list[asyncio.Task[Any]] = []
     try:
-        # resume=False: each line and each screen is a full state, also after a reconnect.
-        async with Client(args.url, on_state=state.on_state, resume=False) as client:
+        # resume=False: each line and each screen is a full state, also after a reconnect; a
+        # live topic resumes, so that no event pushed during the outage is missing (its first
+        # line after a reconnect is then the server's answer: every row missed, newest first).
+        resume = args.topic in LIVE_TOPICS
+        async with Client(args.url, on_state=state.on_state, resume=resume) as client:
             sub = client.subscribe(args.topic, address=args.address, market_id=args.market_id)
 
             async def consume() -> None:

@@ -1,10 +1,13 @@
 """Typed rows and the delivered message.
 
 Each topic's rows decode into a frozen struct with the wire's field names: ids, prices, sizes
-and money as exact ``int`` (they arrive as decimal strings), ``entry_price`` and ``liq_price``
-as ``Decimal``, timestamps as ``int`` unix seconds. Unknown fields are ignored, so rows of
-newer servers (e.g. with ``transaction_version``) still decode; the raw JSON text of every
-message stays on :attr:`Message.raw`.
+and money as exact ``int`` (they arrive as decimal strings), ``entry_price``, ``liq_price`` and
+``funding_rate`` as ``Decimal``, timestamps as ``int`` unix seconds. Unknown fields are ignored,
+so rows of newer servers still decode; the raw JSON text of every message stays on
+:attr:`Message.raw`.
+
+The live topics (``live_trade_history``, ``live_order_history``) are event streams: each message
+holds one new row (a :class:`Trade`, an :class:`OrderHistory`), not a state.
 """
 
 from __future__ import annotations
@@ -21,6 +24,17 @@ TRADE_HISTORY: Final = "trade_history"
 OPEN_ORDERS: Final = "open_orders"
 ORDER_HISTORY: Final = "order_history"
 ORDERBOOK: Final = "orderbook"
+RECENT_TRADES: Final = "recent_trades"
+BEST_PRICE: Final = "best_price"
+LIVE_TRADE_HISTORY: Final = "live_trade_history"
+LIVE_ORDER_HISTORY: Final = "live_order_history"
+DEPOSIT_WITHDRAW_HISTORY: Final = "deposit_withdraw_history"
+LIVE_FUNDING_RATE: Final = "live_funding_rate"
+
+LIVE_TOPICS: Final = frozenset({LIVE_TRADE_HISTORY, LIVE_ORDER_HISTORY})
+"""Event streams: each message is one new row; a newer message never replaces an older one."""
+MARKET_TOPICS: Final = frozenset({ORDERBOOK, RECENT_TRADES, BEST_PRICE, LIVE_FUNDING_RATE})
+"""Topics subscribed with ``market_id`` (the others take an ``address``)."""
 
 
 # gc=False: rows hold only scalars, so they cannot form reference cycles.
@@ -102,12 +116,67 @@ class BookLevel(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     size: int
 
 
+class RecentTrade(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One public fill of a market (``recent_trades``)."""
+
+    is_buy: bool
+    """True when the taker bought."""
+    last_updated: int
+    market_id: int
+    price: int
+    size: int
+    timestamp: int
+    transaction_version: int
+    """The seq of the fill's event: unique per fill."""
+
+
+class BestPrice(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A market's best bid and ask with their sizes (``best_price``); None: that side is
+    empty."""
+
+    best_ask_price: int | None = None
+    best_ask_size: int | None = None
+    best_bid_price: int | None = None
+    best_bid_size: int | None = None
+    last_updated: int
+    market_id: int
+
+
+class DepositWithdraw(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One deposit or withdrawal (``deposit_withdraw_history``)."""
+
+    address: str
+    amount: int
+    is_deposit: bool
+    last_updated: int
+    timestamp: int
+    transaction_version: int
+
+
+class FundingRate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A market's current funding rate (``live_funding_rate``): per interval, positive when
+    longs pay shorts; a price is None while the server does not know it."""
+
+    funding_rate: Decimal
+    index_price: int | None = None
+    last_updated: int
+    mark_price: int | None = None
+    market_id: int
+    next_funding_time: int
+
+
 ROW_TYPES: Final[dict[str, type[Any]]] = {
     POSITIONS: Position,
     TRADE_HISTORY: Trade,
     OPEN_ORDERS: OpenOrder,
     ORDER_HISTORY: OrderHistory,
     ORDERBOOK: BookLevel,
+    RECENT_TRADES: RecentTrade,
+    BEST_PRICE: BestPrice,
+    LIVE_TRADE_HISTORY: Trade,
+    LIVE_ORDER_HISTORY: OrderHistory,
+    DEPOSIT_WITHDRAW_HISTORY: DepositWithdraw,
+    LIVE_FUNDING_RATE: FundingRate,
 }
 """The row type of each known topic; rows of other topics stay plain dicts."""
 

@@ -1,9 +1,11 @@
 """The terminal view of ``perps-indexer subscribe``: a table of rows refreshed in place, and the
-order book as two columns of levels. Rendering is pure (``render`` returns lines); the
-:class:`TerminalView` writes them with ANSI cursor movements."""
+order book as two columns of levels. A live topic's rows (one per message) pile up, newest
+first. Rendering is pure (``render`` returns lines); the :class:`TerminalView` writes them with
+ANSI cursor movements."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -11,10 +13,17 @@ from typing import IO, Any
 
 from perps_indexer.client.book import OrderBook
 from perps_indexer.client.rows import (
+    BEST_PRICE,
+    DEPOSIT_WITHDRAW_HISTORY,
+    LIVE_FUNDING_RATE,
+    LIVE_ORDER_HISTORY,
+    LIVE_TOPICS,
+    LIVE_TRADE_HISTORY,
     OPEN_ORDERS,
     ORDER_HISTORY,
     ORDERBOOK,
     POSITIONS,
+    RECENT_TRADES,
     TRADE_HISTORY,
     BookLevel,
     Message,
@@ -97,7 +106,39 @@ COLUMNS: dict[str, list[Column]] = {
         ("lev", lambda r: f"{r.leverage}x"),
         ("order_id", lambda r: r.order_id),
     ],
+    RECENT_TRADES: [
+        ("time", lambda r: _time(r.timestamp)),
+        ("side", lambda r: "BUY" if r.is_buy else "SELL"),
+        ("price", lambda r: r.price),
+        ("size", lambda r: r.size),
+        ("version", lambda r: r.transaction_version),
+    ],
+    BEST_PRICE: [
+        ("bid size", lambda r: _opt(r.best_bid_size)),
+        ("bid", lambda r: _opt(r.best_bid_price)),
+        ("ask", lambda r: _opt(r.best_ask_price)),
+        ("ask size", lambda r: _opt(r.best_ask_size)),
+        ("updated", lambda r: _time(r.last_updated)),
+    ],
+    DEPOSIT_WITHDRAW_HISTORY: [
+        ("time", lambda r: _time(r.timestamp)),
+        ("kind", lambda r: "deposit" if r.is_deposit else "withdraw"),
+        ("amount", lambda r: r.amount),
+        ("version", lambda r: r.transaction_version),
+    ],
+    LIVE_FUNDING_RATE: [
+        ("rate", lambda r: r.funding_rate),
+        ("mark", lambda r: _opt(r.mark_price)),
+        ("index", lambda r: _opt(r.index_price)),
+        ("next funding", lambda r: _time(r.next_funding_time)),
+        ("updated", lambda r: _time(r.last_updated)),
+    ],
 }
+COLUMNS[LIVE_TRADE_HISTORY] = COLUMNS[TRADE_HISTORY]
+COLUMNS[LIVE_ORDER_HISTORY] = COLUMNS[ORDER_HISTORY]
+
+LIVE_ROWS = 200
+"""Rows of a live topic the terminal view keeps (newest first)."""
 
 
 def table(rows: Sequence[Any], columns: list[Column]) -> list[str]:
@@ -171,10 +212,18 @@ class TerminalView:
         self.status = "connecting"
         self.message: Message[Any] | None = None
         self.count = 0
+        self.live_rows: tuple[Any, ...] = ()
         out.write("\x1b[?25l\x1b[2J")  # hide the cursor, clear the screen
         out.flush()
 
     def update(self, message: Message[Any]) -> None:
+        if message.topic in LIVE_TOPICS:
+            # Each message is one event: show them piled up, newest first. A resume brings
+            # every row missed (newest first); a snapshot that is not a resume starts afresh.
+            new = message.resumed if message.resumed is not None else message.rows
+            kept = () if message.snapshot and message.resumed is None else self.live_rows
+            self.live_rows = (*new, *kept)[:LIVE_ROWS]
+            message = dataclasses.replace(message, rows=self.live_rows)
         self.message = message
         self.count += 1
 
