@@ -190,6 +190,8 @@ class Projections:
         }
         # market_id -> best bid and ask row; from the market's first book change on.
         self._best: dict[int, BestPriceRow] = {}
+        # market_id -> ((bid price, size) | None, (ask price, size) | None) the row shows.
+        self._top: dict[int, tuple[tuple[int, int] | None, tuple[int, int] | None]] = {}
         # address -> deposit and withdrawal rows, oldest first; at most history_limit rows.
         self._deposits: dict[str, deque[DepositWithdrawRow]] = {}
         # market_id -> funding inputs and row; from the market's first price or settlement on.
@@ -450,22 +452,29 @@ class Projections:
         else:
             del side[order.price]
         changed.add((ORDERBOOK, market_id))
-        self._set_best(market_id, ts, changed)
+        self._set_best(market_id, order.is_ask, order.price, ts, changed)
 
-    def _set_best(self, market_id: int, ts: int, changed: set[Key]) -> None:
-        asks, bids = self._asks[market_id], self._bids[market_id]
-        ask = None
-        if asks:
-            price, level = asks.peekitem(0)
-            ask = (price, level.size)
-        bid = None
-        if bids:
-            price, level = bids.peekitem(-1)
-            bid = (price, level.size)
-        row = best_price_row(market_id, bid, ask, ts)
-        old = self._best.get(market_id)
-        if old is None or not _same_but_time(old, row):
-            self._best[market_id] = row
+    def _set_best(
+        self, market_id: int, is_ask: bool, price: int, ts: int, changed: set[Key]
+    ) -> None:
+        """After the level at ``price`` changed: the best price row, if the change reached it."""
+        top = self._top.get(market_id)
+        bid, ask = (None, None) if top is None else top
+        if is_ask:
+            if ask is not None and price > ask[0]:
+                return  # behind the best ask
+            asks = self._asks[market_id]
+            best, level = asks.peekitem(0) if asks else (0, None)
+            ask = None if level is None else (best, level.size)
+        else:
+            if bid is not None and price < bid[0]:
+                return  # behind the best bid
+            bids = self._bids[market_id]
+            best, level = bids.peekitem(-1) if bids else (0, None)
+            bid = None if level is None else (best, level.size)
+        if top != (bid, ask):
+            self._top[market_id] = (bid, ask)
+            self._best[market_id] = best_price_row(market_id, bid, ask, ts)
             changed.add((BEST_PRICE, market_id))
 
     # ------------------------------------------------------------------ views
@@ -632,6 +641,18 @@ class Projections:
         for market_id, recent in snap.recent_trades.items():
             self._recent[market_id].extend(recent)
         self._best = dict(snap.best_price)
+        for market_id, row in self._best.items():
+            bid = (
+                None
+                if row.best_bid_price is None
+                else (int(row.best_bid_price), int(row.best_bid_size or 0))
+            )
+            ask = (
+                None
+                if row.best_ask_price is None
+                else (int(row.best_ask_price), int(row.best_ask_size or 0))
+            )
+            self._top[market_id] = (bid, ask)
         self._funding = dict(snap.funding)
         for address, moves in snap.deposits.items():
             self._deposits[address] = deque(moves, maxlen=snap.history_limit)
@@ -644,7 +665,7 @@ def _unchanged(event: Event, changed: set[Key]) -> None:
     """Events that change no view (liquidation payouts)."""
 
 
-def _same_but_time(old: BestPriceRow | FundingRateRow, new: BestPriceRow | FundingRateRow) -> bool:
+def _same_but_time(old: FundingRateRow, new: FundingRateRow) -> bool:
     """True when two rows differ at most in ``last_updated``."""
     return msgspec.structs.replace(new, last_updated=old.last_updated) == old
 
