@@ -1,0 +1,165 @@
+"""Bare broadcast servers: the limit of a Python WebSocket transport on this machine (scenario 7).
+
+    python bench/bare_broadcast.py picows|picows-asyncio|aiohttp --clients N
+        [--message FILE | --size BYTES] [--port 0]
+
+No routing, no state, no protocol: once ``--clients`` clients are connected (whatever they send
+is ignored), one loop writes the same text message to every client, yields to the event loop
+once per round (so the sockets are served) and starts again, until it is stopped. A client
+whose socket is not taking data (more than 64 KiB waiting in the transport's buffer, the
+default high-water mark) is skipped for that round, so one slow reader does not hold up the
+others (the real server coalesces for such a reader in the same way). The message is the file
+given (scenario 1's real orderbook message, captured by the suite), or ``--size`` bytes of
+JSON-looking filler.
+
+* ``picows``: picows on uvloop (the fastest transport available here);
+* ``picows-asyncio``: picows on the standard asyncio loop;
+* ``aiohttp``: aiohttp's WebSocket (the transport the real server uses) on the standard loop,
+  with ``send_frame`` as the server calls it.
+
+It prints ``ws://127.0.0.1:PORT/ws`` when it listens, and on SIGTERM the rounds and
+messages written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any
+
+HIGH_WATER = 64 * 1024
+
+
+def message_of(args: argparse.Namespace) -> bytes:
+    if args.message:
+        with open(args.message, "rb") as f:
+            return f.read().strip()
+    filler = b'{"data":[' + b"x" * max(0, args.size - 40) + b'],"message":"orderbook","seq":1}'
+    return filler[: max(args.size, 40)]
+
+
+async def run_picows(args: argparse.Namespace, message: bytes, stop: asyncio.Event) -> list[int]:
+    from picows import WSListener, WSMsgType, WSTransport, ws_create_server
+
+    peers: list[Any] = []
+    enough = asyncio.Event()
+
+    class Peer(WSListener):  # type: ignore[misc]
+        def on_ws_connected(self, transport: WSTransport) -> None:
+            self.transport = transport
+            self.raw = transport.underlying_transport
+            peers.append(self)
+            if len(peers) >= args.clients:
+                enough.set()
+
+        def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+            pass
+
+        def on_ws_disconnected(self, transport: WSTransport) -> None:
+            if self in peers:
+                peers.remove(self)
+
+    server = await ws_create_server(lambda request: Peer(), "127.0.0.1", args.port, backlog=1024)
+    port = server.sockets[0].getsockname()[1]
+    print(f"bare {args.kind} ws://127.0.0.1:{port}/ws", flush=True)
+    counts = [0, 0]
+    text = WSMsgType.TEXT
+    await enough.wait()
+    while not stop.is_set():
+        sent = 0
+        for peer in peers:
+            if peer.raw.get_write_buffer_size() <= HIGH_WATER:
+                peer.transport.send(text, message)
+                sent += 1
+        counts[0] += 1
+        counts[1] += sent
+        await asyncio.sleep(0)
+    server.close()
+    return counts
+
+
+async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Event) -> list[int]:
+    from aiohttp import WSMsgType, web
+
+    peers: dict[web.WebSocketResponse, asyncio.Transport] = {}
+    enough = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True, compress=False)
+        await ws.prepare(request)
+        transport = request.transport
+        assert isinstance(transport, asyncio.Transport)
+        peers[ws] = transport
+        if len(peers) >= args.clients:
+            enough.set()
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            peers.pop(ws, None)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=1024)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(f"bare {args.kind} ws://127.0.0.1:{port}/ws", flush=True)
+    counts = [0, 0]
+    text = WSMsgType.TEXT
+    await enough.wait()
+    while not stop.is_set():
+        sent = 0
+        for ws, transport in list(peers.items()):
+            if transport.get_write_buffer_size() <= HIGH_WATER:
+                try:
+                    await ws.send_frame(message, text)
+                except ConnectionError:
+                    continue
+                sent += 1
+        counts[0] += 1
+        counts[1] += sent
+        await asyncio.sleep(0)
+    await runner.cleanup()
+    return counts
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    message = message_of(args)
+    run = run_aiohttp if args.kind == "aiohttp" else run_picows
+    task = asyncio.ensure_future(run(args, message, stop))
+    await stop.wait()
+    try:
+        rounds, sent = await asyncio.wait_for(task, 10)
+    except TimeoutError:
+        return
+    print(f"rounds {rounds} messages {sent} bytes {len(message)}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["picows", "picows-asyncio", "aiohttp"])
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--message", help="file holding the message to broadcast")
+    parser.add_argument("--size", type=int, default=3000, help="message size without --message")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    if args.kind == "picows":
+        try:
+            import uvloop
+        except ImportError:
+            sys.exit("picows mode needs uvloop (pip install uvloop)")
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

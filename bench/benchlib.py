@@ -1,0 +1,345 @@
+"""Helpers shared by the benchmark suite's processes: pinning, process stats, spawning servers,
+percentiles, the benchmark's addresses and a prefilled event log.
+
+Nothing here talks to anything but 127.0.0.0/8. Every process started through :func:`spawn` is
+its own process group, so :func:`stop` ends it and its children (kill the group, never by name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PYTHON = sys.executable
+SERVER_CPU = 0
+LOAD_CPU = 1
+API_KEY = "k"
+MARKET = 396
+PER_IP = 900
+"""Client connections per source address (the server allows 1,000 per client address)."""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def address(i: int) -> str:
+    """The benchmark's i-th account address (its own range, never a real one)."""
+    return f"0x{0xBE0000000 + i:064x}"
+
+
+def source_ip(i: int) -> str:
+    """The loopback source address of client ``i`` (any 127.0.0.0/8 address is local)."""
+    return f"127.0.0.{2 + i // PER_IP}"
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard one; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def pin(cpu: int) -> None:
+    """Run the calling process (and what it starts) on one CPU only, if the machine has it."""
+    if cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {cpu})
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process (VmRSS) in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100, nearest rank) of ``values``; nan when empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def summary_ms(values_ns: Sequence[int]) -> dict[str, float]:
+    """p50, p99 and max of nanosecond latencies, in milliseconds, and the count."""
+    values = sorted(values_ns)
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50) / 1e6,
+        "p99": percentile(values, 99) / 1e6,
+        "max": values[-1] / 1e6,
+    }
+
+
+@dataclass
+class Proc:
+    """A process started by :func:`spawn`, in its own process group, output collected."""
+
+    popen: subprocess.Popen[str]
+    name: str
+    lines: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def send(self, line: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first output line (from the start) matching ``pattern``; raises on timeout or
+        when the process exits first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if self.popen.poll() is not None and seen == len(self.lines):
+                    raise RuntimeError(
+                        f"{self.name} exited ({self.popen.returncode}) before printing "
+                        f"{pattern!r}: {self.tail()}"
+                    )
+                if left <= 0:
+                    raise TimeoutError(f"{self.name}: no {pattern!r} in {timeout} s: {self.tail()}")
+                self._cond.wait(min(left, 0.2))
+
+    def tail(self) -> str:
+        return " | ".join((self.lines + self.errors)[-12:])
+
+    def _pump(self, stream: IO[str], sink: list[str]) -> None:
+        for line in stream:
+            with self._cond:
+                sink.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+
+def spawn(name: str, cmd: Sequence[str], cpu: int, *, stdin: bool = False) -> Proc:
+    """Start ``cmd`` pinned to ``cpu`` in a new process group, with the raised fd limit."""
+
+    def setup() -> None:
+        pin(cpu)
+        raise_nofile()
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(BENCH), str(ROOT / "src"), env.get("PYTHONPATH", "")) if p
+    )
+    popen = subprocess.Popen(
+        list(cmd),
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+        start_new_session=True,
+        preexec_fn=setup,  # noqa: PLW1509 - affinity and rlimit only, no locks taken
+    )
+    proc = Proc(popen, name)
+    assert popen.stdout is not None and popen.stderr is not None
+    for stream, sink in ((popen.stdout, proc.lines), (popen.stderr, proc.errors)):
+        threading.Thread(target=proc._pump, args=(stream, sink), daemon=True).start()
+    return proc
+
+
+def stop(proc: Proc | None, timeout: float = 10.0) -> int | None:
+    """End a process group: SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+    if proc is None:
+        return None
+    popen = proc.popen
+    with contextlib.suppress(OSError):
+        if popen.stdin is not None:
+            popen.stdin.close()
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait(10)
+    else:
+        # The leader is gone; make sure nothing it started is left either.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGKILL)
+    return popen.returncode
+
+
+@dataclass
+class Server:
+    """A server subprocess and where it listens."""
+
+    proc: Proc
+    port: int
+    kind: str
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float = 120) -> Server:
+    """Start a server pinned to the server CPU and parse its port from its banner.
+
+    ``kind``: "ours" (``python -m perps_indexer serve``), "naive" (bench/naive_server.py),
+    "bare-picows", "bare-picows-asyncio" or "bare-aiohttp" (bench/bare_broadcast.py)."""
+    if kind == "ours":
+        assert db is not None
+        cmd = [
+            PYTHON,
+            "-m",
+            "perps_indexer",
+            "serve",
+            "--port",
+            "0",
+            "--db",
+            str(db),
+            "--api-key",
+            API_KEY,
+            "--sync",
+            "NORMAL",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
+    elif kind == "naive":
+        cmd = [PYTHON, str(BENCH / "naive_server.py"), "--port", "0", "--api-key", API_KEY, *extra]
+    elif kind.startswith("bare-"):
+        cmd = [PYTHON, str(BENCH / "bare_broadcast.py"), kind[5:], "--port", "0", *extra]
+    else:
+        raise ValueError(kind)
+    proc = spawn(kind, cmd, SERVER_CPU)
+    try:
+        match = proc.wait_line(r"ws://[\d.]+:(\d+)/ws", timeout)
+    except BaseException:
+        stop(proc)
+        raise
+    return Server(proc, int(match.group(1)), kind)
+
+
+def prefill(
+    db: Path,
+    *,
+    accounts: int,
+    asks_per_account: int = 0,
+    history_address: str | None = None,
+    history_fills: int = 0,
+    spare_asks: int = 0,
+) -> int:
+    """Write an event log for the server to replay at start (faster than REST for setup).
+
+    Every account gets a deposit. ``asks_per_account`` rounds of one resting ask of 500 lots per
+    account, at rising prices from 6001 (100 orders a level), supply the fills of scenario 2:
+    a market buy of ``k`` x 500 lots fills the next ``k`` orders, which belong to ``k``
+    consecutive accounts. ``history_address`` is given ``history_fills`` fills (each a market
+    buy against a maker's ask, so as many trade rows and order rows), and ``spare_asks`` more
+    asks of the maker are left resting for later fills. Returns the events written."""
+    from perps_indexer.engine import Engine
+    from perps_indexer.markets import default_markets
+    from perps_indexer.store.sqlite import SQLiteStore
+
+    engine = Engine(default_markets())
+    ts = time.time_ns() // 1_000_000 - 60_000
+    batch: list[Any] = []
+    written = 0
+    with SQLiteStore(db, synchronous="NORMAL") as store:
+
+        def flush(force: bool = False) -> None:
+            nonlocal written
+            if batch and (force or len(batch) >= 20_000):
+                store.append(batch)
+                written += len(batch)
+                batch.clear()
+
+        for i in range(accounts):
+            batch += engine.deposit(address(i), 10**13, ts=ts)
+            flush()
+
+        def ask(who: str, price: int) -> None:
+            """A resting ask of 500 lots that opens a short."""
+            batch.extend(
+                engine.place_limit_order(
+                    who,
+                    MARKET,
+                    is_long=False,
+                    is_close=False,
+                    size=500,
+                    price=price,
+                    leverage=10,
+                    ts=ts,
+                ).events
+            )
+            flush()
+
+        for r in range(asks_per_account):
+            for i in range(accounts):
+                ask(address(i), 6001 + (r * accounts + i) // 100)
+        if history_address is not None:
+            maker = address(10**6)
+            batch += engine.deposit(maker, 10**15, ts=ts)
+            batch += engine.deposit(history_address, 10**15, ts=ts)
+            for n in range(history_fills + spare_asks):
+                ask(maker, 5001 + n // 100)
+            for _ in range(history_fills):
+                ts += 1
+                batch += engine.place_market_order(
+                    history_address,
+                    MARKET,
+                    is_long=True,
+                    is_close=False,
+                    size=500,
+                    leverage=10,
+                    ts=ts,
+                ).events
+                flush()
+        flush(force=True)
+    return written

@@ -1,0 +1,913 @@
+"""The server benchmark suite of issue 7: every scenario, one command.
+
+    .venv/bin/python bench/suite.py [--quick] [--only 1,2,...] [--json FILE] [--profile DIR]
+
+The machine has two cores: every server (the real one, the naive one, the bare broadcast
+loops) runs pinned to CPU 0 and every load generator (bench/loadgen.py: picows clients on
+uvloop, the REST driver) pinned to CPU 1. The real server is ``python -m perps_indexer serve
+--port 0 --db <tmp> --api-key k --sync NORMAL`` as a subprocess; its port comes from its
+banner. Clients connect from 127.0.0.2, 127.0.0.3, ... (900 per source address) so the
+server's cap of 1,000 connections per client address is never reached.
+
+Scenarios (``--quick``: small counts and ~2 s windows, for CI: it checks that every scenario
+runs and produces its figures, never how fast):
+
+1. fan-out: 100 / 1,000 / 5,000 ``orderbook`` subscribers of market 396 while a REST driver
+   changes the book as fast as the server accepts (4 keep-alive connections, closed loop):
+   messages delivered/s across all subscribers, and latency on 50 recorded clients from just
+   before the REST post (so it includes the REST round trip) to the first message reflecting
+   it (``seq`` at or past the command's first event).
+2. per-address streams: 10,000 connections, each subscribed to its own address's positions,
+   trade_history, open_orders and order_history; market buys over REST fill 5 prefilled
+   resting asks of 5 accounts each, paced at 1,000 and 5,000 fills/s: latency from the post
+   to each message it caused, p50/p99/max, the server's CPU, and whether anything was lost.
+3. ingest (bench/ingest.py, in process, on the server's CPU): events/s through engine,
+   projections and SQLite, per command (what the server does) and in batches, NORMAL and FULL.
+4. memory: the server's VmRSS before and after 10,000 idle connections with one
+   subscription each, per connection.
+5. subscribe: time from a subscription to its first message for an address with 1,000 fills
+   and 1,000 orders of history, with the default ``--history-limit`` 100 and with 1,000; cold
+   (the address changed just before, so the message is encoded) and warm (cached).
+6. freshness under order flow: 1,000 ``orderbook`` subscribers, orders over REST as fast as
+   the server takes them, against the real server and against bench/naive_server.py on the
+   same load; then the real server paced at 10 x the naive server's rate.
+7. the bare limit: bench/bare_broadcast.py (picows on uvloop, picows on asyncio, aiohttp)
+   broadcasting scenario 1's real orderbook message to 100 / 1,000 / 5,000 clients; scenario
+   1's figure as a ratio of each.
+
+Prints a table (markdown) and writes every figure as JSON (``--json``, default a file in the
+temporary directory). Exit status 1 when a scenario failed to run or lost clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as b
+
+
+@dataclass
+class Context:
+    quick: bool
+    tmp: Path
+    profile: Path | None
+    figures: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    payload: Path | None = None
+    """Scenario 1's real orderbook message (the bare servers broadcast it)."""
+
+    def window(self, full: float) -> float:
+        return 1.5 if self.quick else full
+
+    def db(self, name: str) -> Path:
+        path = self.tmp / f"{name}-{time.monotonic_ns()}.db"
+        return path
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+@contextlib.contextmanager
+def running(*procs: b.Proc | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for proc in reversed(procs):
+            b.stop(proc)
+
+
+def get_metrics(server: b.Server) -> dict[str, float]:
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("perps_indexer_"):
+            name, value = line.split()
+            out[name[len("perps_indexer_") :]] = float(value)
+    return out
+
+
+def subscribers(
+    ctx: Context, url: str, clients: int, spec: str, record: int, name: str
+) -> tuple[b.Proc, Path, dict[str, Any]]:
+    out = ctx.tmp / f"{name}-{time.monotonic_ns()}.json"
+    proc = b.spawn(
+        name,
+        [
+            b.PYTHON,
+            str(b.BENCH / "loadgen.py"),
+            "subscribe",
+            "--url",
+            url,
+            "--clients",
+            str(clients),
+            "--subscribe",
+            spec,
+            "--record",
+            str(record),
+            "--source-ips",
+            "--out",
+            str(out),
+        ],
+        b.LOAD_CPU,
+        stdin=True,
+    )
+    try:
+        ready = json.loads(proc.wait_line(r'"ready"', 300).string)
+    except BaseException:
+        b.stop(proc)
+        raise
+    if ready["ready"] < clients:
+        b.stop(proc)
+        raise RuntimeError(f"{name}: only {ready['ready']} of {clients} clients ready: {ready}")
+    return proc, out, ready
+
+
+def driver(ctx: Context, url: str, *args: str) -> tuple[b.Proc, Path]:
+    out = ctx.tmp / f"driver-{time.monotonic_ns()}.json"
+    proc = b.spawn(
+        "driver",
+        [b.PYTHON, str(b.BENCH / "loadgen.py"), "drive", "--url", url, "--out", str(out), *args],
+        b.LOAD_CPU,
+        stdin=True,
+    )
+    try:
+        proc.wait_line(r'"ready"', 60)
+    except BaseException:
+        b.stop(proc)
+        raise
+    return proc, out
+
+
+def finish(proc: b.Proc, out: Path, timeout: float = 120) -> dict[str, Any]:
+    proc.send("stop")
+    proc.wait_line(r'"done"', timeout)
+    with open(out) as f:
+        data: dict[str, Any] = json.load(f)
+    b.stop(proc)
+    return data
+
+
+def profiler(ctx: Context, pid: int, name: str, seconds: float) -> b.Proc | None:
+    if ctx.profile is None:
+        return None
+    spy = shutil.which("py-spy") or str(Path(b.PYTHON).parent / "py-spy")
+    ctx.profile.mkdir(parents=True, exist_ok=True)
+    out = ctx.profile / f"{name}.txt"
+    return b.spawn(
+        "py-spy",
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(max(1, int(seconds))),
+            "--rate",
+            "200",
+            "--nonblocking",
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+        ],
+        b.LOAD_CPU,
+    )
+
+
+@dataclass
+class Run:
+    """One measured window with a driver: what the subscribers, driver and server saw."""
+
+    subs: dict[str, Any]
+    drive: dict[str, Any]
+    server_cpu: float
+    window_s: float
+    metrics: dict[str, float]
+    load: str
+
+
+def measure(
+    ctx: Context,
+    server: b.Server,
+    subs: b.Proc,
+    subs_out: Path,
+    drive_args: list[str],
+    seconds: float,
+    profile_name: str | None = None,
+) -> Run:
+    """Start the driver, count for ``seconds``, stop it, let the last messages arrive."""
+    drv, drv_out = driver(ctx, server.http_url, *drive_args)
+    spy = None
+    with running(drv):
+        load = b.loadavg()
+        cpu0 = b.cpu_seconds(server.proc.pid)
+        t0 = time.monotonic()
+        subs.send("start")
+        drv.send("start")
+        if profile_name:
+            spy = profiler(ctx, server.proc.pid, profile_name, seconds)
+        time.sleep(seconds)
+        subs.send("mark")
+        cpu1 = b.cpu_seconds(server.proc.pid)
+        t1 = time.monotonic()
+        drive = finish(drv, drv_out)
+    if spy is not None:
+        spy.popen.wait(60)
+        b.stop(spy)
+    time.sleep(1.0 if not ctx.quick else 0.5)
+    metrics = get_metrics(server) if server.kind == "ours" else {}
+    data = finish(subs, subs_out)
+    return Run(data, drive, (cpu1 - cpu0) / (t1 - t0), t1 - t0, metrics, load)
+
+
+def command_ranges(log: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """Commands sorted by seq: their post times, first seqs and last seqs. Commands run one at
+    a time on the server, so a command's events are the seqs after the previous one's."""
+    rows = sorted((seq, t) for t, seq, *_ in log)
+    ends = [seq for seq, _ in rows]
+    posts = [t for _, t in rows]
+    starts = [1] + [e + 1 for e in ends[:-1]]
+    return posts, starts, ends
+
+
+def freshness(drive: dict[str, Any], logs: dict[str, list[list[int]]]) -> list[int]:
+    """For every recorded client and every command: time from its post to the client's first
+    message at or past the command's first seq (the first state that includes it)."""
+    posts, starts, _ = command_ranges(drive["log"])
+    out: list[int] = []
+    for log in logs.values():
+        # The highest seq seen so far: a server that publishes from several handlers at once
+        # (the naive one) may deliver an older state after a newer one.
+        seqs = list(itertools.accumulate((seq for seq, _ in log), max))
+        for post, start in zip(posts, starts, strict=True):
+            j = bisect.bisect_left(seqs, start)
+            if j < len(log):
+                out.append(log[j][1] - post)
+    return out
+
+
+def per_message(drive: dict[str, Any], logs: dict[str, list[list[int]]]) -> tuple[list[int], int]:
+    """For every recorded message: time from the post of the command whose events include its
+    seq; and how many messages fell outside the driver's commands."""
+    posts, starts, ends = command_ranges(drive["log"])
+    out: list[int] = []
+    stray = 0
+    for log in logs.values():
+        for seq, t in log:
+            i = bisect.bisect_left(ends, seq)
+            if i < len(ends) and starts[i] <= seq:
+                out.append(t - posts[i])
+            else:
+                stray += 1
+    return out, stray
+
+
+def rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("nan")
+
+
+def delivered(run: Run) -> float:
+    subs = run.subs
+    return rate(subs["messages_at_mark"], (subs["t_mark"] - subs["t_start"]) / 1e9)
+
+
+def load_cpu(run: Run) -> float:
+    subs = run.subs
+    window = (subs["t_mark"] - subs["t_start"]) / 1e9
+    return (subs["cpu_mark"] - subs["cpu_start"] + run.drive["cpu_s"]) / window
+
+
+def order_rate(run: Run) -> float:
+    drive = run.drive
+    return rate(drive["commands"], (drive["t_stop"] - drive["t_start"]) / 1e9)
+
+
+def lost(run: Run, clients: int) -> list[str]:
+    problems = []
+    if run.subs["disconnected"]:
+        problems.append(f"{run.subs['disconnected']} clients disconnected")
+    if run.subs["errors"]:
+        problems.append(f"{run.subs['errors']} error replies")
+    if run.metrics.get("closed_by_server_total"):
+        problems.append(f"server closed {run.metrics['closed_by_server_total']:.0f} connections")
+    return problems
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+def book_run(
+    ctx: Context, server: b.Server, n: int, name: str, extra: list[str], profile: bool
+) -> tuple[Run, dict[str, Any]]:
+    """``n`` orderbook subscribers (50 recorded) while the REST driver changes the book."""
+    subs, out, ready = subscribers(ctx, server.ws_url, n, "orderbook", 50, name)
+    with running(subs):
+        run = measure(
+            ctx,
+            server,
+            subs,
+            out,
+            ["--mode", "book", "--concurrency", str(DRIVER_CONNECTIONS), *extra],
+            ctx.window(10),
+            profile_name=name if profile else None,
+        )
+    return run, ready
+
+
+DRIVER_CONNECTIONS = 4
+
+
+def scenario_1(ctx: Context) -> dict[str, Any]:
+    counts = [20] if ctx.quick else [100, 1_000, 5_000]
+    results = {}
+    for n in counts:
+        server = b.start_server("ours", ctx.db("s1"))
+        with running(server.proc):
+            run, ready = book_run(ctx, server, n, f"s1-{n}", [], n in (1_000, max(counts)))
+        sample = run.subs["sample"]
+        if sample and (ctx.payload is None or n == 1_000):
+            ctx.payload = ctx.tmp / "orderbook-message.json"
+            ctx.payload.write_text(sample)
+        messages = run.subs["messages_at_mark"]
+        lat = b.summary_ms(freshness(run.drive, run.subs["logs"]))
+        problems = lost(run, n)
+        results[str(n)] = {
+            "subscribers": n,
+            "messages_per_s": delivered(run),
+            "message_bytes_mean": run.subs["bytes_at_mark"] / messages if messages else 0,
+            "book_changes_per_s": order_rate(run),
+            "commands": run.drive["commands"],
+            "rejected": run.drive["rejected"],
+            "latency_ms": lat,
+            "server_cpu": run.server_cpu,
+            "load_cpu": load_cpu(run),
+            "connect_s": ready["connect_s"],
+            "window_s": run.window_s,
+            "loadavg": run.load,
+            "problems": problems,
+        }
+        ctx.failures += [f"s1 {n}: {p}" for p in problems]
+    return results
+
+
+def scenario_2(ctx: Context) -> dict[str, Any]:
+    accounts = 200 if ctx.quick else 10_000
+    rates = [200] if ctx.quick else [1_000, 5_000]
+    sweep = 5
+    seconds = ctx.window(10)
+    results = {}
+    for fills in rates:
+        db = ctx.db("s2")
+        rounds = math.ceil(fills * (seconds + 3) * 1.3 / accounts)
+        t = time.monotonic()
+        events = b.prefill(db, accounts=accounts, asks_per_account=rounds)
+        prefill_s = time.monotonic() - t
+        server = b.start_server("ours", db, timeout=600)
+        with running(server.proc):
+            subs, out, ready = subscribers(
+                ctx, server.ws_url, accounts, "account:0", accounts, f"s2-{fills}"
+            )
+            with running(subs):
+                snapshots = get_metrics(server)["messages_sent_total"]
+                run = measure(
+                    ctx,
+                    server,
+                    subs,
+                    out,
+                    [
+                        "--mode",
+                        "fills",
+                        "--rate",
+                        str(fills / sweep),
+                        "--concurrency",
+                        "8",
+                        "--accounts",
+                        str(accounts),
+                        "--sweep",
+                        str(sweep),
+                    ],
+                    seconds,
+                )
+        drive = run.drive
+        window = (drive["t_stop"] - drive["t_start"]) / 1e9
+        fills_done = sum(row[2] for row in drive["log"])
+        lat, stray = per_message(drive, run.subs["logs"])
+        sent = run.metrics.get("messages_sent_total", 0) - snapshots
+        received = run.subs["messages_total"]
+        problems = lost(run, accounts)
+        if sent != received:
+            problems.append(f"server sent {sent:.0f} messages, clients received {received}")
+        if drive["rejected"]:
+            problems.append(f"rejected commands {drive['rejected']}")
+        results[str(fills)] = {
+            "connections": accounts,
+            "target_fills_per_s": fills,
+            "fills_per_s": rate(fills_done, window),
+            "commands_per_s": rate(drive["commands"], window),
+            "messages_per_s": delivered(run),
+            "latency_ms": b.summary_ms(lat),
+            "stray_messages": stray,
+            "server_cpu": run.server_cpu,
+            "load_cpu": load_cpu(run),
+            "messages_sent": sent,
+            "messages_received": received,
+            "slow_readers_closed": run.metrics.get("slow_readers_total", 0),
+            "prefill_events": events,
+            "prefill_s": prefill_s,
+            "connect_s": ready["connect_s"],
+            "window_s": window,
+            "loadavg": run.load,
+            "problems": problems,
+        }
+        ctx.failures += [f"s2 {fills}: {p}" for p in problems if "rejected" not in p]
+    return results
+
+
+def scenario_3(ctx: Context) -> dict[str, Any]:
+    args = ["--commands", "2000", "--batches", "1,100"] if ctx.quick else ["--commands", "30000"]
+    load = b.loadavg()
+    proc = b.spawn(
+        "ingest",
+        [b.PYTHON, str(b.BENCH / "ingest.py"), *args, "--breakdown", "--dir", str(ctx.tmp)],
+        b.SERVER_CPU,
+    )
+    with running(proc):
+        proc.popen.wait(900)
+        match = proc.wait_line(r'^\{"ingest"', 5)
+    rows = json.loads(match.string)["ingest"]
+    return {"runs": rows, "loadavg": load}
+
+
+def scenario_4(ctx: Context) -> dict[str, Any]:
+    n = 200 if ctx.quick else 10_000
+    server = b.start_server("ours", ctx.db("s4"))
+    with running(server.proc):
+        # Warm the code paths (connect, subscribe, close) before the baseline.
+        warm, out, _ = subscribers(ctx, server.ws_url, 50, "positions:500000", 0, "s4-warm")
+        with running(warm):
+            finish(warm, out)
+        time.sleep(1)
+        before = b.rss_kib(server.proc.pid)
+        load = b.loadavg()
+        subs, out, ready = subscribers(ctx, server.ws_url, n, "positions:0", 0, "s4")
+        with running(subs):
+            time.sleep(2)
+            after = b.rss_kib(server.proc.pid)
+            metrics = get_metrics(server)
+            subs.send("start")
+            data = finish(subs, out)
+    problems = [] if data["disconnected"] == 0 else [f"{data['disconnected']} disconnected"]
+    ctx.failures += [f"s4: {p}" for p in problems]
+    return {
+        "connections": n,
+        "server_connections": metrics.get("connections"),
+        "subscriptions": metrics.get("subscriptions"),
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_connection": (after - before) / n,
+        "connect_s": ready["connect_s"],
+        "loadavg": load,
+        "problems": problems,
+    }
+
+
+def scenario_5(ctx: Context) -> dict[str, Any]:
+    samples = 10 if ctx.quick else 100
+    history = 1_000
+    target = b.address(777_777)
+    base = ctx.db("s5")
+    b.prefill(
+        base,
+        accounts=0,
+        history_address=target,
+        history_fills=history,
+        spare_asks=samples * 2 * 3,
+    )
+    results = {}
+    for limit in (100, 1_000):
+        db = ctx.db(f"s5-{limit}")
+        shutil.copy(base, db)
+        server = b.start_server("ours", db, "--history-limit", str(limit))
+        with running(server.proc):
+            out = ctx.tmp / f"s5-{limit}-{time.monotonic_ns()}.json"
+            load = b.loadavg()
+            proc = b.spawn(
+                "sublat",
+                [
+                    b.PYTHON,
+                    str(b.BENCH / "loadgen.py"),
+                    "sublat",
+                    "--url",
+                    server.ws_url,
+                    "--http",
+                    server.http_url,
+                    "--address",
+                    target,
+                    "--samples",
+                    str(samples),
+                    "--out",
+                    str(out),
+                ],
+                b.LOAD_CPU,
+            )
+            with running(proc):
+                proc.wait_line(r'"done"', 300)
+            data = json.loads(out.read_text())
+        results[f"history_limit_{limit}"] = {
+            key: {"rows": v["rows"], "bytes": v["bytes"], **b.summary_ms(v["times_ns"])}
+            for key, v in data.items()
+        } | {"loadavg": load}
+    return results
+
+
+def scenario_6(ctx: Context) -> dict[str, Any]:
+    n = 20 if ctx.quick else 1_000
+    results: dict[str, Any] = {}
+
+    def one(kind: str, extra: list[str], server: b.Server, name: str) -> dict[str, Any]:
+        run, _ = book_run(ctx, server, n, name, extra, kind == "ours" and not extra)
+        problems = lost(run, n)
+        ctx.failures += [f"s6 {name}: {p}" for p in problems]
+        return {
+            "subscribers": n,
+            "orders_per_s": order_rate(run),
+            "commands": run.drive["commands"],
+            "rejected": run.drive["rejected"],
+            "freshness_ms": b.summary_ms(freshness(run.drive, run.subs["logs"])),
+            "messages_per_s": delivered(run),
+            "server_cpu": run.server_cpu,
+            "load_cpu": load_cpu(run),
+            "window_s": run.window_s,
+            "loadavg": run.load,
+            "problems": problems,
+        }
+
+    naive = b.start_server("naive")
+    with running(naive.proc):
+        results["naive"] = one("naive", [], naive, "s6-naive")
+    server = b.start_server("ours", ctx.db("s6"))
+    with running(server.proc):
+        results["ours"] = one("ours", [], server, "s6-ours")
+        target = 10 * results["naive"]["orders_per_s"]
+        results["ours_at_10x_naive"] = one("ours", ["--rate", f"{target:.1f}"], server, "s6-10x")
+        results["ours_at_10x_naive"]["target_orders_per_s"] = target
+    return results
+
+
+def scenario_7(ctx: Context) -> dict[str, Any]:
+    counts = [20] if ctx.quick else [100, 1_000, 5_000]
+    seconds = ctx.window(5)
+    if ctx.payload is None:
+        ctx.payload = ctx.tmp / "orderbook-message.json"
+        ctx.payload.write_bytes(representative_book_message())
+    size = len(ctx.payload.read_bytes().strip())
+    results: dict[str, Any] = {"message_bytes": size}
+    for kind in ("picows", "picows-asyncio", "aiohttp"):
+        for n in counts:
+            server = b.start_server(
+                f"bare-{kind}", None, "--clients", str(n), "--message", str(ctx.payload)
+            )
+            with running(server.proc):
+                subs, out, _ = subscribers(ctx, server.ws_url, n, "none", 0, f"s7-{kind}-{n}")
+                with running(subs):
+                    load = b.loadavg()
+                    cpu0 = b.cpu_seconds(server.proc.pid)
+                    t0 = time.monotonic()
+                    subs.send("start")
+                    time.sleep(seconds)
+                    subs.send("mark")
+                    cpu1 = b.cpu_seconds(server.proc.pid)
+                    t1 = time.monotonic()
+                    data = finish(subs, out)
+            window = (data["t_mark"] - data["t_start"]) / 1e9
+            results[f"{kind}/{n}"] = {
+                "transport": kind,
+                "clients": n,
+                "messages_per_s": rate(data["messages_at_mark"], window),
+                "server_cpu": (cpu1 - cpu0) / (t1 - t0),
+                "load_cpu": (data["cpu_mark"] - data["cpu_start"]) / window,
+                "loadavg": load,
+            }
+    return results
+
+
+def representative_book_message() -> bytes:
+    """An orderbook message of 20 asks and 20 bids (when scenario 1 did not run)."""
+    from perps_indexer.wire import encode_message, orderbook_row
+
+    ts = time.time_ns() // 1_000_000
+    rows = [orderbook_row(b.MARKET, True, 6000 + i, 500 + 100 * i, ts) for i in range(1, 21)]
+    rows += [orderbook_row(b.MARKET, False, 6000 - i, 500 + 100 * i, ts) for i in range(1, 21)]
+    return encode_message("orderbook", rows, 123_456)
+
+
+SCENARIOS: dict[int, tuple[str, Callable[[Context], dict[str, Any]]]] = {
+    1: ("fan-out", scenario_1),
+    2: ("per-address streams", scenario_2),
+    3: ("ingest", scenario_3),
+    4: ("memory per idle connection", scenario_4),
+    5: ("subscribe with history", scenario_5),
+    6: ("freshness vs naive", scenario_6),
+    7: ("bare broadcast limit", scenario_7),
+}
+
+
+# ---------------------------------------------------------------------- report
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def report(ctx: Context) -> list[str]:
+    f = ctx.figures
+    lines: list[str] = []
+    s1, s7 = f.get("1"), f.get("7")
+    if s1:
+        lines += [
+            "",
+            "Scenario 1, fan-out (orderbook of one market, book changed over REST as fast as "
+            "the server accepts):",
+            "",
+            "| subscribers | messages/s | book changes/s | latency p50 / p99 / max (ms) "
+            "| msg bytes | server CPU | load CPU |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in s1.values():
+            lat = r["latency_ms"]
+            lines.append(
+                f"| {r['subscribers']:,} | {fmt(r['messages_per_s'])} "
+                f"| {fmt(r['book_changes_per_s'])} "
+                f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
+                f"| {fmt(r['message_bytes_mean'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
+            )
+    if s7:
+        lines += [
+            "",
+            f"Scenario 7, bare broadcast of a {s7['message_bytes']:,}-byte orderbook message "
+            "(messages delivered/s), and scenario 1 as a ratio of it:",
+            "",
+            "| transport | clients | messages/s | server CPU | load CPU | ours / bare |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key, r in s7.items():
+            if key == "message_bytes":
+                continue
+            ours = (s1 or {}).get(str(r["clients"]))
+            ratio = ours["messages_per_s"] / r["messages_per_s"] if ours else float("nan")
+            lines.append(
+                f"| {r['transport']} | {r['clients']:,} | {fmt(r['messages_per_s'])} "
+                f"| {r['server_cpu']:.0%} | {r['load_cpu']:.0%} | {fmt(ratio, 2)} |"
+            )
+    if f.get("2"):
+        lines += [
+            "",
+            "Scenario 2, per-address streams (each connection: its address's 4 account topics):",
+            "",
+            "| connections | fills/s target / done | messages/s | latency p50 / p99 / max (ms) "
+            "| server CPU | load CPU | sent = received |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in f["2"].values():
+            lat = r["latency_ms"]
+            same = r["messages_sent"] == r["messages_received"]
+            lines.append(
+                f"| {r['connections']:,} | {r['target_fills_per_s']:,} / "
+                f"{fmt(r['fills_per_s'])} | {fmt(r['messages_per_s'])} "
+                f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
+                f"| {r['server_cpu']:.0%} | {r['load_cpu']:.0%} "
+                f"| {'yes' if same else 'NO'} ({r['messages_received']:,}) |"
+            )
+    if f.get("3"):
+        lines += [
+            "",
+            "Scenario 3, ingest (engine + projections + SQLite in one process):",
+            "",
+            "| part | synchronous | commands per commit | events/s | commands/s |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for r in f["3"]["runs"]:
+            lines.append(
+                f"| {r.get('part', 'all')} | {r['sync']} | {r['batch']:,} "
+                f"| {fmt(r['events_per_s'])} | {fmt(r['commands_per_s'])} |"
+            )
+    if f.get("4"):
+        r = f["4"]
+        lines += [
+            "",
+            f"Scenario 4, memory: {r['connections']:,} idle connections with one subscription: "
+            f"VmRSS {r['rss_before_kib'] / 1024:,.1f} -> {r['rss_after_kib'] / 1024:,.1f} MiB, "
+            f"{r['kib_per_connection']:.1f} KiB per connection.",
+        ]
+    if f.get("5"):
+        lines += [
+            "",
+            "Scenario 5, subscribe to an address with 1,000 fills and 1,000 orders of history "
+            "(time to the first data message):",
+            "",
+            "| --history-limit | topic | cache | rows | bytes | p50 (ms) | p99 (ms) | max (ms) |",
+            "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for config, rows in f["5"].items():
+            for key, r in rows.items():
+                if key == "loadavg":
+                    continue
+                topic, state = key.split("/")
+                lines.append(
+                    f"| {config.rsplit('_', 1)[1]} | {topic} | {state} | {r['rows']:,} "
+                    f"| {r['bytes']:,} | {fmt(r['p50'], 2)} | {fmt(r['p99'], 2)} "
+                    f"| {fmt(r['max'], 2)} |"
+                )
+    if f.get("6"):
+        lines += [
+            "",
+            "Scenario 6, freshness (order posted over REST -> first subscriber message showing "
+            "it), orderbook subscribers of one market:",
+            "",
+            "| server | subscribers | orders/s | freshness p50 / p99 / max (ms) | messages/s "
+            "| server CPU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in f["6"].items():
+            fr = r["freshness_ms"]
+            lines.append(
+                f"| {name} | {r['subscribers']:,} | {fmt(r['orders_per_s'])} "
+                f"| {fmt(fr['p50'], 1)} / {fmt(fr['p99'], 1)} / {fmt(fr['max'], 1)} "
+                f"| {fmt(r['messages_per_s'])} | {r['server_cpu']:.0%} |"
+            )
+    lines += ["", "Targets:", "", *targets(ctx)]
+    return lines
+
+
+def targets(ctx: Context) -> list[str]:
+    f = ctx.figures
+    out = []
+    s1, s7 = f.get("1", {}), f.get("7", {})
+    ours = s1.get("1000")
+    bare = s7.get("picows/1000")
+    if ours and bare:
+        ratio = ours["messages_per_s"] / bare["messages_per_s"]
+        out.append(
+            f"- fan-out at 1,000 >= 0.8 x bare picows: {ratio:.2f} x, {verdict(ratio >= 0.8)}"
+        )
+    s6 = f.get("6", {})
+    if s6:
+        naive, ours6, paced = s6["naive"], s6["ours"], s6["ours_at_10x_naive"]
+        ratio = ours6["orders_per_s"] / naive["orders_per_s"]
+        p99 = paced["freshness_ms"]["p99"]
+        done = paced["orders_per_s"] >= 0.95 * paced["target_orders_per_s"]
+        out.append(
+            f"- freshness at 1,000 >= 10 x naive order rate with p99 <= 10 ms: "
+            f"{ratio:.1f} x at full speed (p99 {ours6['freshness_ms']['p99']:.1f} ms); "
+            f"paced at 10 x ({paced['target_orders_per_s']:,.0f}/s): "
+            f"{paced['orders_per_s']:,.0f}/s, p99 {p99:.1f} ms, "
+            f"{verdict(ratio >= 10 and done and p99 <= 10)}"
+        )
+    s2 = f.get("2", {}).get("5000")
+    if s2:
+        p99 = s2["latency_ms"]["p99"]
+        ok = p99 < 20 and not s2["problems"] and s2["fills_per_s"] >= 0.95 * 5000
+        out.append(
+            f"- per-address at 5,000 fills/s p99 < 20 ms, nothing dropped: "
+            f"{s2['fills_per_s']:,.0f} fills/s, p99 {p99:.1f} ms, "
+            f"problems {s2['problems'] or 'none'}, {verdict(ok)}"
+        )
+    s3 = f.get("3")
+    if s3:
+        best = max(
+            (r for r in s3["runs"] if r.get("part", "all") == "all"),
+            key=lambda r: r["events_per_s"],
+        )
+        server_path = [r for r in s3["runs"] if r.get("part", "all") == "all" and r["batch"] == 1]
+        out.append(
+            f"- ingest >= 50,000 events/s durable: best {best['events_per_s']:,.0f} "
+            f"({best['sync']}, {best['batch']} commands per commit); the server's path "
+            f"(one commit per command): "
+            + ", ".join(f"{r['sync']} {r['events_per_s']:,.0f}" for r in server_path)
+            + f", {verdict(best['events_per_s'] >= 50_000)}"
+        )
+    s4 = f.get("4")
+    if s4:
+        kib = s4["kib_per_connection"]
+        out.append(f"- <= 20 KiB per idle connection: {kib:.1f} KiB, {verdict(kib <= 20)}")
+    s5 = f.get("5", {}).get("history_limit_1000")
+    if s5:
+        worst = max(s5[k]["p99"] for k in s5 if k.endswith("/cold"))
+        out.append(
+            f"- subscribe with 1,000 rows p99 < 5 ms (history limit 1,000, cold): "
+            f"{worst:.2f} ms, {verdict(worst < 5)}"
+        )
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=b.ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "commit": commit,
+        "loadavg_start": b.loadavg(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, for CI (< 1 min)")
+    parser.add_argument("--only", help="comma-separated scenario numbers (default: all)")
+    parser.add_argument("--json", help="where to write the figures (default: a temp file)")
+    parser.add_argument("--profile", help="record py-spy profiles of the server here (1 and 6)")
+    args = parser.parse_args()
+    chosen = sorted(int(x) for x in args.only.split(",")) if args.only else sorted(SCENARIOS)
+    b.raise_nofile()
+    b.pin(b.LOAD_CPU)  # the orchestrator is load, not server
+    started = time.monotonic()
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="perps-bench-") as tmp:
+        ctx = Context(args.quick, Path(tmp), Path(args.profile) if args.profile else None)
+        errors: dict[str, str] = {}
+        for number in chosen:
+            name, scenario = SCENARIOS[number]
+            t = time.monotonic()
+            print(f"scenario {number}: {name} ...", flush=True)
+            try:
+                ctx.figures[str(number)] = scenario(ctx)
+            except Exception as exc:
+                traceback.print_exc()
+                errors[str(number)] = f"{type(exc).__name__}: {exc}"
+                ctx.failures.append(f"scenario {number} failed: {exc}")
+            print(f"scenario {number}: done in {time.monotonic() - t:.1f} s", flush=True)
+        info["loadavg_end"] = b.loadavg()
+        info["seconds"] = round(time.monotonic() - started, 1)
+        lines = report(ctx)
+        out = Path(args.json) if args.json else Path(tempfile.gettempdir()) / "perps-suite.json"
+        payload = {
+            "machine": info,
+            "quick": args.quick,
+            "scenarios": chosen,
+            "figures": ctx.figures,
+            "errors": errors,
+            "failures": ctx.failures,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        }
+        out.write_text(json.dumps(payload, indent=1, default=str))
+    print(
+        f"\n{info['date']}, {info['cpus']} CPUs ({info['model']}), Python {info['python']}, "
+        f"commit {info['commit']}, load average {info['loadavg_start']} -> "
+        f"{info['loadavg_end']}, {info['seconds']} s"
+    )
+    print("\n".join(lines))
+    print(f"\nfigures: {out}")
+    if ctx.failures:
+        print("\nFAILURES:\n" + "\n".join(f"- {x}" for x in ctx.failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

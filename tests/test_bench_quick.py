@@ -1,0 +1,64 @@
+"""The server benchmark suite (bench/suite.py) in its quick mode: every scenario runs against
+real server processes and produces its figures. Nothing here judges speed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+@pytest.mark.slow
+def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["errors"] == {}
+    assert result["failures"] == []
+    figures = result["figures"]
+    assert sorted(figures) == ["1", "2", "3", "4", "5", "6", "7"]
+
+    for run in figures["1"].values():  # fan-out
+        assert run["messages_per_s"] > 0
+        assert run["book_changes_per_s"] > 0
+        assert run["latency_ms"]["n"] > 0 and finite(run["latency_ms"]["p99"])
+    for run in figures["2"].values():  # per-address streams
+        assert run["fills_per_s"] > 0
+        assert run["latency_ms"]["n"] > 0 and finite(run["latency_ms"]["p99"])
+        assert run["messages_sent"] == run["messages_received"] > 0
+    parts = {(r["part"], r["sync"], r["batch"]) for r in figures["3"]["runs"]}  # ingest
+    assert ("all", "NORMAL", 1) in parts and ("all", "FULL", 100) in parts
+    assert all(r["events_per_s"] > 0 for r in figures["3"]["runs"])
+    assert finite(figures["4"]["kib_per_connection"])  # memory
+    assert figures["4"]["server_connections"] == figures["4"]["connections"]
+    for config in ("history_limit_100", "history_limit_1000"):  # subscribe
+        limit = int(config.rsplit("_", 1)[1])
+        for key in ("trade_history/cold", "trade_history/warm", "order_history/cold"):
+            row = figures["5"][config][key]
+            assert row["rows"] == limit and finite(row["p99"])
+    for name in ("naive", "ours", "ours_at_10x_naive"):  # freshness
+        run = figures["6"][name]
+        assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
+    bare = [v for k, v in figures["7"].items() if k != "message_bytes"]  # bare limit
+    assert {r["transport"] for r in bare} == {"picows", "picows-asyncio", "aiohttp"}
+    assert all(r["messages_per_s"] > 0 for r in bare)
+    assert "Targets:" in proc.stdout
