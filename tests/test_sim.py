@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from fractions import Fraction
 
+import msgspec
 import pytest
 
 from perps_indexer import errors, events
-from perps_indexer.commands import AnyCommand, execute
+from perps_indexer.commands import AnyCommand, SetIndexPrice, SettleFunding, execute
 from perps_indexer.engine import Engine
-from perps_indexer.events import AnyEvent, Fill, LiquidationSettled, OrderPlaced
-from perps_indexer.markets import default_markets
-from perps_indexer.sim import DemoSimulator
+from perps_indexer.events import (
+    AnyEvent,
+    Fill,
+    FundingSettled,
+    IndexPriceSet,
+    LiquidationSettled,
+    MarkPriceSet,
+    OrderPlaced,
+)
+from perps_indexer.markets import MarketSpec, default_markets
+from perps_indexer.sim import MAX_PREMIUM, DemoSimulator
 from perps_indexer.units import normalize_address
 
 START_MS = 1_700_000_000_000
 
 
 class Run:
-    """A simulator and an engine, the server's loop in miniature."""
+    """A simulator and an engine, the server's loop in miniature (with its funding keeper)."""
 
-    def __init__(self, seed: int = 1) -> None:
-        self.markets = default_markets()
+    def __init__(self, seed: int = 1, markets: Mapping[int, MarketSpec] | None = None) -> None:
+        self.markets = default_markets() if markets is None else markets
         self.engine = Engine(self.markets)
         self.sim = DemoSimulator(self.markets, seed=seed)
         self.events: list[AnyEvent] = []
@@ -45,11 +55,16 @@ class Run:
         for _ in range(round(seconds * 1000 / step_ms)):
             self.now += step_ms
             self.execute(self.sim.step(self.engine, self.now))
+            due = self.engine.funding_ready(self.now)
+            self.execute([SettleFunding(market_id=m) for m in due])
             if check is not None:
                 check(self)
 
     def fills(self) -> list[Fill]:
         return [e for e in self.events if isinstance(e, Fill)]
+
+    def settlements(self) -> list[FundingSettled]:
+        return [e for e in self.events if isinstance(e, FundingSettled)]
 
 
 def check_books(run: Run) -> None:
@@ -69,6 +84,7 @@ def test_bootstrap_builds_deep_books_at_the_starting_prices() -> None:
     run = Run()
     assert run.rejected == 0
     assert run.engine.marks == {396: 6050, 397: 600000, 398: 300000}
+    assert run.engine.index_prices == run.engine.marks  # no book yet: no premium
     for m, book in run.engine.books.items():
         asks, bids = book.levels()
         assert len(asks) >= 12 and len(bids) >= 12, m
@@ -148,3 +164,73 @@ def test_same_seed_same_event_log() -> None:
 def test_rejects_an_empty_market_set() -> None:
     with pytest.raises(ValueError, match="at least one market"):
         DemoSimulator({})
+
+
+def check_premium(run: Run) -> None:
+    """The mark is the index plus at most MAX_PREMIUM (and half a tick of rounding)."""
+    engine = run.engine
+    for m, index in engine.index_prices.items():
+        slack = MAX_PREMIUM * index + run.markets[m].tick_size / 2
+        assert abs(engine.marks[m] - index) <= slack, (m, engine.marks[m], index)
+
+
+def test_the_oracle_is_the_index_and_the_funding_rate_moves_within_seconds() -> None:
+    run = Run()
+    rates: dict[int, set[Fraction]] = {m: set() for m in run.markets}
+    premium_steps = dict.fromkeys(run.markets, 0)
+
+    def check(run: Run) -> None:
+        check_books(run)
+        check_premium(run)
+        for m in run.markets:
+            rate = run.engine.current_funding_rate(m)
+            assert rate is not None
+            rates[m].add(rate)
+            premium_steps[m] += run.engine.marks[m] != run.engine.index_prices[m]
+
+    run.advance(10, 200, check)
+    for m in run.markets:
+        moves = [e for e in run.events if isinstance(e, IndexPriceSet) and e.market_id == m]
+        assert len(moves) >= 10, f"market {m}: the index moved {len(moves)} times"
+        assert len(rates[m]) >= 3, f"market {m}: funding rates {rates[m]}"
+        # The premium follows the book, so the mark is off the index a good part of the time.
+        assert premium_steps[m] >= 10, f"market {m}: premium in {premium_steps[m]} of 50 steps"
+    assert sum(isinstance(e, MarkPriceSet) for e in run.events) >= 30
+
+
+def test_a_short_funding_interval_settles_in_the_demo_and_conserves_money() -> None:
+    """With a market file setting ``funding_interval_s`` to 10, settlements come every 10 s
+    and move margin between the bots' positions; replaying the log gives the same state."""
+    markets = {
+        m: msgspec.structs.replace(spec, funding_interval_s=10)
+        for m, spec in default_markets().items()
+    }
+    run = Run(seed=2, markets=markets)
+    run.advance(60, 200, check_premium)
+    settled = run.settlements()
+    for m in markets:
+        mine = [e for e in settled if e.market_id == m]
+        # The first prices at START_MS, a multiple of 10 s: due at +10 s, +20 s, ... +60 s.
+        assert [e.ts - START_MS for e in mine] == [10_000 * k for k in range(1, 7)], m
+        assert [e.next_funding - START_MS for e in mine] == [10_000 * k for k in range(2, 8)]
+        assert any(p.amount for e in mine for p in e.payments), f"market {m}: nothing paid"
+        assert len({(e.rate_num, e.rate_den) for e in mine}) >= 2
+    assert run.rejected < run.commands * 0.10
+    ledger = run.engine.ledger()
+    assert ledger.total == ledger.deposits - ledger.withdrawals
+    assert Engine.replay(markets, run.events).state() == run.engine.state()
+
+
+def test_resumes_from_the_index_of_a_previous_run() -> None:
+    first = Run(seed=4)
+    first.advance(20, 200)
+    engine = first.engine
+    sim = DemoSimulator(first.markets, seed=9)
+    commands = sim.bootstrap(engine, first.now + 200)
+    assert all(
+        abs(sim.oracles[m].price(first.markets[m].tick_size) - engine.index_prices[m])
+        <= first.markets[m].tick_size
+        for m in first.markets
+    )
+    # The index does not jump: bootstrap sends no index price.
+    assert not any(isinstance(c, SetIndexPrice) for c in commands)

@@ -86,6 +86,17 @@ class SetMarkPrice(Command, frozen=True, kw_only=True, tag="set_mark_price"):
     price: int
 
 
+class SetIndexPrice(Command, frozen=True, kw_only=True, tag="set_index_price"):
+    market_id: int
+    price: int
+
+
+class SettleFunding(Command, frozen=True, kw_only=True, tag="settle_funding"):
+    """Settle the market's funding if it is due; no events (and no change) otherwise."""
+
+    market_id: int
+
+
 AnyCommand = (
     Deposit
     | Withdraw
@@ -96,6 +107,8 @@ AnyCommand = (
     | UpdateStopLoss
     | AddMargin
     | SetMarkPrice
+    | SetIndexPrice
+    | SettleFunding
 )
 
 
@@ -158,6 +171,8 @@ _DISPATCH: dict[type[Command], Callable[[Engine, Any, int], Outcome]] = {
         e.add_margin(c.address, c.market_id, c.is_long, c.amount, ts=ts)
     ),
     SetMarkPrice: lambda e, c, ts: _events(e.set_mark_price(c.market_id, c.price, ts=ts)),
+    SetIndexPrice: lambda e, c, ts: _events(e.set_index_price(c.market_id, c.price, ts=ts)),
+    SettleFunding: lambda e, c, ts: _events(e.settle_funding(c.market_id, ts=ts)),
 }
 
 

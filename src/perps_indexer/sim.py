@@ -1,9 +1,14 @@
 """The demo market simulator behind ``perps-indexer serve --demo``.
 
 Bots trade on the embedded engine so that every topic moves within seconds: makers quote a
-ladder around a random-walk oracle price on every market, takers cross the spread with market
-and immediate-or-cancel orders, leveraged traders open positions with take-profit and stop-loss,
+ladder around the mark price on every market, takers cross the spread with market and
+immediate-or-cancel orders, leveraged traders open positions with take-profit and stop-loss,
 add margin, close and redeposit, and now and then a sharp oracle move liquidates someone.
+
+The oracle is a random walk and is the market's index price; the mark is the index plus a small
+premium that follows the book (half the relative distance of the book's mid from the index,
+within +/- 0.3 %), so the funding rate moves with every step. Funding itself is settled by the
+server on its schedule, not by the simulator.
 
 The simulator is pure: it reads the engine (never writes it), draws randomness only from
 ``random.Random(seed)`` and reads no clock. :meth:`DemoSimulator.step` returns commands for the
@@ -11,8 +16,8 @@ caller to execute in order with :func:`perps_indexer.commands.execute`; the same
 ``now_ms`` sequence give the same commands on the same engine state.
 
 Within a step the commands come in this order, so that each decision made on the state read at
-the start of the step still holds when it runs: deposits, cancels, maker quotes, mark prices
-(which may liquidate or trigger take-profit/stop-loss), then trader orders.
+the start of the step still holds when it runs: deposits, cancels, maker quotes, index prices,
+mark prices (which may liquidate or trigger take-profit/stop-loss), then trader orders.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from perps_indexer.commands import (
     Deposit,
     PlaceLimitOrder,
     PlaceMarketOrder,
+    SetIndexPrice,
     SetMarkPrice,
     UpdateStopLoss,
     UpdateTakeProfit,
@@ -49,6 +55,12 @@ MAX_STEP_S: Final = 2.0
 
 MAX_LOG_MOVE: Final = 0.3
 """The oracle stays within exp(+-0.3), about 0.74x..1.35x, of its starting price."""
+
+PREMIUM_WEIGHT: Final = 0.5
+"""The mark's premium over the index: this share of the book mid's relative distance from it."""
+
+MAX_PREMIUM: Final = 0.003
+"""The premium's bound, +/- 0.3 % (inside the bundled 0.75 % funding cap)."""
 
 
 def bot_address(name: str) -> str:
@@ -141,8 +153,9 @@ class _Oracle:
 class _Plan:
     """The commands of one step, by phase, and what the step has already committed to."""
 
-    def __init__(self, engine: Engine, marks: dict[int, int]) -> None:
+    def __init__(self, engine: Engine, index: dict[int, int], marks: dict[int, int]) -> None:
         self.engine = engine
+        self.index = index
         self.marks = marks
         self.deposits: list[AnyCommand] = []
         self.cancels: list[AnyCommand] = []
@@ -156,13 +169,18 @@ class _Plan:
         """Lots a market order may still take this step, by (market, is_ask side taken)."""
 
     def commands(self) -> list[AnyCommand]:
-        # An unchanged mark would only repeat triggers that already ran: skip it.
+        # Only prices that change: an unchanged mark would only repeat triggers that already ran.
+        index: list[AnyCommand] = [
+            SetIndexPrice(market_id=m, price=p)
+            for m, p in self.index.items()
+            if self.engine.index_prices.get(m) != p
+        ]
         marks: list[AnyCommand] = [
             SetMarkPrice(market_id=m, price=p)
             for m, p in self.marks.items()
             if self.engine.marks.get(m) != p
         ]
-        return self.deposits + self.cancels + self.quotes + marks + self.actions
+        return self.deposits + self.cancels + self.quotes + index + marks + self.actions
 
     def free(self, address: str) -> int:
         return self.engine.collateral.get(address, 0)
@@ -270,9 +288,9 @@ class DemoSimulator:
         return [b.address for b in self.makers + self.traders]
 
     def bootstrap(self, engine: Engine, now_ms: int) -> list[AnyCommand]:
-        """Deposits for every bot, the starting mark prices and full maker ladders."""
+        """Deposits for every bot, the starting index and mark prices and full maker ladders."""
         for m, oracle in self.oracles.items():
-            existing = engine.marks.get(m)
+            existing = engine.index_prices.get(m, engine.marks.get(m))
             if existing is not None:  # resume near a previous run's price instead of jumping
                 log = math.log(existing / oracle.anchor)
                 oracle.x = max(-MAX_LOG_MOVE, min(MAX_LOG_MOVE, log))
@@ -337,8 +355,9 @@ class DemoSimulator:
         oracle.x = max(-MAX_LOG_MOVE, min(MAX_LOG_MOVE, oracle.x))
 
     def _new_plan(self, engine: Engine) -> _Plan:
-        marks = {m: o.price(self.markets[m].tick_size) for m, o in self.oracles.items()}
-        plan = _Plan(engine, marks)
+        index = {m: o.price(self.markets[m].tick_size) for m, o in self.oracles.items()}
+        marks = {m: self._mark(engine, self.markets[m], p) for m, p in index.items()}
+        plan = _Plan(engine, index, marks)
         for m, spec in self.markets.items():
             # A conservative share of what the makers' ladders hold after this step's quotes:
             # liquidations and other takers may eat into the book before a market order runs.
@@ -346,6 +365,19 @@ class DemoSimulator:
             budget = len(self.makers) * self.levels * lots // 4
             plan.depth[(m, True)] = plan.depth[(m, False)] = budget
         return plan
+
+    @staticmethod
+    def _mark(engine: Engine, spec: MarketSpec, index: int) -> int:
+        """The index plus a premium that follows the book's mid (none without a two-sided
+        book), bounded, on the tick."""
+        book = engine.books[spec.market_id]
+        bid, ask = book.best_bid(), book.best_ask()
+        if bid is None or ask is None:
+            return index
+        premium = PREMIUM_WEIGHT * ((bid + ask) / 2 - index) / index
+        premium = max(-MAX_PREMIUM, min(MAX_PREMIUM, premium))
+        tick = spec.tick_size
+        return max(tick, round(index * (1 + premium) / tick) * tick)
 
     # ------------------------------------------------------------------ helpers
 

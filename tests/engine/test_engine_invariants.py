@@ -1,7 +1,8 @@
 """Property tests: random command streams against the engine's invariants.
 
 Hypothesis draws a list of abstract commands (~6 traders, all three markets, every order kind,
-cancels, closes, margin, TP/SL, mark moves large enough to liquidate). A small harness turns each
+cancels, closes, margin, TP/SL, mark moves large enough to liquidate, index prices, funding
+settlements after random jumps of the clock). A small harness turns each
 into a concrete engine call against the current state (prices near a per-market centre that
 follows the mark, closes sized from the live position, cancels picking real resting ids or bogus
 ones) and checks after every command, from the engine's public state and not from its own
@@ -12,6 +13,9 @@ bookkeeping:
 * per market, long lots held equal short lots held;
 * money is conserved exactly: free + reserved + margin + unrealised + fee account + insurance
   fund + liquidator + dust equals the deposits minus withdrawals the harness itself accepted;
+* a funding settlement happens exactly when it is due (and changes nothing otherwise), and its
+  rate, every payment, the dust and the next due time match a computation from the state
+  before it;
 * no balance, margin or reservation is negative; ``pending_close <= size``; a slot's
   ``pending_opens`` / ``pending_close`` match its resting orders;
 * event seqs are gap-free from 1; folding the log (also through JSON) reproduces the state;
@@ -23,18 +27,41 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
+import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from perps_indexer import errors
 from perps_indexer.engine import Engine
-from perps_indexer.events import AnyEvent, Fill, from_json, to_json
+from perps_indexer.events import (
+    AnyEvent,
+    Fill,
+    FundingSettled,
+    LiquidationSettled,
+    PositionState,
+    from_json,
+    to_json,
+)
 from perps_indexer.markets import MarketSpec, default_markets
-from perps_indexer.units import normalize_address
+from perps_indexer.units import BPS, ceil_div, normalize_address
 
-MARKETS: Mapping[int, MarketSpec] = default_markets()
+
+def _funding_markets() -> dict[int, MarketSpec]:
+    """The bundled markets with funding intervals the streams reach: 396 every 60 s (cap
+    75 bps), 397 hourly as bundled, 398 every 7 s with a 20 % cap, so that a payment can take
+    a position's whole margin."""
+    markets = dict(default_markets())
+    markets[396] = msgspec.structs.replace(markets[396], funding_interval_s=60)
+    markets[398] = msgspec.structs.replace(
+        markets[398], funding_interval_s=7, funding_cap_bps=2_000
+    )
+    return markets
+
+
+MARKETS: Mapping[int, MarketSpec] = _funding_markets()
 MARKET_IDS = sorted(MARKETS)
 # A reference price per market (in ticks, on the tick): APT $6.000, BTC $30000.0, ETH $60.00.
 # 396 and 398 share the number on purpose, so that order ids of the two markets can meet.
@@ -99,6 +126,12 @@ mark = st.tuples(
     st.just("mark"), market, st.one_of(st.integers(-300, 300), st.integers(-6000, 6000))
 )
 withdraw = st.tuples(st.just("withdraw"), trader, st.integers(1, 120))  # percent of free
+# Index prices in basis points from the current mark: small premiums and ones beyond any cap.
+index = st.tuples(
+    st.just("index"), market, st.one_of(st.integers(-120, 120), st.integers(-3000, 3000))
+)
+# A funding settlement after the clock jumps this many seconds (often not due: a no-op).
+funding = st.tuples(st.just("funding"), market, st.sampled_from([0, 0, 2, 7, 30, 60, 3_600]))
 
 # Order entry dominates the stream, as it does on a venue.
 KINDS = {
@@ -110,6 +143,8 @@ KINDS = {
     "withdraw": (withdraw, 1),
     "add_margin": (add_margin, 1),
     "trigger": (trigger, 2),
+    "index": (index, 2),
+    "funding": (funding, 2),
 }
 commands = st.sampled_from([k for k, (_, w) in KINDS.items() for _ in range(w)]).flatmap(
     lambda k: KINDS[k][0]
@@ -130,6 +165,9 @@ class Harness:
     rejected: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     ts: int = 0
+    settlements: list[FundingSettled] = field(default_factory=list)
+    capped: int = 0
+    """Payments that took a payer's whole (non-zero) margin."""
 
     def run(self, cmds: list[Cmd]) -> None:
         for cmd in cmds:
@@ -147,9 +185,13 @@ class Harness:
             assert self.engine.state() == before, f"{cmd} was rejected ({exc}) but changed state"
             self.rejected[exc.code] += 1
         else:
-            assert new_events, f"{cmd} was accepted without an event"
+            if cmd[0] == "funding" and not new_events:  # not due: a no-op
+                assert self.engine.state() == before
+                self.rejected["funding_not_due"] += 1
+            else:
+                assert new_events, f"{cmd} was accepted without an event"
+                self.accepted[cmd[0]] += 1
             self.events.extend(new_events)
-            self.accepted[cmd[0]] += 1
         self.check()
 
     # ---------------------------------------------------------------- concrete commands
@@ -258,12 +300,75 @@ class Harness:
             if is_tp:
                 return eng.update_take_profit(TRADERS[t], m, is_long, price, ts=ts)
             return eng.update_stop_loss(TRADERS[t], m, is_long, price, ts=ts)
+        if kind == "index":
+            _, m, bps = cmd
+            tick = MARKETS[m].tick_size
+            return eng.set_index_price(m, on_tick(self.centre[m] * (BPS + bps) // BPS, tick), ts=ts)
+        if kind == "funding":
+            _, m, jump = cmd
+            self.ts = ts = ts + jump * 1_000
+            return self.settle(m, ts)
         assert kind == "mark"
         _, m, bps = cmd
         tick = MARKETS[m].tick_size
         price = on_tick(REFERENCE[m] * (10_000 + bps) // 10_000, tick)
         events = eng.set_mark_price(m, price, ts=ts)
         self.centre[m] = price
+        return events
+
+    def settle(self, m: int, ts: int) -> list[AnyEvent]:
+        """Settle funding and check the settlement against the state before it."""
+        eng = self.engine
+        spec = MARKETS[m]
+        due, mark, index = eng.funding_due.get(m), eng.marks.get(m), eng.index_prices.get(m)
+        ready = due is not None and ts >= due and mark is not None and index is not None
+        assert eng.funding_ready(ts).count(m) == ready
+        held = {k: p for k, p in eng.positions.items() if k[1] == m and p.size}
+        dust = eng.dust
+        events = eng.settle_funding(m, ts=ts)
+        if not ready:
+            assert events == []
+            return events
+        assert mark is not None and index is not None
+        ev = events[0]
+        assert isinstance(ev, FundingSettled)
+        self.settlements.append(ev)
+        cap = Fraction(spec.funding_cap_bps, BPS)
+        rate = max(-cap, min(cap, Fraction(mark - index, index)))
+        assert Fraction(ev.rate_num, ev.rate_den) == rate and ev.rate_den > 0
+        assert (ev.mark, ev.index) == (mark, index)
+        payers = {k for k, p in held.items() if rate and p.is_long == (rate > 0)}
+        expected: dict[tuple[str, int, bool], int] = {}
+        for k in payers:
+            pos = held[k]
+            owed = ceil_div(pos.size * mark * abs(rate.numerator), rate.denominator)
+            expected[k] = -min(owed, pos.margin)
+            self.capped += pos.margin > 0 and expected[k] == -pos.margin
+        pool = -sum(expected.values())
+        receiving = sum(p.size for k, p in held.items() if k not in payers)
+        for k, pos in held.items():
+            if k not in payers:
+                expected[k] = pool * pos.size // receiving if pool else 0
+        got = {(p.position.address, m, p.position.is_long): p for p in ev.payments}
+        assert {k: p.amount for k, p in got.items()} == expected
+        for k, payment in got.items():
+            after: PositionState = payment.position
+            assert after.margin == held[k].margin + payment.amount >= 0
+            assert after.added_margin == held[k].added_margin + payment.amount
+            assert (after.size, after.value, after.trade_id) == (
+                held[k].size,
+                held[k].value,
+                held[k].trade_id,
+            )
+        assert ev.dust == dust + sum(-a for a in expected.values() if a < 0) - sum(
+            a for a in expected.values() if a > 0
+        )
+        assert ev.dust - dust < max(1, len(held))  # at most one unit short per receiver
+        interval = spec.funding_interval_s * 1000
+        assert ev.next_funding % interval == 0 and ts < ev.next_funding <= ts + interval
+        assert eng.funding_due[m] == ev.next_funding
+        for later in events[1:]:  # what follows is the trigger path at the same mark
+            assert not isinstance(later, FundingSettled)
         return events
 
     # ---------------------------------------------------------------- invariants
@@ -311,7 +416,8 @@ class Harness:
             assert key == (pos.address, pos.market_id, pos.is_long)
             assert pos.trade_id & ((1 << 64) - 1) == pos.market_id
             assert pos.size >= 0 and pos.value >= 0 and pos.margin >= 0
-            assert 0 <= pos.added_margin <= pos.margin
+            # Funding paid from a position counts as negative added margin.
+            assert pos.added_margin <= pos.margin
             assert pos.size > 0 or pos.pending_opens > 0, f"empty slot {key} not released"
             assert pos.size > 0 or (pos.value == pos.margin == 0)
             assert pos.pending_opens == opens[key]
@@ -322,6 +428,14 @@ class Harness:
             assert free >= 0, f"{addr} has negative free collateral {free}"
         assert eng.fee_account >= 0 and eng.insurance_fund >= 0 and eng.liquidator >= 0
         assert eng.dust >= 0
+
+        # Funding starts with a market's first price and is due on its interval boundaries.
+        for m in MARKET_IDS:
+            due = eng.funding_due.get(m)
+            if m in eng.marks or m in eng.index_prices:
+                assert due is not None and due % (MARKETS[m].funding_interval_s * 1000) == 0
+            else:
+                assert due is None
 
         # Money is conserved exactly, whatever the marks (unrealised pnl nets to zero).
         marks = {m: on_tick(self.centre[m] + 37 * m, MARKETS[m].tick_size) for m in MARKET_IDS}
@@ -441,3 +555,42 @@ def test_a_long_busy_stream_keeps_the_invariants_and_exercises_every_path() -> N
     assert order_types[13] + order_types[14] > 0, "no liquidation fill in the stream"
     assert sum(order_types[c] for c in (9, 10, 11, 12)) > 0, "no TP/SL fill in the stream"
     assert any(r.startswith("self-trade") for r in reasons), "no self-trade cancel"
+
+
+def _funding_stream(seed: int, n: int) -> list[Cmd]:
+    """The busy stream with index prices and funding settlements mixed in."""
+    import random
+
+    rng = random.Random(seed)
+    cmds: list[Cmd] = []
+    for cmd in _warm_stream(seed, n):
+        cmds.append(cmd)
+        roll = rng.random()
+        m = rng.choice(MARKET_IDS)
+        if roll < 0.08:
+            cmds.append(("index", m, rng.choice([-2500, -400, -60, 0, 60, 400, 2500])))
+        elif roll < 0.16:
+            cmds.append(("funding", m, rng.choice([0, 7, 60])))
+    return cmds
+
+
+def test_a_long_stream_with_funding_keeps_the_invariants() -> None:
+    """A seeded stream known to settle funding often: payments both ways, payers capped at
+    their margin, dust, and liquidations set off by a settlement."""
+    harness = run_stream(_funding_stream(11, 1_500))
+    second = run_stream(_funding_stream(11, 1_500))
+    assert [to_json(e) for e in harness.events] == [to_json(e) for e in second.events]
+    settled = harness.settlements
+    assert {ev.market_id for ev in settled} == set(MARKET_IDS)
+    assert any(ev.rate_num > 0 for ev in settled) and any(ev.rate_num < 0 for ev in settled)
+    assert sum(1 for ev in settled for p in ev.payments if p.amount) > 20
+    assert harness.capped > 0, "no payer paid its whole margin"
+    assert harness.engine.dust > 0
+    after_funding = [
+        later
+        for i, ev in enumerate(harness.events)
+        if isinstance(ev, FundingSettled)
+        for later in harness.events[i + 1 : i + 4]
+        if isinstance(later, LiquidationSettled) and later.ts == ev.ts
+    ]
+    assert after_funding, "no settlement set off a liquidation"

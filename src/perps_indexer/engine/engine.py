@@ -21,11 +21,15 @@ Rules (see ``docs/engine.md`` for the full list):
   fills bounded so that the loss never exceeds margin plus the insurance fund; what remains is
   split 20 % insurance fund, 30 % liquidator, 50 % trader. Then take-profit and stop-loss
   triggers close positions at market, bounded by the trader's margin and free collateral.
+* Funding: once per interval the mark's premium over the index, clamped to the market's cap,
+  moves margin from the paying side's positions to the other side's, pro rata by size; the
+  rounding remainder goes to the dust account. Then liquidations run as after a mark.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from fractions import Fraction
 from typing import Any, Final
 
 import msgspec
@@ -46,6 +50,9 @@ from perps_indexer.events import (
     Event,
     Fill,
     FillSide,
+    FundingPayment,
+    FundingSettled,
+    IndexPriceSet,
     LiquidationSettled,
     MarkPriceSet,
     OrderCancelled,
@@ -89,6 +96,19 @@ LIQUIDATION_SHARES: Final = (20, 30, 50)
 
 def order_type_code(kind: int, is_long: bool) -> int:
     return 2 * kind - 1 if is_long else 2 * kind
+
+
+def next_funding_time(spec: MarketSpec, ts: int) -> int:
+    """The first multiple of the market's funding interval strictly after ``ts`` (unix ms)."""
+    interval = spec.funding_interval_s * 1000
+    return (ts // interval + 1) * interval
+
+
+def funding_rate(spec: MarketSpec, mark: int, index: int) -> Fraction:
+    """The funding rate per interval, exact: ``(mark - index) / index`` clamped to
+    ``+/- funding_cap_bps / 10000``. Positive: longs pay shorts."""
+    cap = Fraction(spec.funding_cap_bps, BPS)
+    return max(-cap, min(cap, Fraction(mark - index, index)))
 
 
 class FillInfo(msgspec.Struct, frozen=True):
@@ -201,6 +221,12 @@ class Engine:
         self.positions: dict[SlotKey, PositionState] = {}
         self.slots_by_market: dict[int, dict[SlotKey, None]] = {m: {} for m in self.markets}
         self.marks: dict[int, int] = {}
+        self.index_prices: dict[int, int] = {}
+        """The oracle (index) price per market; funding follows the mark's premium over it."""
+        self.funding_due: dict[int, int] = {}
+        """When each market's next funding settlement is due (unix ms): from the market's first
+        mark or index price on, the next interval boundary; after a settlement, its
+        ``next_funding``."""
         self.order_counter = 0
         """The last order counter used. One counter for the whole venue, not one per market:
         an order id then names a single order (per-market counters made ids of two markets
@@ -231,6 +257,8 @@ class Engine:
             PositionUpdated: self._apply_position_updated,
             PositionReleased: self._apply_released,
             LiquidationSettled: self._apply_liquidation,
+            IndexPriceSet: self._apply_index,
+            FundingSettled: self._apply_funding,
         }
 
     # ------------------------------------------------------------------ folding
@@ -264,6 +292,23 @@ class Engine:
 
     def _apply_mark(self, ev: MarkPriceSet) -> None:
         self.marks[ev.market_id] = ev.price
+        if ev.market_id not in self.funding_due:
+            self._start_funding(ev.market_id, ev.ts)
+
+    def _start_funding(self, market_id: int, ts: int) -> None:
+        """The market's first price: its first funding is due at the next interval boundary."""
+        self.funding_due[market_id] = next_funding_time(self.markets[market_id], ts)
+
+    def _apply_index(self, ev: IndexPriceSet) -> None:
+        self.index_prices[ev.market_id] = ev.price
+        if ev.market_id not in self.funding_due:
+            self._start_funding(ev.market_id, ev.ts)
+
+    def _apply_funding(self, ev: FundingSettled) -> None:
+        for payment in ev.payments:
+            self._set_position(payment.position)
+        self.dust = ev.dust
+        self.funding_due[ev.market_id] = ev.next_funding
 
     def _set_position(self, pos: PositionState) -> None:
         key = (pos.address, pos.market_id, pos.is_long)
@@ -1274,6 +1319,111 @@ class Engine:
             )
         )
 
+    # ------------------------------------------------------------------ funding
+
+    def set_index_price(self, market_id: int, price: int, *, ts: int) -> list[AnyEvent]:
+        """Set the oracle (index) price; funding follows the mark's premium over it.
+
+        Nothing else moves: liquidations and TP/SL follow the mark only."""
+        spec = self._market(market_id)
+        price = self._positive_int(price, "index price", errors.InvalidPrice)
+        tx = _Tx(self, ts)
+        tx.events.append(
+            IndexPriceSet(seq=tx.next_seq(), ts=ts, market_id=spec.market_id, price=price)
+        )
+        return self._commit(tx)
+
+    def current_funding_rate(self, market_id: int) -> Fraction | None:
+        """The rate a settlement would use now; None while the mark or the index is unknown."""
+        spec = self._market(market_id)
+        mark = self.marks.get(spec.market_id)
+        index = self.index_prices.get(spec.market_id)
+        if mark is None or index is None:
+            return None
+        return funding_rate(spec, mark, index)
+
+    def funding_ready(self, ts: int) -> list[int]:
+        """The markets that :meth:`settle_funding` would settle at ``ts``: due, with a mark and
+        an index price."""
+        marks, index = self.marks, self.index_prices
+        return [m for m, due in self.funding_due.items() if due <= ts and m in marks and m in index]
+
+    def settle_funding(self, market_id: int, *, ts: int) -> list[AnyEvent]:
+        """Settle the market's periodic funding if it is due; otherwise do nothing.
+
+        Due means ``ts >= funding_due[market]`` with both a mark and an index price known;
+        when not due this returns no events and changes nothing (a keeper may call it at
+        will). A settlement emits one ``FundingSettled``: every position with a size in the
+        market, in slot order, pays or receives (see ``docs/engine.md``, Funding). However
+        late it runs, it settles one interval, and the next is due at the first interval
+        boundary after ``ts``. Positions that funding brought to their liquidation price are
+        then liquidated (and TP/SL checked) at the current mark, as after a mark price.
+        """
+        spec = self._market(market_id)
+        m = spec.market_id
+        due = self.funding_due.get(m)
+        mark = self.marks.get(m)
+        index = self.index_prices.get(m)
+        if due is None or ts < due or mark is None or index is None:
+            return []
+        rate = funding_rate(spec, mark, index)
+        num, den = rate.numerator, rate.denominator
+        positions = self.positions
+        held = [pos for key in self.slots_by_market[m] if (pos := positions[key]).size]
+        # Payers (longs when the rate is positive, shorts when negative) owe
+        # size * mark * |rate|, rounded up, and pay at most their margin.
+        longs_pay = num > 0
+        amounts: list[int] = []
+        pool = 0
+        receiving = 0
+        for pos in held:
+            if num and pos.is_long == longs_pay:
+                paid = min(ceil_div(pos.size * mark * abs(num), den), pos.margin)
+                pool += paid
+                amounts.append(-paid)
+            else:
+                receiving += pos.size
+                amounts.append(0)
+        # Receivers share what was paid pro rata by size, rounded down; the rest is dust.
+        received = 0
+        if pool and receiving:
+            for i, pos in enumerate(held):
+                if pos.is_long != longs_pay:
+                    amounts[i] = share = pool * pos.size // receiving
+                    received += share
+        payments = [
+            FundingPayment(
+                position=_replace(
+                    pos,
+                    margin=pos.margin + amount,
+                    added_margin=pos.added_margin + amount,
+                    updated=ts,
+                )
+                if amount
+                else pos,
+                amount=amount,
+            )
+            for pos, amount in zip(held, amounts, strict=True)
+        ]
+        tx = _Tx(self, ts)
+        tx.events.append(
+            FundingSettled(
+                seq=tx.next_seq(),
+                ts=ts,
+                market_id=m,
+                mark=mark,
+                index=index,
+                rate_num=num,
+                rate_den=den,
+                payments=payments,
+                dust=self.dust + pool - received,
+                next_funding=next_funding_time(spec, ts),
+            )
+        )
+        events = self._commit(tx)
+        events.extend(self._run_triggers(spec, ts, None))
+        return events
+
     # ------------------------------------------------------------------ reads
 
     def ledger(self, marks: Mapping[int, int] | None = None) -> Ledger:
@@ -1316,6 +1466,8 @@ class Engine:
                 for m, b in sorted(self.books.items())
             },
             "marks": dict(sorted(self.marks.items())),
+            "index_prices": dict(sorted(self.index_prices.items())),
+            "funding_due": dict(sorted(self.funding_due.items())),
             "order_counter": self.order_counter,
             "position_counters": dict(self.position_counters),
             "accounts": (

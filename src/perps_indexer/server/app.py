@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from perps_indexer.commands import SettleFunding
 from perps_indexer.errors import CommandRejected, ConfigurationError
 from perps_indexer.markets import MarketSpec, load_markets
 from perps_indexer.server.rest import RestApi, cors_middleware, error_middleware, ok
@@ -181,6 +182,7 @@ class Server:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         self._spawn(self._keepalive_loop())
+        self._spawn(self._funding_loop())
         if self.config.demo:
             self._start_demo()
         log.info("serving on %s (ws %s)", self.url, self.ws_url)
@@ -361,6 +363,20 @@ class Server:
                     self.metrics.keepalive_timeouts += 1
                     log.info("closing a connection that stopped answering pings")
                     self._close_session(session, ws)  # a silent peer is owed nothing more
+
+    async def _funding_loop(self) -> None:
+        """Settle each market's funding on time: every second, the markets now due."""
+        assert self.venue is not None
+        venue = self.venue
+        while True:
+            await asyncio.sleep(1.0)
+            for market_id in venue.engine.funding_ready(self.clock()):
+                try:
+                    venue.execute(SettleFunding(market_id=market_id))
+                except CommandRejected as exc:
+                    log.warning("funding settlement of market %s rejected: %s", market_id, exc)
+                except VenueHalted:
+                    return
 
     # -- demo
 

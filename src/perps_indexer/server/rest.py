@@ -147,6 +147,8 @@ class RestApi:
             "/updateStopLoss": self.cmd_stop_loss,
             "/addMargin": self.cmd_add_margin,
             "/setMarkPrice": self.cmd_mark,
+            "/setIndexPrice": self.cmd_index,
+            "/settleFunding": self.cmd_settle_funding,
         }
         routes = [web.get(path, handler) for path, handler in reads.items()]
         # CORS: a browser page on another origin may read; writes get no CORS headers, so
@@ -353,6 +355,15 @@ class RestApi:
         return commands.SetMarkPrice(
             market_id=field_market(body, self.markets), price=field_int(body, "price")
         )
+
+    def cmd_index(self, body: dict[str, Any]) -> commands.AnyCommand:
+        return commands.SetIndexPrice(
+            market_id=field_market(body, self.markets), price=field_int(body, "price")
+        )
+
+    def cmd_settle_funding(self, body: dict[str, Any]) -> commands.AnyCommand:
+        """Settles the market's funding if it is due; otherwise accepted with no events."""
+        return commands.SettleFunding(market_id=field_market(body, self.markets))
 
 
 CORS_HEADERS = {
