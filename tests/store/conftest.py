@@ -22,7 +22,8 @@ OTHER_MARKET = 397
 
 def drive_engine() -> tuple[Engine, list[AnyEvent]]:
     """A session that produces every event type: deposits, a withdrawal, resting and crossing
-    orders, a cancel, TP/SL, added margin, and a liquidation through a mark price."""
+    orders, a cancel, TP/SL, added margin, a liquidation through a mark price, an index price
+    and a funding settlement."""
     engine = Engine(default_markets())
     events: list[AnyEvent] = []
     ts = 1_000
@@ -66,6 +67,12 @@ def drive_engine() -> tuple[Engine, list[AnyEvent]]:
     # liquidation price (about 6493), liquidates the short through it.
     run(open_limit(LIQUIDITY, MARKET, False, 5000, 6500))
     run(engine.set_mark_price(MARKET, 6500, ts=ts))
+    # An index under the mark, then the hourly funding settlement: longs pay shorts.
+    run(engine.set_index_price(MARKET, 6450, ts=ts))
+    ts = 3_600_000
+    settled = engine.settle_funding(MARKET, ts=ts)
+    assert any(p.amount for ev in settled for p in getattr(ev, "payments", ()))
+    run(settled)
     return engine, events
 
 

@@ -153,7 +153,7 @@ def test_event_keys_by_type(events: list[AnyEvent]) -> None:
 
 # What the scenario in conftest.py touches, worked out by hand from its commands.
 TRADER_SEQS = [1, 7, 8, 13, 19, 20, 21, 22]
-MAKER_SEQS = [2, 5, 6, 8, 9, 10, 11, 12, 14, 15]
+MAKER_SEQS = [2, 5, 6, 8, 9, 10, 11, 12, 14, 15, 24]  # 24: the maker's long pays funding
 MARKET_397_SEQS = [9, 10, 11, 12]
 
 
@@ -163,7 +163,8 @@ def test_read_for_key_addresses_and_markets(store: SQLiteStore, events: list[Any
     assert seqs(store.read_for_key(MAKER)) == MAKER_SEQS
     assert seqs(store.read_for_key("market:397")) == MARKET_397_SEQS
     market_396 = seqs(store.read_for_key("market:396"))
-    assert market_396 == [5, 6, 7, 8, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
+    # ... 23: the index price, 24: the funding settlement.
+    assert market_396 == [5, 6, 7, 8, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
     assert store.read_for_key(TRADER)[0] == events[0]
     assert store.read_for_key("0x" + "99" * 32) == []
     assert store.read_for_key("market:999") == []
@@ -344,7 +345,7 @@ def test_snapshots_keep_only_the_latest_per_name(
         assert reopened.load_snapshot("engine") == (len(events), b"at the end")
 
 
-@pytest.mark.parametrize("seq", [-1, 23, 1000])
+@pytest.mark.parametrize("seq", [-1, 25, 1000])
 def test_a_snapshot_outside_the_log_is_refused(
     store: SQLiteStore, events: list[AnyEvent], seq: int
 ) -> None:
