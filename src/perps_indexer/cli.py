@@ -53,6 +53,37 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="SQLite synchronous mode: FULL survives power loss, NORMAL a process "
         "crash (default FULL)",
     )
+    p.add_argument(
+        "--read-only", action="store_true", help="serve the streams and REST reads, no writes"
+    )
+    limits = p.add_argument_group("limits (see docs/protocol.md)")
+    limits.add_argument(
+        "--max-subscriptions",
+        type=int,
+        default=256,
+        help="subscriptions per connection (default 256)",
+    )
+    limits.add_argument(
+        "--rate",
+        type=float,
+        default=20.0,
+        help="inbound messages per second per connection (default 20)",
+    )
+    limits.add_argument(
+        "--burst", type=int, default=50, help="inbound burst per connection (default 50)"
+    )
+    limits.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=1000,
+        help="WebSocket connections per client address (default 1000)",
+    )
+    limits.add_argument(
+        "--slow-reader-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a send may wait on a peer that does not read (default 10)",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
 
@@ -113,7 +144,9 @@ def _banner(server: object) -> str:
         f"  REST       {server.url}  (e.g. {server.url}/getOrderBook?marketId=396)",
         f"  database   {server.config.db}",
     ]
-    if server.config.api_key is None:
+    if server.config.read_only:
+        lines.append("  read-only  no write endpoints")
+    elif server.config.api_key is None:
         lines.append(f"  API key    {server.api_key}   (generated; pass --api-key to fix it)")
     sim = server.simulator
     featured = getattr(sim, "featured_address", None)
@@ -142,6 +175,12 @@ async def _serve(args: argparse.Namespace) -> int:
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
         sync=args.sync,
+        read_only=args.read_only,
+        max_subscriptions=args.max_subscriptions,
+        rate=args.rate,
+        burst=args.burst,
+        max_connections_per_ip=args.max_connections_per_ip,
+        slow_reader_timeout=args.slow_reader_timeout,
     )
     server = Server(config)
     await server.start()

@@ -541,7 +541,7 @@ def test_order_status_by_id_any_age(tmp_path: Path) -> None:
             ("marketId=396&orderId=-1", "unknown_order"),
             ("marketId=396&orderId=x", "invalid_request"),
             ("marketId=396", "invalid_request"),
-            (f"marketId=999&orderId={ids[0]}", "invalid_request"),
+            (f"marketId=999&orderId={ids[0]}", "unknown_market"),
         ):
             status, reply = rest.get(f"/getOrderStatusById?{query}")
             assert (status, reply["code"]) == (404 if code == "unknown_order" else 400, code)

@@ -262,7 +262,7 @@ def test_bad_frames_that_used_to_crash_the_handler(server: ThreadedServer) -> No
         send(ws, topic="orderbook", market_id="396")
         assert recv(ws)["message"] == "orderbook"
     status, reply = server.rest.get("/getOrderBook?marketId=%C2%B2")
-    assert status == 400 and reply["code"] == "invalid_request"
+    assert status == 400 and reply["code"] == "unknown_market"
 
 
 # ---------------------------------------------------------------------------- 2. unsubscribe

@@ -335,6 +335,10 @@ class Server:
             if transport is not None:
                 transport.abort()
 
+    async def _ping(self, ws: web.WebSocketResponse) -> None:
+        with contextlib.suppress(ConnectionError):
+            await ws.ping()
+
     async def _keepalive_loop(self) -> None:
         period = max(0.05, min(1.0, self.config.ping_interval / 4, self.config.ping_timeout / 4))
         clock = asyncio.get_running_loop().time
@@ -357,8 +361,8 @@ class Server:
                     continue
                 action = session.keepalive(now)
                 if action == "ping":
-                    with contextlib.suppress(ConnectionError):
-                        await ws.ping()
+                    # Not awaited: a peer that does not read must not stall the ticker.
+                    self._spawn(self._ping(ws))
                 elif action == "timeout":
                     self.metrics.keepalive_timeouts += 1
                     log.info("closing a connection that stopped answering pings")

@@ -29,9 +29,14 @@ _INT = re.compile(r"-?\d{1,40}")
 
 
 class BadRequest(PerpsIndexerError):
-    """A REST request is malformed (missing field, wrong type)."""
+    """A REST request is malformed (missing field, wrong type); ``code`` as on the WebSocket."""
 
     code = "invalid_request"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 def ok(message: str, data: Any) -> web.Response:
@@ -78,14 +83,14 @@ def field_address(source: Mapping[str, Any], name: str = "userAddress") -> str:
     try:
         return normalize_address(value)
     except InvalidAddress as exc:
-        raise BadRequest(f'field "{name}": {exc}') from None
+        raise BadRequest(f'field "{name}": {exc}', exc.code) from None
 
 
 def field_market(source: Mapping[str, Any], markets: Mapping[int, MarketSpec]) -> int:
     try:
         return parse_market_id(source.get("marketId"), markets, "marketId")
     except RequestError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(exc.text, exc.code) from None
 
 
 TRADE_SIDE = "tradeSide: true for long, false for short"

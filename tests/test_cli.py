@@ -1,0 +1,55 @@
+"""The ``perps-indexer serve`` command line: flags reach the server, unsafe settings refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.server.conftest import Client, spawn_server
+
+
+def test_refuses_writes_on_a_public_address_without_a_key(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perps_indexer",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--db",
+            str(tmp_path / "x.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "refusing to accept writes on 0.0.0.0 without a key" in done.stderr
+    assert "--read-only" in done.stderr
+    assert not (tmp_path / "x.db").exists()  # refused before anything was opened
+
+
+def test_read_only_and_limit_flags(tmp_path: Path) -> None:
+    server = spawn_server(tmp_path / "ro.db", "--read-only", "--max-subscriptions", "2")
+    try:
+        assert any("read-only" in line for line in server.banner)
+        rest = Client(server.url)
+        status, reply = rest.post("/deposit", {"userAddress": "0x1", "amount": 5})
+        assert status in (404, 405) and reply["success"] is False
+        assert rest.get("/getOrderBook?marketId=396")[0] == 200
+
+        from websockets.sync.client import connect
+
+        with connect(server.ws_url) as ws:
+            for market in (396, 397, 398):
+                ws.send(f'{{"topic": "orderbook", "market_id": {market}, "id": {market}}}')
+            replies = [ws.recv(timeout=5) for _ in range(5)]
+        assert sum('"too_many_subscriptions"' in r for r in replies) == 1
+        assert any("max_subscriptions = 2" in r for r in replies)
+    finally:
+        server.terminate()
