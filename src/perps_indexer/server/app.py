@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class ServerConfig:
     max_outbox_bytes: int = 8 * 1024 * 1024
     slow_reader_timeout: float = 10.0
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
+    socket_send_buffer: int = 256 * 1024
+    """Kernel send buffer of a WebSocket connection (0: the OS default). Small enough that a
+    slow reader drains it within the close timeout, so it receives its close code and reason."""
     read_only: bool = False
     """Serve no write endpoints (the REST reads and the streams only)."""
     max_resume_rows: int = MAX_RESUME_ROWS
@@ -225,6 +229,7 @@ class Server:
         assert self.venue is not None
         ws = WebSocket(self.config.max_frame)
         await ws.prepare(request)
+        self._cap_send_buffer(request)
         ip = request.remote or "?"
         if self.per_ip.get(ip, 0) >= self.config.max_connections_per_ip:
             limit = self.config.max_connections_per_ip
@@ -286,6 +291,13 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
         return ws
+
+    def _cap_send_buffer(self, request: web.Request) -> None:
+        size = self.config.socket_send_buffer
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if size and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     async def _write_loop(
         self, ws: web.WebSocketResponse, session: Session, wake: asyncio.Event
