@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import msgspec
@@ -960,12 +961,11 @@ def test_live_funding_rate_from_marks_indexes_and_settlements(venue: Venue) -> N
     assert funding(IndexPriceSet(seq=seq + 4, ts=6_800_000, market_id=396, price=5900)) == set()
     assert seq_of(p.message("live_funding_rate", 396)) == seq + 3
     assert row_of(p.message("live_funding_rate", 396))[0]["last_updated"] == "6700"
-    # Crossing the hour boundary moves next_funding_time even with the same prices.
-    assert funding(MarkPriceSet(seq=seq + 5, ts=7_200_000, market_id=396, price=6030)) == {
-        ("live_funding_rate", 396)
-    }
-    assert row_of(p.message("live_funding_rate", 396))[0]["next_funding_time"] == "10800"
-    funding(IndexPriceSet(seq=seq + 6, ts=7_300_000, market_id=396, price=7000))
+    # The due time stays where the first price put it until a settlement moves it, even when
+    # it has passed (as in the engine: it settles once it can, however late).
+    assert funding(MarkPriceSet(seq=seq + 5, ts=7_300_000, market_id=396, price=6030)) == set()
+    assert row_of(p.message("live_funding_rate", 396))[0]["next_funding_time"] == "7200"
+    funding(IndexPriceSet(seq=seq + 6, ts=7_400_000, market_id=396, price=7000))
     assert row_of(p.message("live_funding_rate", 396))[0]["funding_rate"] == "-0.0075"
     # Other markets are untouched.
     assert p.live_funding_rate(397) == []
@@ -1005,7 +1005,7 @@ def test_funding_settlement_moves_margins_and_records_payments(venue: Venue) -> 
         {**payment, "address": C, "amount": "53985", "is_long": False, "trade_id": tid(3)}
     ]
     assert p.funding_history(B) == []
-    # After the announced time has passed without a settlement, the next boundary is shown.
+    # A later mark moves the rate, not the announced time (even once it has passed).
     venue.feed([MarkPriceSet(seq=settle + 1, ts=11_000_000, market_id=396, price=5900)])
     assert row_of(p.message("live_funding_rate", 396)) == [
         {
@@ -1014,7 +1014,7 @@ def test_funding_settlement_moves_margins_and_records_payments(venue: Venue) -> 
             "last_updated": "11000",
             "mark_price": "5900",
             "market_id": "396",
-            "next_funding_time": "14400",
+            "next_funding_time": "10800",
         }
     ]
     # Funding rows keep the newest history_limit per address.
@@ -1023,12 +1023,69 @@ def test_funding_settlement_moves_margins_and_records_payments(venue: Venue) -> 
     assert [r.transaction_version for r in small.funding_history(A)] == [str(settle)]
 
 
+def test_funding_through_the_engine(venue: Venue) -> None:
+    """The engine's index price, mark and settlement (A long 1200 pays C short 1200)."""
+    p, engine = venue.proj, venue.engine
+    # The index first: the market's first price sets when the first funding is due.
+    venue.feed(engine.set_index_price(396, 6000, ts=6_000_000))
+    row = {
+        "funding_rate": "0",
+        "index_price": "6000",
+        "last_updated": "6000",
+        "mark_price": None,
+        "market_id": "396",
+        "next_funding_time": "7200",
+    }
+    assert p.message("live_funding_rate", 396) == push("live_funding_rate", [row])[:-1] + (
+        b',"seq":13}'
+    )
+    venue.feed(engine.set_mark_price(396, 6030, ts=6_500_000))
+    row = {**row, "funding_rate": "0.005", "last_updated": "6500", "mark_price": "6030"}
+    assert row_of(p.message("live_funding_rate", 396)) == [row]
+    assert engine.settle_funding(396, ts=7_199_999) == []  # not due yet
+    events = engine.settle_funding(396, ts=7_200_000)
+    assert [type(e).__name__ for e in events] == ["FundingSettled"]
+    assert venue.feed(events) == keys(
+        ("positions", A), ("positions", C), ("live_funding_rate", 396)
+    )
+    # Longs pay ceil(1200 * 6030 * 0.005) = 36180 from their margin; C, the only short, gets it.
+    (a_row,) = p.positions(A)
+    (c_row,) = p.positions(C)
+    assert (a_row.margin, c_row.margin) == (str(3_599_000 - 36_180), str(1_799_500 + 36_180))
+    assert a_row == wire.position_row(engine.positions[(A, 396, True)], MARKETS[396])
+    assert c_row == wire.position_row(engine.positions[(C, 396, False)], MARKETS[396])
+    assert row_of(p.message("live_funding_rate", 396)) == [
+        {**row, "last_updated": "7200", "next_funding_time": "10800"}
+    ]
+    assert seq_of(p.message("live_funding_rate", 396)) == events[0].seq
+    assert [(r.address, r.amount, r.funding_rate) for r in p.funding_history(A)] == [
+        (A, "-36180", "0.005")
+    ]
+    assert [(r.address, r.amount, r.is_long) for r in p.funding_history(C)] == [(C, "36180", False)]
+    assert int(p.live_funding_rate(396)[0].next_funding_time) * 1000 == engine.funding_due[396]
+
+
 # ---------------------------------------------------------------------- random command streams
 
 TRADERS = [A, B, C]
 # One flat draw per command; the kind picks the fields it needs. Limit orders come first and
 # most often, so that shrinking leads to them and books fill up.
-KINDS = ["limit", "limit", "limit", "market", "market", "cancel", "mark", "tp", "sl", "margin"]
+KINDS = [
+    "limit",
+    "limit",
+    "limit",
+    "market",
+    "market",
+    "cancel",
+    "mark",
+    "tp",
+    "sl",
+    "margin",
+    "index",
+    "settle",
+]
+# Market 396 with a 2 s funding interval, so that random streams settle funding often.
+FAST = {**MARKETS, 396: msgspec.structs.replace(MARKETS[396], funding_interval_s=2)}
 COMMAND = st.tuples(
     st.sampled_from(KINDS),
     st.integers(0, 2),  # trader
@@ -1073,6 +1130,10 @@ def run_command(engine: Engine, step: int, cmd: tuple[Any, ...], ts: int) -> lis
         return engine.cancel_orders(addr, 396, ids, ts=ts)
     if kind == "mark":
         return engine.set_mark_price(396, level or price, ts=ts)
+    if kind == "index":
+        return engine.set_index_price(396, level or price, ts=ts)
+    if kind == "settle":
+        return engine.settle_funding(396, ts=ts)
     if kind == "margin":
         return engine.add_margin(addr, 396, is_long, amount, ts=ts)
     update = engine.update_take_profit if kind == "tp" else engine.update_stop_loss
@@ -1100,15 +1161,18 @@ def check_against_engine(p: Projections, engine: Engine, log: list[AnyEvent]) ->
     assert (
         p.recent_trades(396) == [wire.recent_trade_row(e) for e in fills[::-1]][: p.history_limit]
     )
-    marks = [e for e in log if isinstance(e, MarkPriceSet)]
-    if marks:
+    if 396 in engine.funding_due:  # a mark or index price was set
         (funding,) = p.live_funding_rate(396)
-        assert (funding.mark_price, funding.index_price, funding.funding_rate) == (
-            str(marks[-1].price),
-            None,
-            "0",
+        mark, index = engine.marks.get(396), engine.index_prices.get(396)
+        rate = engine.current_funding_rate(396) or Fraction(0)
+        assert funding == wire.FundingRateRow(
+            funding_rate=wire.format_rate(rate.numerator, rate.denominator),
+            index_price=None if index is None else str(index),
+            last_updated=funding.last_updated,
+            mark_price=None if mark is None else str(mark),
+            market_id="396",
+            next_funding_time=str(engine.funding_due[396] // 1000),
         )
-        assert int(funding.next_funding_time) == (marks[-1].ts // 3_600_000 + 1) * 3600
     else:
         assert p.live_funding_rate(396) == []
     latest = {}
@@ -1154,6 +1218,14 @@ def check_against_engine(p: Projections, engine: Engine, log: list[AnyEvent]) ->
             if isinstance(e, Deposited | Withdrew) and e.address == addr
         ]
         assert p.deposit_withdraw_history(addr) == moves[::-1][: p.history_limit]
+        paid = [
+            wire.funding_history_row(payment, e)
+            for e in log
+            if isinstance(e, FundingSettled)
+            for payment in e.payments
+            if payment.position.address == addr
+        ]
+        assert p.funding_history(addr) == paid[::-1][: p.history_limit]
 
 
 def expected_live(log: list[AnyEvent]) -> list[projections.LiveRow]:
@@ -1186,9 +1258,9 @@ def _without_time(row: wire.PositionRow) -> tuple[Any, ...]:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(commands=COMMANDS, funds=FUNDS)
 def test_random_streams_match_the_engine(commands: list[tuple[Any, ...]], funds: list[int]) -> None:
-    engine = Engine(MARKETS)
-    batched = Projections(MARKETS, history_limit=6)
-    single = Projections(MARKETS, history_limit=6)
+    engine = Engine(FAST)
+    batched = Projections(FAST, history_limit=6)
+    single = Projections(FAST, history_limit=6)
     log: list[AnyEvent] = []
     ts = 1_000
     batches = [
@@ -1215,12 +1287,12 @@ def test_random_streams_match_the_engine(commands: list[tuple[Any, ...]], funds:
         log.extend(events)
     assert live == expected_live(log)
     check_against_engine(batched, engine, log)
-    whole = Projections(MARKETS, history_limit=6)
+    whole = Projections(FAST, history_limit=6)
     whole.apply_batch(log)
     expected = all_messages(single, TRADERS)
     assert all_messages(batched, TRADERS) == expected
     assert all_messages(whole, TRADERS) == expected
     for topic, key in expected:
         check_message_types(topic, expected[topic, key])
-    restored = Projections.restore(MARKETS, batched.snapshot())
+    restored = Projections.restore(FAST, batched.snapshot())
     assert all_messages(restored, TRADERS) == expected

@@ -134,8 +134,10 @@ class _Funding(msgspec.Struct, array_like=True, gc=False):
 
     mark: int | None
     index: int | None
-    settled_next: int | None
-    """The next settlement time the last settlement announced (unix ms), None before one."""
+    due: int
+    """When the next settlement is due (unix ms), as the engine keeps it: from the market's
+    first mark or index price, the next interval boundary after it; after a settlement, the
+    time it announced. It may be past while a price is missing (nothing settles then)."""
     row: FundingRateRow
 
 
@@ -326,15 +328,24 @@ class Projections:
 
     def _mark(self, ev: MarkPriceSet, changed: set[Key]) -> None:
         state = self._funding.get(ev.market_id)
-        index = None if state is None else state.index
-        settled = None if state is None else state.settled_next
-        self._set_funding(ev.market_id, ev.ts, ev.price, index, settled, None, changed)
+        if state is None:
+            due = self._first_due(ev.market_id, ev.ts)
+            self._set_funding(ev.market_id, ev.ts, ev.price, None, due, None, changed)
+        else:
+            self._set_funding(ev.market_id, ev.ts, ev.price, state.index, state.due, None, changed)
 
     def _index(self, ev: IndexPriceSet, changed: set[Key]) -> None:
         state = self._funding.get(ev.market_id)
-        mark = None if state is None else state.mark
-        settled = None if state is None else state.settled_next
-        self._set_funding(ev.market_id, ev.ts, mark, ev.price, settled, None, changed)
+        if state is None:
+            due = self._first_due(ev.market_id, ev.ts)
+            self._set_funding(ev.market_id, ev.ts, None, ev.price, due, None, changed)
+        else:
+            self._set_funding(ev.market_id, ev.ts, state.mark, ev.price, state.due, None, changed)
+
+    def _first_due(self, market_id: int, ts: int) -> int:
+        """A market's first funding: the first interval boundary after its first price."""
+        interval = self.markets[market_id].funding_interval_s * 1000
+        return (ts // interval + 1) * interval
 
     def _funding_settled(self, ev: FundingSettled, changed: set[Key]) -> None:
         for payment in ev.payments:
@@ -353,7 +364,7 @@ class Projections:
         ts: int,
         mark: int | None,
         index: int | None,
-        settled_next: int | None,
+        due: int,
         rate: Fraction | None,
         changed: set[Key],
     ) -> None:
@@ -365,20 +376,15 @@ class Projections:
             if mark is not None and index:
                 cap = Fraction(spec.funding_cap_bps, BPS)
                 rate = max(-cap, min(cap, Fraction(mark - index, index)))
-        if settled_next is not None and settled_next > ts:
-            next_ms = settled_next
-        else:  # before the first settlement (or while one is due): the next interval boundary
-            interval = spec.funding_interval_s * 1000
-            next_ms = (ts // interval + 1) * interval
         row = funding_rate_row(
-            market_id, format_rate(rate.numerator, rate.denominator), mark, index, next_ms, ts
+            market_id, format_rate(rate.numerator, rate.denominator), mark, index, due, ts
         )
         old = self._funding.get(market_id)
         if old is not None and _same_but_time(old.row, row):
             row = old.row
         else:
             changed.add((LIVE_FUNDING_RATE, market_id))
-        self._funding[market_id] = _Funding(mark, index, settled_next, row)
+        self._funding[market_id] = _Funding(mark, index, due, row)
 
     def _position_updated(self, ev: PositionUpdated, changed: set[Key]) -> None:
         self._set_position(ev.position, changed)

@@ -288,6 +288,84 @@ def test_scripted_session_gives_exact_messages(server: ThreadedServer) -> None:
     assert (status, reply["data"]) == (200, filled)
 
 
+def test_live_funding_rate_with_index_mark_and_settlement(server: ThreadedServer) -> None:
+    rest = server.rest
+    deposit(rest, A, B)  # 1, 2
+    limit(rest, B, 6050, long=True, size=1000)  # 3, 4
+    market(rest, A, long=False, size=1000)  # 5, 6: A short 1000 @ 6050, B long
+    trade_id = (2 << 64) | 396
+    with connect(server) as ws:
+        send(ws, topic="live_funding_rate", market_id=396)
+        send(ws, topic="positions", address=A)
+        assert json.loads(frames(ws)[0]) == {"data": [], "message": "live_funding_rate", "seq": 0}
+
+        server.clock.now = T0 + 10_000
+        rest.ok("/setIndexPrice", {"marketId": 396, "price": 6000})  # 7
+        row = {
+            "funding_rate": "0",
+            "index_price": "6000",
+            "last_updated": str((T0 + 10_000) // 1000),
+            "mark_price": None,
+            "market_id": "396",
+            "next_funding_time": NEXT_HOUR,  # the first boundary after the market's first price
+        }
+        assert frames(ws) == [push("live_funding_rate", [row], 7)]
+        rest.ok("/setMarkPrice", {"marketId": 396, "price": 6030})  # 8: premium 0.5 %
+        row = {**row, "funding_rate": "0.005", "mark_price": "6030"}
+        assert frames(ws) == [push("live_funding_rate", [row], 8)]
+        rest.ok("/settleFunding", {"marketId": 396})  # not due: nothing happens
+        assert frames(ws) == []
+
+        # At the boundary (the server's own funding loop may settle first: the same event).
+        server.clock.now = int(NEXT_HOUR) * 1000
+        rest.ok("/settleFunding", {"marketId": 396})  # 9
+        # B (long) pays ceil(1000 * 6030 * 0.005) = 30150 to A (short), into A's margin.
+        row = {**row, "last_updated": NEXT_HOUR, "next_funding_time": str(int(NEXT_HOUR) + 3600)}
+        position = {
+            "address": A,
+            "entry_price": "6050",
+            "is_long": False,
+            "last_updated": NEXT_HOUR,
+            "leverage": 2,
+            "liq_price": repr(6050.0 * (1 + (1 / 2 + 30150 / 6050000)) / (1 + 0.025)),
+            "margin": str(3_025_000 + 30_150),
+            "market_id": "396",
+            "size": "1000",
+            "sl": None,
+            "tp": None,
+            "trade_id": str(trade_id),
+            "value": "6050000",
+        }
+        assert sorted(frames(ws)) == sorted(
+            [push("live_funding_rate", [row], 9), push("positions", [position], 9)]
+        )
+        rest.ok("/settleFunding", {"marketId": 396})  # settled already: nothing
+        assert frames(ws) == []
+    payment = {
+        "address": A,
+        "amount": "30150",
+        "funding_rate": "0.005",
+        "is_long": False,
+        "market_id": "396",
+        "size": "1000",
+        "timestamp": NEXT_HOUR,
+        "trade_id": str(trade_id),
+        "transaction_version": "9",
+    }
+    assert rest_rows(rest, f"/getFundingHistory?userAddress={A}") == [payment]
+    assert rest_rows(rest, f"/getFundingHistory?userAddress={B}&limit=500") == [
+        {
+            **payment,
+            "address": B,
+            "amount": "-30150",
+            "is_long": True,
+            "trade_id": str(1 << 64 | 396),
+        }
+    ]
+    status, reply = rest.get("/getFundingRate?marketId=396")
+    assert (status, reply["data"]) == (200, row)
+
+
 def test_live_streams_push_every_change_of_one_batch(server: ThreadedServer) -> None:
     """A market order that sweeps three makers changes the taker's order four times and makes
     three fills in one batch: every one is pushed, in order, with its own seq."""
