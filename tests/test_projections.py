@@ -624,8 +624,8 @@ def test_restore_rejects_bad_snapshots(venue: Venue) -> None:
     assert Projections.restore({396: MARKETS[396]}, only_396.snapshot()).seq == 2
     with pytest.raises(errors.IntegrityError, match="unknown market 396"):
         Projections.restore({397: MARKETS[397]}, only_396.snapshot())
-    old = projections._Snapshot(1, 0, 100, {}, {}, {}, {}, {}, {}, [], {}, {}, {}, {}, {})
-    with pytest.raises(errors.IntegrityError, match="version 1 is not 2"):
+    old = projections._Snapshot(1, 0, 100, {}, {}, {}, {}, {}, {}, [], {}, {}, {}, {}, {}, {})
+    with pytest.raises(errors.IntegrityError, match="version 1 is not 3"):
         Projections.restore(MARKETS, projections._snapshot_encoder.encode(old))
 
 

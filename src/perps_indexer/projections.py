@@ -118,7 +118,7 @@ LiveRow = tuple[Key, int, Row]
 """A live topic's push: its stream, the seq of its event and its one row."""
 
 _T = TypeVar("_T")
-_SNAPSHOT_VERSION: Final = 2
+_SNAPSHOT_VERSION: Final = 3
 _EMPTY: Final = {topic: encode_message(topic, [], 0) for topic in ALL_TOPICS}
 
 
@@ -159,6 +159,7 @@ class _Snapshot(msgspec.Struct, array_like=True):
     deposits: dict[str, list[DepositWithdrawRow]]
     funding: dict[int, _Funding]
     funding_history: dict[str, list[FundingHistoryRow]]
+    live_orders: dict[str, OrderHistoryRow]
 
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
@@ -181,6 +182,8 @@ class Projections:
         self._open: dict[str, dict[int, OpenOrderRow]] = {}
         # address -> order_id -> row, oldest change first; at most history_limit rows.
         self._orders: dict[str, dict[int, OrderHistoryRow]] = {}
+        # address -> the order row of its newest live_order_history push.
+        self._live_orders: dict[str, OrderHistoryRow] = {}
         # address -> fill rows, oldest first; at most history_limit rows.
         self._trades: dict[str, deque[TradeRow]] = {}
         # market_id -> price -> level; SortedDict so that a view is a walk, not a sort.
@@ -420,6 +423,12 @@ class Projections:
         else:
             old = rows.get(order.order_id)
             if old == row:
+                # Same row, but the order was touched last: it moves to the front, as the
+                # store-backed reads (deep history, since-resume) order by the last event.
+                if next(reversed(rows)) != order.order_id:
+                    del rows[order.order_id]
+                    rows[order.order_id] = row
+                    changed.add((ORDER_HISTORY, order.address))
                 return
             if old is not None:
                 del rows[order.order_id]  # re-inserted below at the newest end
@@ -430,6 +439,7 @@ class Projections:
             del rows[oldest]
             del self._order_owner[oldest]
         changed.add((ORDER_HISTORY, order.address))
+        self._live_orders[order.address] = row
         self._pending_live.append(((LIVE_ORDER_HISTORY, order.address), row))
 
     def _drop_open(self, order: OrderState) -> bool:
@@ -532,9 +542,10 @@ class Projections:
         return self.trade_history(address, 1)
 
     def live_order_history(self, address: str) -> list[OrderHistoryRow]:
-        """The address's most recently changed order (a new live_order_history subscriber's
-        first message)."""
-        return self.order_history(address, 1)
+        """The address's order whose row changed last (a new live_order_history subscriber's
+        first message: the newest live push)."""
+        row = self._live_orders.get(address)
+        return [] if row is None else [row]
 
     def deposit_withdraw_history(
         self, address: str, limit: int | None = None
@@ -604,6 +615,7 @@ class Projections:
             deposits={a: list(rows) for a, rows in self._deposits.items()},
             funding=dict(self._funding),
             funding_history={a: list(rows) for a, rows in self._funding_history.items()},
+            live_orders=dict(self._live_orders),
         )
         return _snapshot_encoder.encode(snap)
 
@@ -625,6 +637,7 @@ class Projections:
             self._positions[address] = {(int(r.market_id), r.is_long): r for r in positions}
         for address, opens in snap.open_orders.items():
             self._open[address] = {int(r.order_id): r for r in opens}
+        self._live_orders = dict(snap.live_orders)
         for address, orders in snap.order_history.items():
             self._orders[address] = {int(r.order_id): r for r in orders}
             self._order_owner.update(dict.fromkeys(self._orders[address], address))

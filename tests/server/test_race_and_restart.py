@@ -88,7 +88,7 @@ def watch(
             except TimeoutError:
                 if done.is_set():
                     quiet_since = quiet_since or time.monotonic()
-                    if time.monotonic() - quiet_since > 0.6:
+                    if time.monotonic() - quiet_since > 1.5:  # generous: CI may be loaded
                         return
                 continue
             quiet_since = None
