@@ -156,6 +156,8 @@ def _banner(server: object) -> str:
             f"  paste into a WebSocket client (e.g. `python -m websockets {server.ws_url}`):",
             f'    {{"topic": "positions", "address": "{featured}"}}',
             '    {"topic": "orderbook", "market_id": "396"}',
+            "  or watch it live in another terminal:",
+            f"    perps-indexer subscribe positions --address {featured} --url {server.ws_url}",
         ]
     return "\n".join(lines)
 
