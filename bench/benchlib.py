@@ -23,6 +23,10 @@ from typing import IO, Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+SRC = [ROOT / "src"]
+GC_PROBE = [False]
+"""Run the real server under bench/gc_probe.py (suite.py ``--gc-probe``)."""
+"""Where the servers and load generators import ``perps_indexer`` from (suite.py ``--src``)."""
 PYTHON = sys.executable
 SERVER_CPU = 0
 LOAD_CPU = 1
@@ -166,7 +170,7 @@ def spawn(name: str, cmd: Sequence[str], cpu: int, *, stdin: bool = False) -> Pr
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(BENCH), str(ROOT / "src"), env.get("PYTHONPATH", "")) if p
+        p for p in (str(BENCH), str(SRC[0]), env.get("PYTHONPATH", "")) if p
     )
     popen = subprocess.Popen(
         list(cmd),
@@ -234,10 +238,11 @@ def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float 
     "bare-picows", "bare-picows-asyncio" or "bare-aiohttp" (bench/bare_broadcast.py)."""
     if kind == "ours":
         assert db is not None
+        # bench/gc_probe.py runs the same cli.main and times the garbage collections.
+        runner = [str(BENCH / "gc_probe.py")] if GC_PROBE[0] else ["-m", "perps_indexer"]
         cmd = [
             PYTHON,
-            "-m",
-            "perps_indexer",
+            *runner,
             "serve",
             "--port",
             "0",
@@ -264,6 +269,26 @@ def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float 
         stop(proc)
         raise
     return Server(proc, int(match.group(1)), kind)
+
+
+def gc_report(proc: Proc, since_ns: int = 0) -> dict[str, Any] | None:
+    """The ``gcprobe`` line of a stopped server run under gc_probe.py (None without one);
+    ``since_ns`` (a ``time.monotonic_ns()``) makes the pause times relative to it, in s."""
+    import json
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in proc.errors:
+            if line.startswith("gcprobe "):
+                data: dict[str, Any] = json.loads(line[len("gcprobe ") :])
+                if since_ns:
+                    for pause in data["longest"]:
+                        pause["at"] = round(pause["at"] - since_ns / 1e9, 2)
+                return data
+        if proc.popen.poll() is not None and not GC_PROBE[0]:
+            return None
+        time.sleep(0.05)
+    return None
 
 
 def prefill(

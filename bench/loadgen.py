@@ -9,10 +9,11 @@ a loopback source address of its own range (:func:`benchlib.source_ip`, so the s
 1,000 connections per client address is never hit), sends its subscriptions and waits for
 their first messages (the snapshots); then the process prints ``ready``. It reads commands on
 stdin: ``start`` (count messages and record arrival times from now), ``mark`` (the end of the
-counting window), ``stop`` (stop recording, write the results to ``--out``, print ``done`` and
-exit). Recorded clients (``--record``) log ``(seq, time.monotonic_ns())`` for every message;
-``seq`` is read from the end of the message (``...,"seq":N}``). CLOCK_MONOTONIC is one clock
-for every process on the machine, so these times compare with the driver's.
+counting window; several marks split it into segments), ``stop`` (stop recording, write the
+results to ``--out``, print ``done`` and exit). Recorded clients (``--record``) log
+``(seq, time.monotonic_ns())`` for every message; ``seq`` is read from the end of the message
+(``...,"seq":N}``). CLOCK_MONOTONIC is one clock for every process on the machine, so these
+times compare with the driver's.
 
 ``drive`` posts commands over REST on raw HTTP/1.1 keep-alive connections and logs, for each
 accepted command, ``time.monotonic_ns()`` taken just before the request was written and the
@@ -239,11 +240,14 @@ async def subscribe_main(args: argparse.Namespace) -> None:
             stats.counting = stats.recording = True
             result["t_start"] = now_ns()
             result["cpu_start"] = cpu_seconds_self()
-        elif line == "mark":
+        elif line == "mark":  # the last mark ends the counting window; all are kept
             result["t_mark"] = now_ns()
             result["cpu_mark"] = cpu_seconds_self()
             result["messages_at_mark"] = stats.messages
             result["bytes_at_mark"] = stats.bytes
+            result.setdefault("marks", []).append(
+                [result["t_mark"], stats.messages, result["cpu_mark"]]
+            )
         elif line in ("stop", ""):
             stats.recording = False
             result["t_stop"] = now_ns()
