@@ -230,6 +230,7 @@ class Session:
         "_updated",
         "close_code",
         "close_reason",
+        "direct",
         "hub",
         "last_received",
         "limits",
@@ -260,6 +261,9 @@ class Session:
         self.outbox: dict[object, bytes] = {}
         """Pending frames: one per stream (newest wins) plus one per reply."""
         self.outbox_bytes = 0
+        self.direct: Callable[[bytes], bool] | None = None
+        """The transport's fast path: write a data message now if nothing is in flight and
+        the socket keeps up (True), else False and the message goes through the outbox."""
         self.notify: Callable[[], None] | None = None
         """Called when the outbox goes from empty to non-empty (the transport's wake-up)."""
         self.last_received = now
@@ -396,6 +400,9 @@ class Session:
         request_id = self.subscriptions.get(stream)
         if request_id is not None:
             message = _with_id(message, request_id)
+        direct = self.direct
+        if direct is not None and not self.outbox and self.close_code is None and direct(message):
+            return  # nothing pending and the transport took it at once: no queue, no wake-up
         if stream[0] in LIVE_TOPICS:
             self._live += 1
             self._put(("live", stream, self._live), message)
@@ -468,6 +475,7 @@ class Session:
         self.outbox.clear()
         self.outbox_bytes = 0
         self.notify = None
+        self.direct = None
 
 
 class Hub:

@@ -539,7 +539,8 @@ def test_slow_reader_of_live_streams_is_closed_then_resumes(tmp_path: Path) -> N
     """Live messages are never coalesced: three fills in one batch are six messages for B's two
     live streams, more than the outbox bound (one per stream would fit), so the reader is
     closed with 1013; resuming each stream with since gets every row it missed."""
-    with running(tmp_path, max_outbox_bytes=1500) as server:
+    # Without the direct-write fast path, so the batch meets the outbox bound.
+    with running(tmp_path, max_outbox_bytes=1500, direct_write_limit=0) as server:
         rest = server.rest
         deposit(rest, A, B)  # 1, 2
         for price in (6001, 6002, 6003):

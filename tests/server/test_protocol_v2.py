@@ -508,7 +508,9 @@ def test_frame_size_limit(tmp_path: Path) -> None:
 
 
 def test_outbox_over_its_bound_closes_with_1013(tmp_path: Path) -> None:
-    with running(tmp_path, max_outbox_bytes=3000) as server, connect(server) as ws:
+    # Without the direct-write fast path, every push meets the outbox and its bound.
+    limits = {"max_outbox_bytes": 3000, "direct_write_limit": 0}
+    with running(tmp_path, **limits) as server, connect(server) as ws:
         rest = server.rest
         deposit(rest, A)
         for topic in ("order_history", "open_orders"):
@@ -780,3 +782,25 @@ def test_request_bodies_are_capped_and_values_are_data(server: ThreadedServer) -
         status, reply = server.rest.get(path)
         assert status == 400, (path, reply)
     assert server_seq(server) == 0 and server.rest.get("/health")[0] == 200
+
+
+def test_pushes_take_the_direct_path_and_keep_their_order(server: ThreadedServer) -> None:
+    """A reader that keeps up gets pushes written straight to its socket (no queue, no task
+    switch), in order after the queued snapshot, and a v2 id still spliced in."""
+    deposit(server.rest, A)
+    with connect(server) as plain, connect(server) as tagged:
+        send(plain, topic="open_orders", address=A)
+        send(tagged, topic="open_orders", address=A, id="mine")
+        assert recv(plain)["data"] == []
+        assert recv(tagged)["message"] == "subscribed"
+        assert recv(tagged)["data"] == []
+        before = metric(server, "direct_writes")
+        for i in range(5):
+            limit(server.rest, A, 5000 + i, long=True)
+        pushes = [recv(plain) for _ in range(5)]
+        tagged_pushes = [recv(tagged) for _ in range(5)]
+    assert [len(p["data"]) for p in pushes] == [1, 2, 3, 4, 5]
+    assert [p["seq"] for p in pushes] == sorted(p["seq"] for p in pushes)
+    assert [p["id"] for p in tagged_pushes] == ["mine"] * 5
+    assert [p["data"] for p in tagged_pushes] == [p["data"] for p in pushes]
+    assert metric(server, "direct_writes") - before == 10

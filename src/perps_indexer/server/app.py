@@ -35,6 +35,16 @@ from perps_indexer.venue import MAX_RESUME_ROWS, Venue, VenueHalted, wall_clock_
 log = logging.getLogger(__name__)
 
 
+def text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked, final WebSocket text frame (RFC 6455 §5.2) around ``payload``."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 1 << 16:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
 def request_transport(ws: web.WebSocketResponse) -> asyncio.Transport | None:
     """The socket transport under a prepared WebSocket response (None once it is gone)."""
     req = getattr(ws, "_req", None)
@@ -88,6 +98,9 @@ class ServerConfig:
     max_outbox_bytes: int = 8 * 1024 * 1024
     slow_reader_timeout: float = 10.0
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
+    direct_write_limit: int = 256 * 1024
+    """Fan-out fast path: a push is written straight to a connection's socket while it has
+    nothing queued and fewer bytes than this buffered; 0 sends everything through the outbox."""
     socket_send_buffer: int = 256 * 1024
     """Kernel send buffer of a WebSocket connection (0: the OS default). Small enough that a
     slow reader drains it within the close timeout, so it receives its close code and reason."""
@@ -104,6 +117,7 @@ class Metrics:
     frames_received: int = 0
     keepalive_timeouts: int = 0
     slow_readers: int = 0
+    direct_writes: int = 0
     closed_by_server: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -126,6 +140,8 @@ class Server:
         self.connections: dict[Session, web.WebSocketResponse] = {}
         self.per_ip: dict[str, int] = {}
         self.writing_since: dict[Session, float] = {}
+        self._frame_of: bytes | None = None  # one-entry cache: a message and its frame
+        self._frame_bytes = b""
         """Sessions whose writer is inside a send, and since when (a peer not reading)."""
         self.closing: set[Session] = set()
         """Sessions whose close (with the session's code and reason) has begun."""
@@ -255,6 +271,9 @@ class Server:
                 self._close_session(session, ws)
 
         session.notify = notify
+        transport = request_transport(ws)
+        if transport is not None and self.config.direct_write_limit > 0:
+            session.direct = self._direct_writer(session, transport)
         self.venue.hub.connect(session)
         self.connections[session] = ws
         self.metrics.connections_total += 1
@@ -291,6 +310,36 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
         return ws
+
+    def _direct_writer(
+        self, session: Session, transport: asyncio.Transport
+    ) -> Callable[[bytes], bool]:
+        """The fan-out fast path: write a data frame straight to the socket when nothing is in
+        flight for this connection and its buffer is small; the frame is built once per message
+        for all subscribers (server frames are unmasked, so every copy is the same bytes)."""
+        writing = self.writing_since
+        metrics = self.metrics
+        limit = self.config.direct_write_limit
+
+        def direct(message: bytes) -> bool:
+            if (
+                session in writing
+                or transport.is_closing()
+                or transport.get_write_buffer_size() > limit
+            ):
+                return False
+            transport.write(self._frame(message))
+            metrics.messages_sent += 1
+            metrics.direct_writes += 1
+            return True
+
+        return direct
+
+    def _frame(self, message: bytes) -> bytes:
+        if message is not self._frame_of:
+            self._frame_of = message
+            self._frame_bytes = text_frame(message)
+        return self._frame_bytes
 
     def _cap_send_buffer(self, request: web.Request) -> None:
         size = self.config.socket_send_buffer
@@ -470,6 +519,12 @@ class Server:
                 "counter",
                 "Connections closed for not answering pings.",
                 self.metrics.keepalive_timeouts,
+            ),
+            (
+                "direct_writes_total",
+                "counter",
+                "Messages written straight to the socket (the fan-out fast path).",
+                self.metrics.direct_writes,
             ),
             (
                 "slow_readers_total",
