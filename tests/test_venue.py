@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from perps_indexer import commands
 from perps_indexer.markets import default_markets
 from perps_indexer.store import SQLiteStore
@@ -47,3 +49,47 @@ def test_order_history_order_is_the_same_from_memory_and_from_the_store(tmp_path
         assert deep == window
         resumed = json.loads(venue.resume("order_history", A, 0))["data"]
         assert [r["order_id"] for r in resumed] == [r.order_id for r in window]
+
+
+def order(price: int) -> commands.PlaceLimitOrder:
+    return commands.PlaceLimitOrder(
+        address=A, market_id=396, is_long=True, is_close=False, size=500, price=price, leverage=2
+    )
+
+
+async def test_one_loop_turn_is_one_commit_and_one_push_per_stream(tmp_path: Path) -> None:
+    from perps_indexer.session import Session
+
+    with SQLiteStore(tmp_path / "g.db") as store:
+        venue = Venue(default_markets(), store, clock=lambda: 1_000)
+        venue.execute(commands.Deposit(address=A, amount=100_000_000))
+        watcher = Session(venue.hub, venue, venue.markets, now=0.0)
+        watcher.subscribe("orderbook", 396)
+        watcher.take()
+        commits = venue.commits
+        futures = [venue.submit(order(5000 + i)) for i in range(10)]
+        # Not yet durable, so not yet visible: the read models still show the old book.
+        assert venue.projections.orderbook(396) == []
+        assert store.last_seq() == 1
+        outcomes = [await f for f in futures]
+        assert venue.commits == commits + 1
+        assert store.last_seq() == venue.engine.seq == 1 + 10 * 2
+        assert len({o.order.order_id for o in outcomes}) == 10
+        # One push for the whole burst, holding all ten levels.
+        (pushed,) = watcher.take()
+        assert len(json.loads(pushed)["data"]) == 10
+
+
+async def test_a_failed_commit_halts_and_fails_every_waiting_submission(tmp_path: Path) -> None:
+    from perps_indexer.venue import VenueHalted
+
+    store = SQLiteStore(tmp_path / "h.db")
+    venue = Venue(default_markets(), store, clock=lambda: 1_000)
+    venue.execute(commands.Deposit(address=A, amount=100_000_000))
+    first, second = venue.submit(order(5000)), venue.submit(order(5001))
+    store.close()  # the disk goes away under the venue
+    for future in (first, second):
+        with pytest.raises(VenueHalted, match="event store failed"):
+            await future
+    with pytest.raises(VenueHalted):
+        venue.submit(order(5002))

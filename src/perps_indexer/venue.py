@@ -12,6 +12,7 @@ commands (fail-stop) and the operator restarts it, which rebuilds state from the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -99,6 +100,10 @@ class Venue:
         self.commands_accepted = 0
         self.commands_rejected = 0
         self.last_event_ms = 0
+        self.commits = 0
+        self._pending: list[AnyEvent] = []
+        self._waiters: list[tuple[asyncio.Future[commands.Outcome], commands.Outcome]] = []
+        self._flush_scheduled = False
         self._replay()
 
     def _replay(self) -> None:
@@ -121,9 +126,7 @@ class Venue:
         self.last_event_ms = self.engine.ts
         log.info("state rebuilt at seq %d in %.2f s", self.engine.seq, time.monotonic() - started)
 
-    def execute(self, command: commands.AnyCommand) -> commands.Outcome:
-        """Run a command and make its effects durable and visible; raises ``CommandRejected``
-        (nothing changed) or :class:`VenueHalted`."""
+    def _run(self, command: commands.AnyCommand) -> commands.Outcome:
         if self.halted is not None:
             raise VenueHalted(f"the venue is halted: {self.halted}")
         ts = max(self.clock(), self.engine.ts)  # timestamps never go backwards in the log
@@ -133,8 +136,53 @@ class Venue:
             self.commands_rejected += 1
             raise
         self.commands_accepted += 1
-        self.record(outcome.events)
+        self._pending.extend(outcome.events)
         return outcome
+
+    def execute(self, command: commands.AnyCommand) -> commands.Outcome:
+        """Run a command and make its effects durable and visible before returning; raises
+        ``CommandRejected`` (nothing changed) or :class:`VenueHalted`."""
+        outcome = self._run(command)
+        self.flush()
+        return outcome
+
+    def submit(self, command: commands.AnyCommand) -> asyncio.Future[commands.Outcome]:
+        """Run a command now and return a future that resolves once its effects are durable
+        and published (group commit).
+
+        Every command submitted in one turn of the event loop is committed in one store
+        transaction, folded once and published once per changed stream, so a burst of orders
+        costs one commit and one push per subscriber, not one per order. A rejection raises
+        here, at once, and changes nothing.
+        """
+        outcome = self._run(command)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[commands.Outcome] = loop.create_future()
+        self._waiters.append((future, outcome))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self.flush)
+        return future
+
+    def flush(self) -> None:
+        """Commit, fold and publish everything the engine produced since the last flush, then
+        resolve the waiting submissions."""
+        self._flush_scheduled = False
+        events, waiters = self._pending, self._waiters
+        self._pending, self._waiters = [], []
+        try:
+            self.record(events)
+        except VenueHalted as exc:
+            for future, _ in waiters:
+                if not future.done():
+                    future.set_exception(exc)
+            if not waiters:
+                raise
+            return
+        self.commits += 1 if events else 0
+        for future, outcome in waiters:
+            if not future.done():
+                future.set_result(outcome)
 
     def record(self, events: list[AnyEvent]) -> None:
         """Commit, fold and publish events the engine has already applied."""

@@ -460,13 +460,17 @@ class Server:
         venue = self.venue
         pending = simulator.bootstrap(venue.engine, self.clock())
         while True:
+            submitted = []
             for command in pending:
                 try:
-                    venue.execute(command)
+                    submitted.append(venue.submit(command))  # one commit for the whole step
                 except CommandRejected as exc:
                     log.debug("demo command rejected: %s", exc)
                 except VenueHalted:
                     return
+            results = await asyncio.gather(*submitted, return_exceptions=True)
+            if any(isinstance(r, VenueHalted) for r in results):
+                return
             await asyncio.sleep(self.config.demo_interval)
             pending = simulator.step(venue.engine, self.clock())
 

@@ -255,7 +255,7 @@ class RestApi:
             if not isinstance(body, dict):
                 return fail(400, "invalid_request", "the request body must be a JSON object")
             command = parse(body)
-            outcome = self.venue.execute(command)
+            outcome = await self.venue.submit(command)  # acknowledged once durable
             return ok(_done(command), self._result(command, outcome))
 
         return handler
