@@ -3,8 +3,10 @@
 Every accepted command flows one way: the engine decides and produces events, the store commits
 them durably, the projections fold them, and the hub pushes each changed stream's new state (and
 each new row of the live streams, in order) to its subscribers. Only then is the command
-acknowledged. On start the service folds the stored
-log (from the newest snapshot) so a restart, even after ``kill -9``, comes back where it stopped.
+acknowledged. Commands submitted in one turn of the event loop share one commit and one push per
+changed stream (group commit), which keeps a burst of orders cheap for many subscribers. On start
+the service folds the whole stored log, so a restart, even after ``kill -9``, comes back where it
+stopped (snapshots to shorten that replay are a later optimisation).
 
 If the store cannot commit, the engine is ahead of the durable log: the service stops taking
 commands (fail-stop) and the operator restarts it, which rebuilds state from the store.
