@@ -46,10 +46,15 @@ def text_frame(payload: bytes) -> bytes:
 
 
 def request_transport(ws: web.WebSocketResponse) -> asyncio.Transport | None:
-    """The socket transport under a prepared WebSocket response (None once it is gone)."""
+    """The socket transport under a prepared WebSocket response (None once it is gone).
+
+    Duck-typed: uvloop's transports do not subclass :class:`asyncio.Transport`."""
     req = getattr(ws, "_req", None)
     transport = getattr(req, "transport", None)
-    return transport if isinstance(transport, asyncio.Transport) else None
+    needed = ("write", "is_closing", "get_write_buffer_size", "abort")
+    if transport is None or not all(hasattr(transport, name) for name in needed):
+        return None
+    return transport  # type: ignore[no-any-return]
 
 
 MAX_FRAME = 64 * 1024
