@@ -494,6 +494,8 @@ async def sublat_main(args: argparse.Namespace) -> None:
                     )
                     status, raw = await http.post("/placeMarketOrder", body)
                     assert status == 200, raw
+                    if args.settle_ms:
+                        await asyncio.sleep(args.settle_ms / 1000)
                 p = probers[turn % len(probers)]
                 turn += 1
                 ident += 1
@@ -551,6 +553,7 @@ def main() -> None:
     p.add_argument("--address", required=True)
     p.add_argument("--topics", default="trade_history,order_history")
     p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--settle-ms", type=float, default=0, help="wait after the change (cold)")
     p.add_argument("--out", required=True)
     args = parser.parse_args()
     use_uvloop()

@@ -29,8 +29,9 @@ runs and produces its figures, never how fast):
    and 1,000 orders of history, with the default ``--history-limit`` 100 and with 1,000; cold
    (the address changed just before, so the message is encoded) and warm (cached).
 6. freshness under order flow: 1,000 ``orderbook`` subscribers, orders over REST as fast as
-   the server takes them, against the real server and against bench/naive_server.py on the
-   same load; then the real server paced at 10 x the naive server's rate.
+   the server takes them (from 4 and from 32 REST connections), against the real server and
+   against bench/naive_server.py on the same load; then the real server paced at 10 x the
+   naive server's best rate.
 7. the bare limit: bench/bare_broadcast.py (picows on uvloop, picows on asyncio, aiohttp)
    broadcasting scenario 1's real orderbook message to 100 / 1,000 / 5,000 clients; scenario
    1's figure as a ratio of each.
@@ -578,16 +579,26 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
             "problems": problems,
         }
 
+    # 4 REST connections, and 32: the real server commits and publishes the commands of one
+    # event-loop turn together, so it takes more orders from more posters; the naive one
+    # answers each only after its sends.
+    many = ["--concurrency", str(MANY_POSTERS)]
     naive = b.start_server("naive")
     with running(naive.proc):
         results["naive"] = one("naive", [], naive, "s6-naive")
+        results[f"naive_{MANY_POSTERS}"] = one("naive", many, naive, "s6-naive-many")
     server = b.start_server("ours", ctx.db("s6"))
     with running(server.proc):
         results["ours"] = one("ours", [], server, "s6-ours")
-        target = 10 * results["naive"]["orders_per_s"]
-        results["ours_at_10x_naive"] = one("ours", ["--rate", f"{target:.1f}"], server, "s6-10x")
-        results["ours_at_10x_naive"]["target_orders_per_s"] = target
+        results[f"ours_{MANY_POSTERS}"] = one("ours", many, server, "s6-ours-many")
+        target = 10 * max(results[k]["orders_per_s"] for k in ("naive", f"naive_{MANY_POSTERS}"))
+        paced = one("ours", ["--rate", f"{target:.1f}", *many], server, "s6-10x")
+        paced["target_orders_per_s"] = target
+        results["ours_at_10x_naive"] = paced
     return results
+
+
+MANY_POSTERS = 32
 
 
 def scenario_7(ctx: Context) -> dict[str, Any]:
@@ -803,15 +814,24 @@ def targets(ctx: Context) -> list[str]:
     out = []
     s1, s7 = f.get("1", {}), f.get("7", {})
     ours = s1.get("1000")
-    bare = s7.get("picows/1000")
-    if ours and bare:
+    picows = [s7[k] for k in ("picows/1000", "picows-asyncio/1000") if k in s7]
+    if ours and picows:
+        bare = max(picows, key=lambda r: r["messages_per_s"])  # the faster picows loop
         ratio = ours["messages_per_s"] / bare["messages_per_s"]
         out.append(
-            f"- fan-out at 1,000 >= 0.8 x bare picows: {ratio:.2f} x, {verdict(ratio >= 0.8)}"
+            f"- fan-out at 1,000 >= 0.8 x bare picows ({bare['transport']}, "
+            f"{bare['messages_per_s']:,.0f}/s): {ratio:.2f} x, {verdict(ratio >= 0.8)}"
         )
     s6 = f.get("6", {})
     if s6:
-        naive, ours6, paced = s6["naive"], s6["ours"], s6["ours_at_10x_naive"]
+        naive = max(
+            (r for k, r in s6.items() if k.startswith("naive")), key=lambda r: r["orders_per_s"]
+        )
+        ours6 = max(
+            (r for k, r in s6.items() if k in ("ours", f"ours_{MANY_POSTERS}")),
+            key=lambda r: r["orders_per_s"],
+        )
+        paced = s6["ours_at_10x_naive"]
         ratio = ours6["orders_per_s"] / naive["orders_per_s"]
         p99 = paced["freshness_ms"]["p99"]
         done = paced["orders_per_s"] >= 0.95 * paced["target_orders_per_s"]

@@ -55,7 +55,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         for key in ("trade_history/cold", "trade_history/warm", "order_history/cold"):
             row = figures["5"][config][key]
             assert row["rows"] == limit and finite(row["p99"])
-    for name in ("naive", "ours", "ours_at_10x_naive"):  # freshness
+    for name in ("naive", "naive_32", "ours", "ours_32", "ours_at_10x_naive"):  # freshness
         run = figures["6"][name]
         assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
     bare = [v for k, v in figures["7"].items() if k != "message_bytes"]  # bare limit
