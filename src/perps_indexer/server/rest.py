@@ -333,15 +333,18 @@ class RestApi:
         )
 
     def cmd_take_profit(self, body: dict[str, Any]) -> commands.AnyCommand:
-        return commands.UpdateTakeProfit(
-            address=field_address(body),
-            market_id=field_market(body, self.markets),
-            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
-            price=field_int(body, "price", optional=True),
-        )
+        return self._trigger(commands.UpdateTakeProfit, body)
 
     def cmd_stop_loss(self, body: dict[str, Any]) -> commands.AnyCommand:
-        return commands.UpdateStopLoss(
+        return self._trigger(commands.UpdateStopLoss, body)
+
+    def _trigger(
+        self,
+        kind: type[commands.UpdateTakeProfit] | type[commands.UpdateStopLoss],
+        body: dict[str, Any],
+    ) -> commands.AnyCommand:
+        """A take-profit or stop-loss update: the same fields, ``price`` null to clear."""
+        return kind(
             address=field_address(body),
             market_id=field_market(body, self.markets),
             is_long=field_bool(body, "tradeSide", TRADE_SIDE),
