@@ -724,3 +724,63 @@ def test_session_survives_any_frames(
     session.closed()
     assert set(world.hub.sessions) == {watcher}
     assert world.hub.streams == {("orderbook", 396): {watcher: None}}
+
+
+# ---------------------------------------------------------------------- sliced fan-out
+
+
+def sliced_world(watchers: int) -> tuple[World, list[Session], list[int]]:
+    world = World()
+    world.hub.sliced = True
+    wakes: list[int] = []
+    world.hub.wake = lambda: wakes.append(1)
+    sessions = [world.session() for _ in range(watchers)]
+    for s in sessions:
+        send(s, {"topic": "orderbook", "market_id": 396})
+        s.take()  # the snapshot
+    return world, sessions, wakes
+
+
+def seqs(session: Session) -> list[int]:
+    return [json.loads(frame)["seq"] for frame in session.take()]
+
+
+def test_sliced_fan_out_serves_a_budget_at_a_time_with_the_newest_state() -> None:
+    world, sessions, wakes = sliced_world(5)
+    stream = ("orderbook", 396)
+    world.hub.publish_state(stream, data("orderbook", [], 1))
+    assert wakes == [1]
+    assert all(s.outbox == {} for s in sessions)  # deferred: nothing pushed yet
+    assert world.hub.drain(2) is True
+    assert [seqs(s) for s in sessions] == [[1], [1], [], [], []]
+    # A newer state arrives mid-round: the three still waiting get it at their turn, and the
+    # two already served are queued again behind them.
+    world.hub.publish_state(stream, data("orderbook", [], 2))
+    assert world.hub.drain(3) is True
+    assert [seqs(s) for s in sessions] == [[], [], [2], [2], [2]]
+    assert world.hub.drain(10) is False
+    assert [seqs(s) for s in sessions] == [[2], [2], [], [], []]
+    assert world.hub.messages_queued == 7
+
+
+def test_sliced_fan_out_skips_who_unsubscribed_or_left() -> None:
+    world, sessions, _ = sliced_world(3)
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 1))
+    send(sessions[0], {"op": "unsubscribe", "topic": "orderbook", "market_id": 396})
+    sessions[1].closed()
+    assert world.hub.drain(10) is False
+    assert [seqs(s) for s in sessions] == [[], [], [1]]
+
+
+def test_a_never_ending_round_stays_bounded() -> None:
+    world, sessions, _ = sliced_world(50)
+    stream = ("orderbook", 396)
+    for seq in range(1, 2_000):
+        world.hub.publish_state(stream, data("orderbook", [], seq))
+        world.hub.drain(7)
+        pending = world.hub._rounds.get(stream)
+        assert pending is None or len(pending.order) <= 2 * len(sessions)
+    world.hub.drain(10_000)
+    for s in sessions:
+        got = seqs(s)
+        assert got == sorted(got) and got[-1] == 1_999  # everyone ends on the newest

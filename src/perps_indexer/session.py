@@ -481,12 +481,18 @@ class Session:
 class Hub:
     """Which sessions watch which stream; fans a published message out to them."""
 
-    __slots__ = ("messages_queued", "sessions", "streams")
+    __slots__ = ("_rounds", "messages_queued", "sessions", "sliced", "streams", "wake")
 
     def __init__(self) -> None:
         self.streams: dict[Stream, dict[Session, None]] = {}
         self.sessions: dict[Session, None] = {}
         self.messages_queued = 0
+        self.sliced = False
+        """When True, :meth:`publish_state` defers the fan-out to :meth:`drain`, which the
+        transport calls in slices so that a round of pushes never holds the loop for long."""
+        self.wake: Callable[[], None] | None = None
+        """Called when deferred pushes are waiting for :meth:`drain`."""
+        self._rounds: dict[Stream, _Round] = {}
 
     def connect(self, session: Session) -> None:
         self.sessions[session] = None
@@ -519,6 +525,80 @@ class Hub:
         self.messages_queued += len(watchers)
         return len(watchers)
 
+    def publish_state(self, stream: Stream, message: bytes) -> None:
+        """Publish a stream's newest state: at once, or (``sliced``) in rounds that give every
+        watcher the newest state at its turn, each watcher at most once per round."""
+        if not self.sliced:
+            self.publish(stream, message)
+            return
+        watchers = self.streams.get(stream)
+        if not watchers:
+            return
+        pending = self._rounds.get(stream)
+        if pending is None:
+            self._rounds[stream] = _Round(message, watchers)
+        else:
+            pending.renew(message, watchers)
+        if self.wake is not None:
+            self.wake()
+
+    def drain(self, budget: int) -> bool:
+        """Make up to ``budget`` deferred pushes; True while more are waiting."""
+        rounds = self._rounds
+        done = 0
+        while rounds and done < budget:
+            stream, pending = next(iter(rounds.items()))
+            done += pending.run(stream, budget - done)
+            if pending.finished:
+                del rounds[stream]
+        self.messages_queued += done
+        return bool(rounds)
+
     @property
     def subscription_count(self) -> int:
         return sum(len(w) for w in self.streams.values())
+
+
+class _Round:
+    """The deferred fan-out of one stream: its newest message and who still has to get it.
+
+    A watcher gets the message current at its turn (always the newest); one already served
+    in this round is queued again, at the end, when a newer message arrives, so a stream that
+    changes faster than a round completes still reaches every watcher, in turn."""
+
+    __slots__ = ("cursor", "message", "order", "waiting")
+
+    def __init__(self, message: bytes, watchers: dict[Session, None]) -> None:
+        self.message = message
+        self.order = list(watchers)
+        self.waiting = set(self.order)
+        self.cursor = 0
+
+    def renew(self, message: bytes, watchers: dict[Session, None]) -> None:
+        self.message = message
+        waiting = self.waiting
+        for session in watchers:
+            if session not in waiting:
+                waiting.add(session)
+                self.order.append(session)
+
+    @property
+    def finished(self) -> bool:
+        return self.cursor >= len(self.order)
+
+    def run(self, stream: Stream, budget: int) -> int:
+        order, waiting, message = self.order, self.waiting, self.message
+        start = self.cursor
+        end = min(len(order), start + budget)
+        for session in order[start:end]:
+            waiting.discard(session)
+            if stream in session.subscriptions:  # not if it unsubscribed or left meanwhile
+                session.push(stream, message)
+        self.cursor = end
+        if self.finished:
+            order.clear()
+            self.cursor = 0
+        elif end > len(order) // 2:
+            del order[:end]  # the served prefix; keeps a never-ending round's list bounded
+            self.cursor = 0
+        return end - start

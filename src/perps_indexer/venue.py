@@ -202,7 +202,7 @@ class Venue:
         hub = self.hub
         for stream in changed:
             if hub.watched(stream):
-                hub.publish(stream, self.projections.message(*stream))
+                hub.publish_state(stream, self.projections.message(*stream))
         # Live streams: every row its own message, in event order (sessions never coalesce them).
         for stream, message in self.projections.live_messages(hub.watched):
             hub.publish(stream, message)

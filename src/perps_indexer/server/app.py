@@ -25,6 +25,7 @@ from perps_indexer.server.rest import RestApi, cors_middleware, error_middleware
 from perps_indexer.session import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
+    Hub,
     Limits,
     Session,
     error_message,
@@ -103,6 +104,9 @@ class ServerConfig:
     max_outbox_bytes: int = 8 * 1024 * 1024
     slow_reader_timeout: float = 10.0
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
+    fanout_slice: int = 100
+    """Pushes made before yielding to the event loop while fanning a change out (0: all at
+    once). Small slices let new orders in between, which keeps updates fresh under load."""
     direct_write_limit: int = 256 * 1024
     """Fan-out fast path: a push is written straight to a connection's socket while it has
     nothing queued and fewer bytes than this buffered; 0 sends everything through the outbox."""
@@ -207,6 +211,9 @@ class Server:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         self._spawn(self._keepalive_loop())
+        if self.config.fanout_slice > 0:
+            self.venue.hub.sliced = True
+            self._spawn(self._fanout_loop(self.venue.hub))
         self._spawn(self._funding_loop())
         if self.config.demo:
             self._start_demo()
@@ -400,6 +407,17 @@ class Server:
             transport = request_transport(ws)
             if transport is not None:
                 transport.abort()
+
+    async def _fanout_loop(self, hub: Hub) -> None:
+        """Deliver deferred state pushes in slices, yielding to the loop between them."""
+        wake = asyncio.Event()
+        hub.wake = wake.set
+        budget = self.config.fanout_slice
+        while True:
+            await wake.wait()
+            wake.clear()
+            while hub.drain(budget):
+                await asyncio.sleep(0)
 
     async def _ping(self, ws: web.WebSocketResponse) -> None:
         with contextlib.suppress(ConnectionError):
