@@ -93,3 +93,57 @@ async def test_a_failed_commit_halts_and_fails_every_waiting_submission(tmp_path
             await future
     with pytest.raises(VenueHalted):
         venue.submit(order(5002))
+
+
+def every_message(venue: Venue) -> dict[tuple[str, object], bytes]:
+    keys = [(t, A) for t in ("positions", "open_orders", "order_history", "trade_history")]
+    keys += [("orderbook", 396), ("recent_trades", 396)]
+    return {key: venue.message(*key) for key in keys}
+
+
+def trade(venue: Venue, count: int, start: int) -> None:
+    for i in range(count):
+        venue.execute(order(5000 + start + i))
+
+
+def test_read_models_restart_from_their_snapshot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.db"
+    with SQLiteStore(path) as store:
+        venue = Venue(default_markets(), store, clock=lambda: 1_000)
+        venue.execute(commands.Deposit(address=A, amount=100_000_000))
+        trade(venue, 5, 0)
+        saved = venue.save_snapshot()
+        assert saved == venue.engine.seq == 11
+        trade(venue, 3, 10)  # after the snapshot: folded from the log at the next start
+        expected = every_message(venue)
+        engine_state = venue.engine.state()
+    caplog.set_level("INFO", logger="perps_indexer.venue")
+    with SQLiteStore(path) as store:
+        again = Venue(default_markets(), store, clock=lambda: 1_000)
+        assert f"from a snapshot at seq {saved}" in caplog.text
+        assert every_message(again) == expected
+        assert again.engine.state() == engine_state
+        trade(again, 1, 20)  # and it goes on from there
+        assert again.projections.seq == again.engine.seq == 11 + 3 * 2 + 2
+
+
+def test_a_snapshot_that_does_not_fit_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "bad.db"
+    with SQLiteStore(path) as store:
+        venue = Venue(default_markets(), store, clock=lambda: 1_000)
+        venue.execute(commands.Deposit(address=A, amount=100_000_000))
+        trade(venue, 4, 0)
+        expected = every_message(venue)
+        venue.save_snapshot()
+    # Another history limit: the saved windows would be wrong, so the models are rebuilt.
+    with SQLiteStore(path) as store:
+        other = Venue(default_markets(), store, history_limit=2, clock=lambda: 1_000)
+        assert len(other.projections.order_history(A)) == 2
+        assert other.projections.seq == other.engine.seq
+    # A corrupt snapshot is ignored too.
+    with SQLiteStore(path) as store:
+        store.save_snapshot(store.last_seq(), "projections", b"\x00garbage")
+    with SQLiteStore(path) as store:
+        assert every_message(Venue(default_markets(), store, clock=lambda: 1_000)) == expected

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from perps_indexer import commands
 from perps_indexer.engine import Engine
-from perps_indexer.errors import PerpsIndexerError
+from perps_indexer.errors import IntegrityError, PerpsIndexerError
 from perps_indexer.events import (
     AnyEvent,
     Deposited,
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 REPLAY_BATCH = 10_000
 HISTORY_PAGE = 2_000
+SNAPSHOT_NAME = "projections"
 MAX_RESUME_ROWS = 10_000
 """Rows one resume message may hold; a client further behind fetches history over REST."""
 
@@ -103,6 +104,7 @@ class Venue:
         self.commands_rejected = 0
         self.last_event_ms = 0
         self.commits = 0
+        self.snapshot_seq = 0
         self._pending: list[AnyEvent] = []
         self._waiters: list[tuple[asyncio.Future[commands.Outcome], commands.Outcome]] = []
         self._flush_scheduled = False
@@ -112,11 +114,19 @@ class Venue:
         last = self.store.last_seq()
         if not last:
             return
-        log.info("replaying %d stored events", last)
+        self._restore_projections()
+        log.info(
+            "replaying %d stored events (read models from a snapshot at seq %d)",
+            last,
+            self.projections.seq,
+        )
         started = time.monotonic()
         batch: list[AnyEvent] = []
+        folded = self.projections.seq
         for event in self.store.read():
             self.engine.apply(event)
+            if event.seq <= folded:
+                continue  # already in the restored read models
             batch.append(event)
             if len(batch) >= REPLAY_BATCH:
                 self.projections.apply_batch(batch)
@@ -127,6 +137,33 @@ class Venue:
         self.events_applied = self.engine.seq
         self.last_event_ms = self.engine.ts
         log.info("state rebuilt at seq %d in %.2f s", self.engine.seq, time.monotonic() - started)
+
+    def _restore_projections(self) -> None:
+        """Start the read models from their newest snapshot when it fits this configuration;
+        otherwise (none, corrupt, other markets or history limit) they are folded from seq 1."""
+        saved = self.store.load_snapshot(SNAPSHOT_NAME)
+        if saved is None:
+            return
+        seq, data = saved
+        try:
+            restored = Projections.restore(self.markets, data)
+        except IntegrityError as exc:
+            log.warning("ignoring the read-model snapshot at seq %d: %s", seq, exc)
+            return
+        if restored.history_limit != self.projections.history_limit or restored.seq != seq:
+            log.info("the read-model snapshot does not fit this configuration; rebuilding")
+            return
+        self.projections = restored
+
+    def save_snapshot(self) -> int:
+        """Persist the read models at their current seq (after committing what is pending), so
+        that the next start folds only the events after it; returns that seq."""
+        self.flush()
+        seq = self.projections.seq
+        if seq:
+            self.store.save_snapshot(seq, SNAPSHOT_NAME, self.projections.snapshot())
+            self.snapshot_seq = seq
+        return seq
 
     def _run(self, command: commands.AnyCommand) -> commands.Outcome:
         if self.halted is not None:

@@ -104,6 +104,8 @@ class ServerConfig:
     max_outbox_bytes: int = 8 * 1024 * 1024
     slow_reader_timeout: float = 10.0
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
+    snapshot_interval: float = 300.0
+    """Seconds between saves of the read models (also saved at a clean stop); 0: only then."""
     fanout_slice: int = 100
     """Pushes made before yielding to the event loop while fanning a change out (0: all at
     once). Small slices let new orders in between, which keeps updates fresh under load."""
@@ -211,6 +213,8 @@ class Server:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         self._spawn(self._keepalive_loop())
+        if self.config.snapshot_interval > 0:
+            self._spawn(self._snapshot_loop())
         if self.config.fanout_slice > 0:
             self.venue.hub.sliced = True
             self._spawn(self._fanout_loop(self.venue.hub))
@@ -231,7 +235,24 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()
         if self.venue is not None:
+            if self.venue.halted is None:
+                self._snapshot()
             self.venue.store.close()
+
+    def _snapshot(self) -> None:
+        assert self.venue is not None
+        started = time.monotonic()
+        seq = self.venue.save_snapshot()
+        log.info("read models saved at seq %d in %.2f s", seq, time.monotonic() - started)
+
+    async def _snapshot_loop(self) -> None:
+        """Save the read models now and then, so that a restart folds only the newer events."""
+        assert self.venue is not None
+        while True:
+            await asyncio.sleep(self.config.snapshot_interval)
+            venue = self.venue
+            if venue.halted is None and venue.projections.seq > venue.snapshot_seq:
+                self._snapshot()
 
     @property
     def url(self) -> str:
