@@ -5,8 +5,9 @@ them durably, the projections fold them, and the hub pushes each changed stream'
 each new row of the live streams, in order) to its subscribers. Only then is the command
 acknowledged. Commands submitted in one turn of the event loop share one commit and one push per
 changed stream (group commit), which keeps a burst of orders cheap for many subscribers. On start
-the service folds the whole stored log, so a restart, even after ``kill -9``, comes back where it
-stopped (snapshots to shorten that replay are a later optimisation).
+the engine folds the stored log and the read models start from their newest snapshot (saved
+periodically and at a clean stop) and fold only the events after it, so a restart, even after
+``kill -9``, comes back where it stopped.
 
 If the store cannot commit, the engine is ahead of the durable log: the service stops taking
 commands (fail-stop) and the operator restarts it, which rebuilds state from the store.
