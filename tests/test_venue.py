@@ -20,29 +20,10 @@ def test_order_history_order_is_the_same_from_memory_and_from_the_store(tmp_path
     with SQLiteStore(tmp_path / "v.db") as store:
         venue = Venue(default_markets(), store, clock=lambda: next(clock))
         venue.execute(commands.Deposit(address=A, amount=100_000_000))
-        bid = commands.PlaceLimitOrder(
-            address=A,
-            market_id=396,
-            is_long=True,
-            is_close=False,
-            size=1000,
-            price=6000,
-            leverage=2,
-        )
-        venue.execute(bid)
+        venue.execute(order(6000, size=1000))
         # An ask that crosses A's own bid: the bid is cancelled (self-trade prevention) after
         # the ask was placed, then the ask rests. The ask's last event is the newest.
-        venue.execute(
-            commands.PlaceLimitOrder(
-                address=A,
-                market_id=396,
-                is_long=False,
-                is_close=False,
-                size=800,
-                price=5990,
-                leverage=2,
-            )
-        )
+        venue.execute(order(5990, size=800, long=False))
         window = venue.order_history(A)  # the in-memory window
         deep = venue.order_history(A, 1_000)  # beyond the window: read from the store
         assert [r.status for r in window] == ["Open", "Cancelled"]
@@ -51,9 +32,16 @@ def test_order_history_order_is_the_same_from_memory_and_from_the_store(tmp_path
         assert [r["order_id"] for r in resumed] == [r.order_id for r in window]
 
 
-def order(price: int) -> commands.PlaceLimitOrder:
+def order(price: int, *, size: int = 500, long: bool = True) -> commands.PlaceLimitOrder:
+    """A 2x limit order of A opening a position in market 396."""
     return commands.PlaceLimitOrder(
-        address=A, market_id=396, is_long=True, is_close=False, size=500, price=price, leverage=2
+        address=A,
+        market_id=396,
+        is_long=long,
+        is_close=False,
+        size=size,
+        price=price,
+        leverage=2,
     )
 
 

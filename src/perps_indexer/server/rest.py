@@ -295,31 +295,28 @@ class RestApi:
     def cmd_withdraw(self, body: dict[str, Any]) -> commands.AnyCommand:
         return commands.Withdraw(address=field_address(body), amount=field_int(body, "amount"))
 
+    def _order_fields(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The fields limit and market orders share."""
+        return {
+            "address": field_address(body),
+            "market_id": field_market(body, self.markets),
+            "is_long": field_bool(body, "tradeSide", TRADE_SIDE),
+            "is_close": field_bool(body, "direction", DIRECTION),
+            "size": field_int(body, "size"),
+            "leverage": field_int(body, "leverage"),
+            "take_profit": field_int(body, "takeProfit", optional=True),
+            "stop_loss": field_int(body, "stopLoss", optional=True),
+        }
+
     def cmd_limit(self, body: dict[str, Any]) -> commands.AnyCommand:
         return commands.PlaceLimitOrder(
-            address=field_address(body),
-            market_id=field_market(body, self.markets),
-            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
-            is_close=field_bool(body, "direction", DIRECTION),
-            size=field_int(body, "size"),
+            **self._order_fields(body),
             price=field_int(body, "price"),
-            leverage=field_int(body, "leverage"),
             restriction=field_int(body, "restriction", optional=True) or 0,
-            take_profit=field_int(body, "takeProfit", optional=True),
-            stop_loss=field_int(body, "stopLoss", optional=True),
         )
 
     def cmd_market(self, body: dict[str, Any]) -> commands.AnyCommand:
-        return commands.PlaceMarketOrder(
-            address=field_address(body),
-            market_id=field_market(body, self.markets),
-            is_long=field_bool(body, "tradeSide", TRADE_SIDE),
-            is_close=field_bool(body, "direction", DIRECTION),
-            size=field_int(body, "size"),
-            leverage=field_int(body, "leverage"),
-            take_profit=field_int(body, "takeProfit", optional=True),
-            stop_loss=field_int(body, "stopLoss", optional=True),
-        )
+        return commands.PlaceMarketOrder(**self._order_fields(body))
 
     def cmd_cancel(self, body: dict[str, Any]) -> commands.AnyCommand:
         ids = body.get("cancelOrderIds")
