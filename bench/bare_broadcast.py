@@ -1,6 +1,6 @@
 """Bare broadcast servers: the limit of a Python WebSocket transport on this machine (scenario 7).
 
-    python bench/bare_broadcast.py picows|picows-asyncio|aiohttp --clients N
+    python bench/bare_broadcast.py picows|picows-asyncio|aiohttp|aiohttp-direct --clients N
         [--message FILE | --size BYTES] [--port 0]
 
 No routing, no state, no protocol: once ``--clients`` clients are connected (whatever they send
@@ -14,8 +14,10 @@ JSON-looking filler.
 
 * ``picows``: picows on uvloop (the fastest transport available here);
 * ``picows-asyncio``: picows on the standard asyncio loop;
-* ``aiohttp``: aiohttp's WebSocket (the transport the real server uses) on the standard loop,
-  with ``send_frame`` as the server calls it.
+* ``aiohttp``: aiohttp's WebSocket on the standard loop, with ``send_frame`` as a server
+  written the usual way calls it;
+* ``aiohttp-direct``: aiohttp on uvloop as the real server uses it: the frame built once and
+  written straight to every connection's transport (``transport.write``), the fast path.
 
 It prints ``ws://127.0.0.1:PORT/ws`` when it listens, and on SIGTERM the rounds and
 messages written.
@@ -86,12 +88,16 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     peers: dict[web.WebSocketResponse, asyncio.Transport] = {}
     enough = asyncio.Event()
 
+    frame = bytes((0x81, 126)) + len(message).to_bytes(2, "big") + message
+    if len(message) >= 1 << 16 or len(message) < 126:
+        raise SystemExit("aiohttp-direct frames messages of 126 to 65,535 bytes only")
+
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True, compress=False)
         await ws.prepare(request)
         transport = request.transport
-        assert isinstance(transport, asyncio.Transport)
-        peers[ws] = transport
+        assert transport is not None  # uvloop's transports do not subclass asyncio.Transport
+        peers[ws] = transport  # type: ignore[assignment]
         if len(peers) >= args.clients:
             enough.set()
         try:
@@ -114,13 +120,21 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     await enough.wait()
     while not stop.is_set():
         sent = 0
-        for ws, transport in list(peers.items()):
-            if transport.get_write_buffer_size() <= HIGH_WATER:
-                try:
-                    await ws.send_frame(message, text)
-                except ConnectionError:
-                    continue
-                sent += 1
+        if args.kind == "aiohttp-direct":
+            for i, transport in enumerate(list(peers.values()), 1):
+                if transport.get_write_buffer_size() <= HIGH_WATER and not transport.is_closing():
+                    transport.write(frame)
+                    sent += 1
+                if args.slice and not i % args.slice:
+                    await asyncio.sleep(0)
+        else:
+            for ws, transport in list(peers.items()):
+                if transport.get_write_buffer_size() <= HIGH_WATER:
+                    try:
+                        await ws.send_frame(message, text)
+                    except ConnectionError:
+                        continue
+                    sent += 1
         counts[0] += 1
         counts[1] += sent
         await asyncio.sleep(0)
@@ -134,7 +148,7 @@ async def main_async(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     message = message_of(args)
-    run = run_aiohttp if args.kind == "aiohttp" else run_picows
+    run = run_aiohttp if args.kind.startswith("aiohttp") else run_picows
     task = asyncio.ensure_future(run(args, message, stop))
     await stop.wait()
     try:
@@ -146,17 +160,24 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["picows", "picows-asyncio", "aiohttp"])
+    parser.add_argument("kind", choices=["picows", "picows-asyncio", "aiohttp", "aiohttp-direct"])
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--message", help="file holding the message to broadcast")
     parser.add_argument("--size", type=int, default=3000, help="message size without --message")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--slice",
+        type=int,
+        default=0,
+        help="aiohttp-direct: yield to the loop after this many writes, as the server's "
+        "fan-out does (0: once a round)",
+    )
     args = parser.parse_args()
-    if args.kind == "picows":
+    if args.kind in ("picows", "aiohttp-direct"):
         try:
             import uvloop
         except ImportError:
-            sys.exit("picows mode needs uvloop (pip install uvloop)")
+            sys.exit(f"{args.kind} mode needs uvloop (pip install uvloop)")
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(main_async(args))
 

@@ -77,6 +77,13 @@ class Context:
     failures: list[str] = field(default_factory=list)
     payload: Path | None = None
     """Scenario 1's real orderbook message (the bare servers broadcast it)."""
+    counts: list[int] | None = None
+    """Subscriber counts of scenarios 1 and 7 (``--subscribers``), instead of the defaults."""
+
+    def subscriber_counts(self) -> list[int]:
+        if self.counts:
+            return self.counts
+        return [20] if self.quick else [100, 1_000, 5_000]
 
     def window(self, full: float) -> float:
         return 1.5 if self.quick else full
@@ -349,7 +356,7 @@ DRIVER_CONNECTIONS = 4
 
 
 def scenario_1(ctx: Context) -> dict[str, Any]:
-    counts = [20] if ctx.quick else [100, 1_000, 5_000]
+    counts = ctx.subscriber_counts()
     results = {}
     for n in counts:
         server = b.start_server("ours", ctx.db("s1"))
@@ -601,8 +608,19 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
 MANY_POSTERS = 32
 
 
+BARE_LOOPS: list[tuple[str, str, list[str]]] = [
+    ("picows", "picows", []),
+    ("picows-asyncio", "picows-asyncio", []),
+    ("aiohttp", "aiohttp", []),
+    ("aiohttp-direct", "aiohttp-direct", []),
+    # The server's own write path with its fan-out slices (yield every 100 writes).
+    ("aiohttp-direct", "aiohttp-direct/100", ["--slice", "100"]),
+]
+"""(bare_broadcast.py kind, label, extra arguments) of scenario 7."""
+
+
 def scenario_7(ctx: Context) -> dict[str, Any]:
-    counts = [20] if ctx.quick else [100, 1_000, 5_000]
+    counts = ctx.subscriber_counts()
     segments = 3
     seconds = 0.5 if ctx.quick else 3.0
     if ctx.payload is None:
@@ -610,10 +628,10 @@ def scenario_7(ctx: Context) -> dict[str, Any]:
         ctx.payload.write_bytes(representative_book_message())
     size = len(ctx.payload.read_bytes().strip())
     results: dict[str, Any] = {"message_bytes": size}
-    for kind in ("picows", "picows-asyncio", "aiohttp"):
+    for kind, label, extra in BARE_LOOPS:
         for n in counts:
             server = b.start_server(
-                f"bare-{kind}", None, "--clients", str(n), "--message", str(ctx.payload)
+                f"bare-{kind}", None, "--clients", str(n), "--message", str(ctx.payload), *extra
             )
             with running(server.proc):
                 subs, out, _ = subscribers(ctx, server.ws_url, n, "none", 0, f"s7-{kind}-{n}")
@@ -641,8 +659,8 @@ def scenario_7(ctx: Context) -> dict[str, Any]:
                 )
                 t, m, c = t_mark, messages, cpu_mark
             best = max(parts)
-            results[f"{kind}/{n}"] = {
-                "transport": kind,
+            results[f"{label}/{n}"] = {
+                "transport": label,
                 "clients": n,
                 "messages_per_s": best[0],
                 "segments_per_s": [round(p[0]) for p in parts],
@@ -886,6 +904,7 @@ def machine(commit: str | None) -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    requested = commit
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", commit or "HEAD"],
@@ -904,7 +923,7 @@ def machine(commit: str | None) -> dict[str, Any]:
         check=False,
     ).stdout.strip()
     default_src = b.SRC[0] == b.ROOT / "src"
-    if commit:
+    if requested:
         state = f"src/ of commit {commit}, exported"
     elif default_src:
         state = "working tree, uncommitted changes in src/" if dirty else "working tree, clean"
@@ -944,6 +963,10 @@ def main() -> int:
         help="run perps_indexer as of this commit (its src/ exported with git archive), not "
         "the working tree, which other work may be changing",
     )
+    parser.add_argument(
+        "--subscribers",
+        help="comma-separated subscriber counts for scenarios 1 and 7 (default 100,1000,5000)",
+    )
     args = parser.parse_args()
     export = None
     if args.commit:
@@ -964,6 +987,8 @@ def main() -> int:
     info = machine(args.commit)
     with tempfile.TemporaryDirectory(prefix="perps-bench-") as tmp:
         ctx = Context(args.quick, Path(tmp), Path(args.profile) if args.profile else None)
+        if args.subscribers:
+            ctx.counts = [int(x) for x in args.subscribers.split(",")]
         errors: dict[str, str] = {}
         for number in chosen:
             name, scenario = SCENARIOS[number]

@@ -59,6 +59,12 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         run = figures["6"][name]
         assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
     bare = [v for k, v in figures["7"].items() if k != "message_bytes"]  # bare limit
-    assert {r["transport"] for r in bare} == {"picows", "picows-asyncio", "aiohttp"}
+    assert {r["transport"] for r in bare} == {
+        "picows",
+        "picows-asyncio",
+        "aiohttp",
+        "aiohttp-direct",
+        "aiohttp-direct/100",
+    }
     assert all(r["messages_per_s"] > 0 for r in bare)
     assert "Targets:" in proc.stdout

@@ -784,3 +784,143 @@ def test_a_never_ending_round_stays_bounded() -> None:
     for s in sessions:
         got = seqs(s)
         assert got == sorted(got) and got[-1] == 1_999  # everyone ends on the newest
+
+
+# ---------------------------------------------------------------------- the sink fast path
+
+
+class ByteSink:
+    """An in-memory :class:`~perps_indexer.session.Sink`: it keeps what was written and
+    reports as buffered whatever the test says the peer has not read yet."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.buffered = 0
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def seqs(self) -> list[int]:
+        return [json.loads(frame[4:])["seq"] for frame in self.written]
+
+
+def framed(message: bytes) -> bytes:
+    return b"F" + len(message).to_bytes(3, "big") + message
+
+
+def sink_world(watchers: int, limit: int = 1_000) -> tuple[World, list[Session], list[ByteSink]]:
+    world, sessions, _ = sliced_world(watchers)
+    world.hub.framer = framed
+    world.hub.write_limit = limit
+    sinks = []
+    for s in sessions:
+        s.sink = sink = ByteSink()
+        sinks.append(sink)
+    return world, sessions, sinks
+
+
+def test_a_round_writes_one_shared_frame_to_every_sink_that_keeps_up() -> None:
+    world, sessions, sinks = sink_world(4)
+    sinks[1].buffered = 1_001  # over the limit: coalesced in its outbox instead
+    sinks[2].closing = True
+    send(sessions[3], {"op": "subscribe", "topic": "orderbook", "market_id": 396, "id": 7})
+    sessions[3].take()  # a v2 subscription now: its pushes carry the id: a frame of its own
+    message = data("orderbook", [], 1)
+    world.hub.publish_state(("orderbook", 396), message)
+    assert world.hub.drain(10) is False
+    assert sinks[0].written == [framed(message)]
+    assert sinks[1].written == sinks[2].written == []
+    assert json.loads(sinks[3].written[0][4:]) == {
+        "data": [],
+        "message": "orderbook",
+        "seq": 1,
+        "id": 7,
+    }
+    assert [len(s.outbox) for s in sessions] == [0, 1, 1, 0]
+    assert seqs(sessions[2]) == [1]
+    assert world.hub.direct_writes == 2 and world.hub.messages_queued == 4
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 2))
+    sinks[1].buffered = 0
+    world.hub.drain(10)
+    assert sinks[0].seqs() == [1, 2]
+    assert sinks[1].written == []  # its outbox still holds seq 1: the frame would overtake it
+    assert seqs(sessions[1]) == [2]  # the newest state replaced the pending one
+
+
+def test_a_session_with_something_queued_never_gets_a_frame_ahead_of_it() -> None:
+    world, sessions, sinks = sink_world(1)
+    session, sink = sessions[0], sinks[0]
+    send(session, {"topic": "nonsense"})  # an error reply waits in the outbox
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 1))
+    world.hub.drain(10)
+    assert sink.written == []
+    frames = session.take()
+    assert json.loads(frames[0]).get("message") != "orderbook" and json.loads(frames[1])["seq"] == 1
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 2))
+    world.hub.drain(10)
+    assert sink.seqs() == [2]  # the outbox is empty again: straight to the sink
+
+
+def test_closing_turns_the_fast_path_off() -> None:
+    world, sessions, sinks = sink_world(1, limit=0)
+    session = sessions[0]
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 1))
+    world.hub.drain(10)
+    session.slow("too slow")
+    assert session.sink is None and session.close_code == 1013
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 2))
+    world.hub.drain(10)
+    assert sinks[0].seqs() == [1] and session.take() == []
+
+
+def test_the_fast_path_is_off_without_a_framer() -> None:
+    world, sessions, sinks = sink_world(2)
+    world.hub.framer = None
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 1))
+    world.hub.drain(10)
+    assert [s.written for s in sinks] == [[], []]
+    assert [seqs(s) for s in sessions] == [[1], [1]]
+    assert world.hub.direct_writes == 0
+
+
+def test_a_stream_that_never_stops_changing_does_not_starve_the_others() -> None:
+    world, sessions, _ = sliced_world(30)
+    for s in sessions:
+        send(s, {"topic": "best_price", "market_id": 396})
+        s.take()
+    book, best = ("orderbook", 396), ("best_price", 396)
+    world.hub.publish_state(book, data("orderbook", [], 1))
+    world.hub.publish_state(best, data("best_price", [], 1))
+    slices: list[set[str]] = []
+    for seq in range(2, 8):
+        world.hub.drain(10)
+        slices.append({json.loads(frame)["message"] for s in sessions for frame in s.take()})
+        world.hub.publish_state(book, data("orderbook", [], seq))  # the book never rests
+    # The slices alternate between the streams; best_price's round of 30 is complete.
+    assert slices == [{"orderbook"}, {"best_price"}] * 3
+    assert best not in world.hub._rounds and book in world.hub._rounds
+
+
+def test_renewing_a_round_costs_no_pass_over_the_watchers() -> None:
+    """A change mid-cycle restarts the count, not the list: every watcher still gets the
+    newest message exactly once more, starting where the cycle stands."""
+    world, sessions, _ = sliced_world(6)
+    stream = ("orderbook", 396)
+    world.hub.publish_state(stream, data("orderbook", [], 1))
+    world.hub.drain(4)
+    first = [seqs(s) for s in sessions]
+    world.hub.publish_state(stream, data("orderbook", [], 2))
+    assert world.hub.drain(4) is True
+    second = [seqs(s) for s in sessions]  # sessions 4, 5, 0, 1
+    assert world.hub.drain(4) is False  # sessions 2, 3: the cycle is complete
+    third = [seqs(s) for s in sessions]
+    assert first == [[1]] * 4 + [[]] * 2
+    assert second == [[2], [2], [], [], [2], [2]]
+    assert third == [[], [], [2], [2], [], []]

@@ -82,6 +82,17 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     ping_timeout: float = 20.0
 
 
+class Sink(Protocol):
+    """A connection's byte stream, as the transport lends it to the fan-out (an asyncio
+    transport has this shape): frames written to it go out in order, after what it holds."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def is_closing(self) -> bool: ...
+
+
 class MessageSource(Protocol):
     """Where the current encoded state of a stream comes from (the projections)."""
 
@@ -230,7 +241,6 @@ class Session:
         "_updated",
         "close_code",
         "close_reason",
-        "direct",
         "hub",
         "last_received",
         "limits",
@@ -239,6 +249,7 @@ class Session:
         "outbox",
         "outbox_bytes",
         "ping_sent",
+        "sink",
         "source",
         "subscriptions",
     )
@@ -261,9 +272,11 @@ class Session:
         self.outbox: dict[object, bytes] = {}
         """Pending frames: one per stream (newest wins) plus one per reply."""
         self.outbox_bytes = 0
-        self.direct: Callable[[bytes], bool] | None = None
-        """The transport's fast path: write a data message now if nothing is in flight and
-        the socket keeps up (True), else False and the message goes through the outbox."""
+        self.sink: Sink | None = None
+        """The fast path, set by the transport while nothing of its own is in flight: a data
+        message with nothing queued ahead of it is framed (:attr:`Hub.framer`) and written
+        straight to it if it holds at most :attr:`Hub.write_limit` bytes; else the message
+        goes through the outbox and the transport's writer."""
         self.notify: Callable[[], None] | None = None
         """Called when the outbox goes from empty to non-empty (the transport's wake-up)."""
         self.last_received = now
@@ -400,8 +413,8 @@ class Session:
         request_id = self.subscriptions.get(stream)
         if request_id is not None:
             message = _with_id(message, request_id)
-        direct = self.direct
-        if direct is not None and not self.outbox and self.close_code is None and direct(message):
+        sink = self.sink
+        if sink is not None and not self.outbox and self.hub.write_now(sink, message):
             return  # nothing pending and the transport took it at once: no queue, no wake-up
         if stream[0] in LIVE_TOPICS:
             self._live += 1
@@ -440,6 +453,7 @@ class Session:
         return frames
 
     def _close(self, code: int, reason: str) -> None:
+        self.sink = None  # closing: everything goes through the writer, which ends with the close
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
@@ -475,24 +489,67 @@ class Session:
         self.outbox.clear()
         self.outbox_bytes = 0
         self.notify = None
-        self.direct = None
+        self.sink = None
 
 
 class Hub:
     """Which sessions watch which stream; fans a published message out to them."""
 
-    __slots__ = ("_rounds", "messages_queued", "sessions", "sliced", "streams", "wake")
+    __slots__ = (
+        "_frame",
+        "_framed",
+        "_rounds",
+        "direct_writes",
+        "framer",
+        "messages_queued",
+        "sessions",
+        "sliced",
+        "streams",
+        "wake",
+        "write_limit",
+    )
 
     def __init__(self) -> None:
         self.streams: dict[Stream, dict[Session, None]] = {}
         self.sessions: dict[Session, None] = {}
         self.messages_queued = 0
+        """Pushes handed to sessions (written at once or queued)."""
+        self.direct_writes = 0
+        """Of those, the messages written straight to a session's :attr:`Session.sink`."""
         self.sliced = False
         """When True, :meth:`publish_state` defers the fan-out to :meth:`drain`, which the
         transport calls in slices so that a round of pushes never holds the loop for long."""
         self.wake: Callable[[], None] | None = None
         """Called when deferred pushes are waiting for :meth:`drain`."""
+        self.framer: Callable[[bytes], bytes] | None = None
+        """Wraps a message in its transport frame; the fast path is off while it is None.
+        Server frames are unmasked (RFC 6455 §5.1), so one frame serves every subscriber."""
+        self.write_limit = 0
+        """Bytes a sink may hold for the fast path to add to it (a reader falling behind gets
+        its messages coalesced in the outbox instead)."""
         self._rounds: dict[Stream, _Round] = {}
+        self._framed: bytes | None = None  # one-entry cache: the last message and its frame
+        self._frame = b""
+
+    def frame(self, message: bytes) -> bytes:
+        """``message``'s frame, built once however many sinks it is written to."""
+        if message is not self._framed:
+            assert self.framer is not None
+            self._frame = self.framer(message)
+            self._framed = message
+        return self._frame
+
+    def write_now(self, sink: Sink, message: bytes) -> bool:
+        """Write ``message`` to ``sink`` if the fast path is on and the sink keeps up."""
+        if (
+            self.framer is None
+            or sink.is_closing()
+            or sink.get_write_buffer_size() > self.write_limit
+        ):
+            return False
+        sink.write(self.frame(message))
+        self.direct_writes += 1
+        return True
 
     def connect(self, session: Session) -> None:
         self.sessions[session] = None
@@ -543,14 +600,18 @@ class Hub:
             self.wake()
 
     def drain(self, budget: int) -> bool:
-        """Make up to ``budget`` deferred pushes; True while more are waiting."""
+        """Make up to ``budget`` deferred pushes; True while more are waiting.
+
+        Streams take turns: one whose round is not finished goes behind the others, so a
+        stream that never stops changing (a busy order book) cannot starve the rest."""
         rounds = self._rounds
         done = 0
         while rounds and done < budget:
             stream, pending = next(iter(rounds.items()))
-            done += pending.run(stream, budget - done)
-            if pending.finished:
-                del rounds[stream]
+            done += pending.run(self, stream, budget - done)
+            del rounds[stream]
+            if not pending.finished:
+                rounds[stream] = pending
         self.messages_queued += done
         return bool(rounds)
 
@@ -562,43 +623,59 @@ class Hub:
 class _Round:
     """The deferred fan-out of one stream: its newest message and who still has to get it.
 
-    A watcher gets the message current at its turn (always the newest); one already served
-    in this round is queued again, at the end, when a newer message arrives, so a stream that
-    changes faster than a round completes still reaches every watcher, in turn."""
+    The watchers are served in a cycle. A newer message restarts the count from wherever the
+    cycle stands: everyone gets the message current at their turn (always the newest), at most
+    once per cycle, and a stream that changes faster than a cycle completes still reaches every
+    watcher, in turn. Renewing costs the same whatever the number of watchers."""
 
-    __slots__ = ("cursor", "message", "order", "waiting")
+    __slots__ = ("cursor", "message", "order", "remaining")
 
     def __init__(self, message: bytes, watchers: dict[Session, None]) -> None:
         self.message = message
         self.order = list(watchers)
-        self.waiting = set(self.order)
         self.cursor = 0
+        self.remaining = len(self.order)
 
     def renew(self, message: bytes, watchers: dict[Session, None]) -> None:
         self.message = message
-        waiting = self.waiting
-        for session in watchers:
-            if session not in waiting:
-                waiting.add(session)
-                self.order.append(session)
+        if self.cursor >= len(watchers):
+            self.cursor = 0
+        self.order = list(watchers)  # who watches now; the cycle goes on from the cursor
+        self.remaining = len(self.order)
 
     @property
     def finished(self) -> bool:
-        return self.cursor >= len(self.order)
+        return self.remaining <= 0
 
-    def run(self, stream: Stream, budget: int) -> int:
-        order, waiting, message = self.order, self.waiting, self.message
+    def run(self, hub: Hub, stream: Stream, budget: int) -> int:
+        order, message = self.order, self.message
         start = self.cursor
-        end = min(len(order), start + budget)
-        for session in order[start:end]:
-            waiting.discard(session)
-            if stream in session.subscriptions:  # not if it unsubscribed or left meanwhile
+        count = min(budget, self.remaining)
+        turn = order[start : start + count]
+        if len(turn) < count:
+            turn += order[: count - len(turn)]  # wrap around
+        # The hot loop of a fan-out: a watcher with a sink, a v1 subscription (no id to
+        # splice in: ``get`` gives None) and nothing queued gets the shared frame written
+        # straight away; everyone else goes through push() and the outbox.
+        frame = hub.frame(message) if hub.framer is not None else None
+        limit = hub.write_limit
+        wrote = 0
+        for session in turn:
+            sink = session.sink
+            subscriptions = session.subscriptions
+            if (
+                sink is not None
+                and frame is not None
+                and subscriptions.get(stream, 0) is None
+                and not session.outbox
+                and not sink.is_closing()
+                and sink.get_write_buffer_size() <= limit
+            ):
+                sink.write(frame)
+                wrote += 1
+            elif stream in subscriptions:  # not if it unsubscribed or left meanwhile
                 session.push(stream, message)
-        self.cursor = end
-        if self.finished:
-            order.clear()
-            self.cursor = 0
-        elif end > len(order) // 2:
-            del order[:end]  # the served prefix; keeps a never-ending round's list bounded
-            self.cursor = 0
-        return end - start
+        hub.direct_writes += wrote
+        self.remaining -= count
+        self.cursor = (start + count) % len(order) if order else 0
+        return count

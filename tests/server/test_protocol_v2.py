@@ -171,7 +171,15 @@ def recv_streams(
 
 
 def metric(server: ThreadedServer, name: str) -> int:
-    return int(server.call(lambda: getattr(server.server.metrics, name)))
+    """A server counter; the fan-out's own (``direct_writes``) are kept by the hub."""
+
+    def read() -> int:
+        if name == "direct_writes":
+            assert server.server.venue is not None
+            return server.server.venue.hub.direct_writes
+        return int(getattr(server.server.metrics, name))
+
+    return int(server.call(read))
 
 
 # ---------------------------------------------------------------------------- 1. ids and acks

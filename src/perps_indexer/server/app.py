@@ -28,6 +28,7 @@ from perps_indexer.session import (
     Hub,
     Limits,
     Session,
+    Sink,
     error_message,
 )
 from perps_indexer.store import open_store
@@ -128,7 +129,6 @@ class Metrics:
     frames_received: int = 0
     keepalive_timeouts: int = 0
     slow_readers: int = 0
-    direct_writes: int = 0
     closed_by_server: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -151,8 +151,6 @@ class Server:
         self.connections: dict[Session, web.WebSocketResponse] = {}
         self.per_ip: dict[str, int] = {}
         self.writing_since: dict[Session, float] = {}
-        self._frame_of: bytes | None = None  # one-entry cache: a message and its frame
-        self._frame_bytes = b""
         """Sessions whose writer is inside a send, and since when (a peer not reading)."""
         self.closing: set[Session] = set()
         """Sessions whose close (with the session's code and reason) has begun."""
@@ -215,6 +213,9 @@ class Server:
         self._spawn(self._keepalive_loop())
         if self.config.snapshot_interval > 0:
             self._spawn(self._snapshot_loop())
+        if self.config.direct_write_limit > 0:
+            self.venue.hub.framer = text_frame
+            self.venue.hub.write_limit = self.config.direct_write_limit
         if self.config.fanout_slice > 0:
             self.venue.hub.sliced = True
             self._spawn(self._fanout_loop(self.venue.hub))
@@ -306,11 +307,11 @@ class Server:
         session.notify = notify
         transport = request_transport(ws)
         if transport is not None and self.config.direct_write_limit > 0:
-            session.direct = self._direct_writer(session, transport)
+            session.sink = transport
         self.venue.hub.connect(session)
         self.connections[session] = ws
         self.metrics.connections_total += 1
-        writer = asyncio.create_task(self._write_loop(ws, session, wake))
+        writer = asyncio.create_task(self._write_loop(ws, session, wake, session.sink))
         try:
             async for msg in ws:
                 self.metrics.frames_received += 1
@@ -344,36 +345,6 @@ class Server:
                 await writer
         return ws
 
-    def _direct_writer(
-        self, session: Session, transport: asyncio.Transport
-    ) -> Callable[[bytes], bool]:
-        """The fan-out fast path: write a data frame straight to the socket when nothing is in
-        flight for this connection and its buffer is small; the frame is built once per message
-        for all subscribers (server frames are unmasked, so every copy is the same bytes)."""
-        writing = self.writing_since
-        metrics = self.metrics
-        limit = self.config.direct_write_limit
-
-        def direct(message: bytes) -> bool:
-            if (
-                session in writing
-                or transport.is_closing()
-                or transport.get_write_buffer_size() > limit
-            ):
-                return False
-            transport.write(self._frame(message))
-            metrics.messages_sent += 1
-            metrics.direct_writes += 1
-            return True
-
-        return direct
-
-    def _frame(self, message: bytes) -> bytes:
-        if message is not self._frame_of:
-            self._frame_of = message
-            self._frame_bytes = text_frame(message)
-        return self._frame_bytes
-
     def _cap_send_buffer(self, request: web.Request) -> None:
         size = self.config.socket_send_buffer
         sock = request.transport.get_extra_info("socket") if request.transport else None
@@ -382,13 +353,16 @@ class Server:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     async def _write_loop(
-        self, ws: web.WebSocketResponse, session: Session, wake: asyncio.Event
+        self, ws: web.WebSocketResponse, session: Session, wake: asyncio.Event, sink: Sink | None
     ) -> None:
+        """Send what the session queued; while it sends, the fan-out's fast path is off for
+        this connection (its frames would overtake the queued ones)."""
         clock = asyncio.get_running_loop().time
         try:
             while not ws.closed:
                 await wake.wait()
                 wake.clear()
+                session.sink = None
                 frames = session.take()
                 code = session.close_code
                 if code == CLOSE_TRY_AGAIN_LATER:
@@ -398,6 +372,8 @@ class Server:
                     await ws.send_frame(frame, WSMsgType.TEXT)
                 del self.writing_since[session]
                 self.metrics.messages_sent += len(frames)
+                if session.close_code is None and not session.outbox:
+                    session.sink = sink
                 if code is not None:
                     if self._begin_close(session):
                         await self._close(ws, code, session.close_reason)
@@ -554,7 +530,7 @@ class Server:
                 "messages_sent_total",
                 "counter",
                 "Messages written to WebSocket clients.",
-                self.metrics.messages_sent,
+                self.metrics.messages_sent + hub.direct_writes,
             ),
             (
                 "frames_received_total",
@@ -572,7 +548,7 @@ class Server:
                 "direct_writes_total",
                 "counter",
                 "Messages written straight to the socket (the fan-out fast path).",
-                self.metrics.direct_writes,
+                hub.direct_writes,
             ),
             (
                 "slow_readers_total",
