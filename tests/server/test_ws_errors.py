@@ -150,6 +150,41 @@ def test_client_ping_is_answered(server: ThreadedServer) -> None:
         assert pong.wait(5)
 
 
+def silent_handshake(port: int) -> socket.socket:
+    """A raw socket that completes the handshake and then never reads nor answers."""
+    silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+    silent.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    return silent
+
+
+def read_until_close(sock: socket.socket) -> bytes:
+    """The frames a raw socket received up to the server's close frame."""
+    deadline = time.monotonic() + 5
+    data = b""
+    while time.monotonic() < deadline and b"\x88" not in data.split(b"\r\n\r\n", 1)[-1]:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_the_keepalive_ticker_reaches_every_connection_in_slices(tmp_path: Path) -> None:
+    running, stop = start_threaded(tmp_path, ping_interval=0.3, ping_timeout=0.4, keepalive_slice=1)
+    try:
+        silent = [silent_handshake(running.server.port) for _ in range(3)]
+        for sock in silent:
+            frames = read_until_close(sock)
+            assert frames[:1] == b"\x89" and b"keepalive ping timeout" in frames
+            sock.close()
+        assert running.call(lambda: running.server.metrics.keepalive_timeouts) == 3
+    finally:
+        stop()
+
+
 def test_server_pings_quiet_clients_and_closes_silent_ones(tmp_path: Path) -> None:
     running, stop = start_threaded(tmp_path, ping_interval=0.3, ping_timeout=0.4)
     try:
@@ -161,21 +196,8 @@ def test_server_pings_quiet_clients_and_closes_silent_ones(tmp_path: Path) -> No
             healthy.send('{"topic": "orderbook", "market_id": "397"}')
             assert json.loads(healthy.recv(timeout=5))["message"] == "orderbook"
 
-        # A raw socket that completes the handshake and then never reads nor answers.
-        host, port = "127.0.0.1", running.server.port
-        silent = socket.create_connection((host, port), timeout=5)
-        silent.sendall(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        deadline = time.monotonic() + 5
-        data = b""
-        while time.monotonic() < deadline and b"\x88" not in data.split(b"\r\n\r\n", 1)[-1]:
-            chunk = silent.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        frames = data.split(b"\r\n\r\n", 1)[1]
+        silent = silent_handshake(running.server.port)
+        frames = read_until_close(silent)
         assert frames[:1] == b"\x89"  # the server pinged first
         close_at = frames.index(b"\x88")
         code = int.from_bytes(frames[close_at + 2 : close_at + 4], "big")
