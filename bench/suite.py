@@ -245,9 +245,24 @@ def measure(
         spy.popen.wait(60)
         b.stop(spy)
     time.sleep(1.0 if not ctx.quick else 0.5)
-    metrics = get_metrics(server) if server.kind == "ours" else {}
+    metrics = settled_metrics(server) if server.kind == "ours" else {}
     data = finish(subs, subs_out)
     return Run(data, drive, (cpu1 - cpu0) / (t1 - t0), t1 - t0, metrics, load)
+
+
+def settled_metrics(server: b.Server, timeout: float = 60) -> dict[str, float]:
+    """The server's metrics once it has stopped sending: an overloaded server may still be
+    working off a backlog after the driver stops, and sent must be compared with received
+    only when both are final."""
+    metrics = get_metrics(server)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        again = get_metrics(server)
+        if again.get("messages_sent_total") == metrics.get("messages_sent_total"):
+            return again
+        metrics = again
+    return metrics
 
 
 def command_ranges(log: list[list[int]]) -> tuple[list[int], list[int], list[int]]:

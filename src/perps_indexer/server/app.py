@@ -373,8 +373,8 @@ class Server:
                 self.writing_since[session] = clock()
                 for frame in frames:
                     await ws.send_frame(frame, WSMsgType.TEXT)
+                    self.metrics.messages_sent += 1  # counted as it goes: /metrics may look now
                 del self.writing_since[session]
-                self.metrics.messages_sent += len(frames)
                 if session.close_code is None and not session.outbox:
                     session.sink = sink
                 if code is not None:
