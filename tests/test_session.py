@@ -732,6 +732,7 @@ def test_session_survives_any_frames(
 def sliced_world(watchers: int) -> tuple[World, list[Session], list[int]]:
     world = World()
     world.hub.sliced = True
+    world.hub.small_stream = 0  # every stream in rounds, however few watch it
     wakes: list[int] = []
     world.hub.wake = lambda: wakes.append(1)
     sessions = [world.session() for _ in range(watchers)]
@@ -924,3 +925,19 @@ def test_renewing_a_round_costs_no_pass_over_the_watchers() -> None:
     assert first == [[1]] * 4 + [[]] * 2
     assert second == [[2], [2], [], [], [2], [2]]
     assert third == [[], [], [2], [2], [], []]
+
+
+def test_a_stream_few_watch_is_pushed_at_once_unless_a_round_is_under_way() -> None:
+    world, sessions, wakes = sliced_world(3)
+    stream = ("orderbook", 396)
+    world.hub.small_stream = 3
+    world.hub.publish_state(stream, data("orderbook", [], 1))
+    assert wakes == [] and [seqs(s) for s in sessions] == [[1], [1], [1]]
+    world.hub.small_stream = 0
+    world.hub.publish_state(stream, data("orderbook", [], 2))  # a round: one push so far
+    world.hub.drain(1)
+    world.hub.small_stream = 3
+    world.hub.publish_state(stream, data("orderbook", [], 3))  # joins the round
+    assert [seqs(s) for s in sessions] == [[2], [], []]
+    world.hub.drain(10)
+    assert [seqs(s) for s in sessions] == [[3], [3], [3]]

@@ -27,6 +27,7 @@ sends only the original requests gets only the original replies, plus ``"seq"``.
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import Protocol
 
@@ -48,6 +49,9 @@ from perps_indexer.wire import (
 Key = str | int
 Stream = tuple[str, Key]
 RequestId = str | int
+
+SMALL_STREAM = 8
+"""Watchers up to which a state change is pushed at once instead of in a sliced round."""
 
 RESUMABLE_TOPICS = frozenset(
     {TRADE_HISTORY, ORDER_HISTORY, LIVE_TRADE_HISTORY, LIVE_ORDER_HISTORY, DEPOSIT_WITHDRAW_HISTORY}
@@ -499,11 +503,13 @@ class Hub:
         "_frame",
         "_framed",
         "_rounds",
+        "_turns",
         "direct_writes",
         "framer",
         "messages_queued",
         "sessions",
         "sliced",
+        "small_stream",
         "streams",
         "wake",
         "write_limit",
@@ -527,7 +533,10 @@ class Hub:
         self.write_limit = 0
         """Bytes a sink may hold for the fast path to add to it (a reader falling behind gets
         its messages coalesced in the outbox instead)."""
+        self.small_stream = SMALL_STREAM
+        """Watchers up to which a sliced state change is pushed at once."""
         self._rounds: dict[Stream, _Round] = {}
+        self._turns: deque[Stream] = deque()  # the streams of _rounds, in the order they run
         self._framed: bytes | None = None  # one-entry cache: the last message and its frame
         self._frame = b""
 
@@ -584,18 +593,22 @@ class Hub:
 
     def publish_state(self, stream: Stream, message: bytes) -> None:
         """Publish a stream's newest state: at once, or (``sliced``) in rounds that give every
-        watcher the newest state at its turn, each watcher at most once per round."""
-        if not self.sliced:
-            self.publish(stream, message)
-            return
+        watcher the newest state at its turn, each watcher at most once per round.
+
+        A stream with at most :attr:`small_stream` watchers and no round in progress is
+        pushed at once even when sliced: a round would cost more than the pushes."""
         watchers = self.streams.get(stream)
         if not watchers:
             return
         pending = self._rounds.get(stream)
-        if pending is None:
-            self._rounds[stream] = _Round(message, watchers)
+        if pending is not None:
+            pending.renew(message, watchers)  # never at once: it would overtake the round
+        elif not self.sliced or len(watchers) <= self.small_stream:
+            self.publish(stream, message)
+            return
         else:
-            pending.renew(message, watchers)
+            self._rounds[stream] = _Round(message, watchers)
+            self._turns.append(stream)
         if self.wake is not None:
             self.wake()
 
@@ -604,16 +617,18 @@ class Hub:
 
         Streams take turns: one whose round is not finished goes behind the others, so a
         stream that never stops changing (a busy order book) cannot starve the rest."""
-        rounds = self._rounds
+        rounds, turns = self._rounds, self._turns
         done = 0
-        while rounds and done < budget:
-            stream, pending = next(iter(rounds.items()))
+        while turns and done < budget:
+            stream = turns.popleft()
+            pending = rounds[stream]
             done += pending.run(self, stream, budget - done)
-            del rounds[stream]
-            if not pending.finished:
-                rounds[stream] = pending
+            if pending.finished:
+                del rounds[stream]
+            else:
+                turns.append(stream)
         self.messages_queued += done
-        return bool(rounds)
+        return bool(turns)
 
     @property
     def subscription_count(self) -> int:
