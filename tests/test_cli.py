@@ -53,3 +53,27 @@ def test_read_only_and_limit_flags(tmp_path: Path) -> None:
         assert any("max_subscriptions = 2" in r for r in replies)
     finally:
         server.terminate()
+
+
+def test_refuses_negative_gc_intervals(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perps_indexer",
+            "serve",
+            "--port",
+            "0",
+            "--db",
+            str(tmp_path / "x.db"),
+            "--gc-full-every",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--gc-full-every take 0 or more seconds" in done.stderr
+    assert not (tmp_path / "x.db").exists()

@@ -1,0 +1,89 @@
+"""The server process's garbage-collection policy.
+
+CPython's full collections scan every tracked object. A server holding 10,000 connections
+tracks a few million objects, and a full collection of them paused it for 0.5-0.9 s, several
+times a minute under load (BENCHMARKS.md, scenario 2): every stream stalled meanwhile. Almost
+all of that heap is long-lived (the replayed state, the connections), and a scan of it finds
+nothing to free.
+
+The policy: every ``freeze_every`` seconds, move what survived so far into the permanent
+generation (:func:`gc.freeze`, a constant-time splice), so automatic collections scan only what
+was allocated since. Cyclic garbage among frozen objects (a few objects per closed connection)
+is not freed until the next scheduled full collection: every ``full_every`` seconds the heap is
+unfrozen, collected in full and frozen again, one pause (logged with its length) instead of
+many. ``full_every = 0`` never does that (memory held by such garbage then grows with the
+connections closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+Action = Literal["freeze", "full"]
+
+
+class HeapPolicy:
+    """When to freeze and when to collect in full (no I/O; the caller passes the time)."""
+
+    def __init__(self, freeze_every: float, full_every: float, now: float) -> None:
+        if freeze_every <= 0:
+            raise ValueError(f"freeze_every must be positive, got {freeze_every}")
+        if full_every < 0:
+            raise ValueError(f"full_every must be 0 (never) or positive, got {full_every}")
+        self.freeze_every = freeze_every
+        self.full_every = full_every
+        self._next_freeze = now + freeze_every
+        self._next_full = now + full_every if full_every else None
+
+    def due(self, now: float) -> Action | None:
+        """The action due at ``now``, if any; a full collection also freezes afterwards."""
+        if self._next_full is not None and now >= self._next_full:
+            self._next_full = now + self.full_every
+            self._next_freeze = now + self.freeze_every
+            return "full"
+        if now >= self._next_freeze:
+            self._next_freeze = now + self.freeze_every
+            return "freeze"
+        return None
+
+    def sleep_for(self, now: float) -> float:
+        """Seconds until the next action."""
+        nxt = self._next_freeze
+        if self._next_full is not None:
+            nxt = min(nxt, self._next_full)
+        return max(0.0, nxt - now)
+
+
+def full_collection() -> tuple[int, float]:
+    """Unfreeze, collect everything, freeze again; returns (objects freed, seconds paused)."""
+    started = time.perf_counter()
+    gc.unfreeze()
+    freed = gc.collect()
+    gc.freeze()
+    return freed, time.perf_counter() - started
+
+
+async def keep_heap(freeze_every: float, full_every: float) -> None:
+    """Apply :class:`HeapPolicy` to this process until cancelled."""
+    clock = time.monotonic
+    policy = HeapPolicy(freeze_every, full_every, clock())
+    while True:
+        await asyncio.sleep(policy.sleep_for(clock()))
+        action = policy.due(clock())
+        if action == "freeze":
+            gc.freeze()
+        elif action == "full":
+            freed, paused = full_collection()
+            log.info(
+                "scheduled full garbage collection: %d objects freed, %.0f ms paused, "
+                "%d objects frozen",
+                freed,
+                paused * 1000,
+                gc.get_freeze_count(),
+            )

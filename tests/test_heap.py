@@ -1,0 +1,74 @@
+"""The garbage-collection policy: when it freezes and collects, and that it does, for real."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from perps_indexer.heap import HeapPolicy, full_collection, keep_heap
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    """These tests freeze this process's heap: give it back afterwards."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_policy_freezes_on_its_period_and_collects_in_full_on_its_own() -> None:
+    policy = HeapPolicy(freeze_every=10, full_every=35, now=100)
+    assert policy.sleep_for(100) == 10
+    assert [policy.due(t) for t in (105, 110, 115, 120, 130)] == [
+        None,
+        "freeze",
+        None,
+        "freeze",
+        "freeze",
+    ]
+    assert policy.sleep_for(131) == 4  # the full collection at 135 comes first
+    assert policy.due(135) == "full"
+    assert policy.due(140) is None  # a full collection also froze: the next freeze is at 145
+    assert policy.due(145) == "freeze"
+    assert policy.due(170) == "full"
+
+
+def test_policy_without_full_collections() -> None:
+    policy = HeapPolicy(freeze_every=1, full_every=0, now=0)
+    assert {policy.due(t) for t in range(1, 10_000)} == {"freeze"}
+
+
+@pytest.mark.parametrize(("freeze", "full"), [(0, 10), (-1, 10), (1, -1)])
+def test_policy_refuses_meaningless_periods(freeze: float, full: float) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        HeapPolicy(freeze, full, now=0)
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_full_collection_frees_cycles_the_frozen_heap_held(unfrozen: None) -> None:
+    gc.collect()
+    garbage = [Cycle() for _ in range(100)]
+    gc.freeze()  # the cycles are frozen while alive ...
+    del garbage  # ... and become garbage: an ordinary collection cannot see them
+    assert gc.collect() == 0
+    freed, paused = full_collection()
+    assert freed >= 100 and paused >= 0
+    assert gc.get_freeze_count() > 0  # frozen again afterwards
+
+
+def test_keep_heap_freezes_what_survives(unfrozen: None) -> None:
+    async def run() -> int:
+        task = asyncio.create_task(keep_heap(freeze_every=0.02, full_every=0))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        return gc.get_freeze_count()
+
+    assert gc.get_freeze_count() == 0
+    assert asyncio.run(run()) > 0
