@@ -75,5 +75,5 @@ def test_refuses_negative_gc_intervals(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert "--gc-full-every take 0 or more seconds" in done.stderr
+    assert "--gc-full-every takes 0 or more, got -1.0" in done.stderr
     assert not (tmp_path / "x.db").exists()
