@@ -231,6 +231,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
+SERVER_ARGS: list[str] = []
+"""Extra ``serve`` arguments for every run of the real server (suite.py ``--server-args``)."""
+
+
 def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float = 120) -> Server:
     """Start a server pinned to the server CPU and parse its port from its banner.
 
@@ -255,6 +259,7 @@ def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float 
             "NORMAL",
             "--log-level",
             "WARNING",
+            *SERVER_ARGS,
             *extra,
         ]
     elif kind == "naive":

@@ -982,7 +982,13 @@ def main() -> int:
         "--subscribers",
         help="comma-separated subscriber counts for scenarios 1 and 7 (default 100,1000,5000)",
     )
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="extra arguments for every run of the real server, e.g. '--fanout-slice 50'",
+    )
     args = parser.parse_args()
+    b.SERVER_ARGS[:] = args.server_args.split()
     export = None
     if args.commit:
         export = tempfile.TemporaryDirectory(prefix="perps-src-")
@@ -1017,6 +1023,7 @@ def main() -> int:
                 ctx.failures.append(f"scenario {number} failed: {exc}")
             print(f"scenario {number}: done in {time.monotonic() - t:.1f} s", flush=True)
         info["loadavg_end"] = b.loadavg()
+        info["server_args"] = args.server_args
         info["seconds"] = round(time.monotonic() - started, 1)
         lines = report(ctx)
         out = Path(args.json) if args.json else Path(tempfile.gettempdir()) / "perps-suite.json"
