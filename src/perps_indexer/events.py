@@ -265,5 +265,11 @@ def to_json(event: Event) -> bytes:
     return _json_encoder.encode(event)
 
 
-def from_json(data: bytes | str) -> AnyEvent:
+def to_json_into(event: Event, buffer: bytearray) -> None:
+    """Append :func:`to_json` of ``event`` to ``buffer``: the same bytes, without allocating
+    a ``bytes`` object per event (the store packs many bodies into one buffer)."""
+    _json_encoder.encode_into(event, buffer, -1)
+
+
+def from_json(data: bytes | bytearray | memoryview | str) -> AnyEvent:
     return _json_decoder.decode(data)

@@ -13,9 +13,10 @@ import pytest
 
 from perps_indexer import errors
 from perps_indexer.engine import Engine
-from perps_indexer.events import AnyEvent, Fill
+from perps_indexer.events import AnyEvent, Fill, to_json
 from perps_indexer.markets import default_markets
 from perps_indexer.store import event_keys, market_key
+from perps_indexer.store.base import SEGMENT_EVENTS
 from perps_indexer.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.store.conftest import LIQUIDITY, MAKER, TRADER, deposits
 
@@ -46,8 +47,31 @@ def test_every_event_type_round_trips(store: SQLiteStore, events: list[AnyEvent]
     store.append(events)
     assert list(store.read()) == events
     assert (store.first_seq(), store.last_seq()) == (1, len(events))
-    stored_types = raw_query(Path(store.path), "SELECT type FROM events ORDER BY seq")
-    assert [t for (t,) in stored_types] == [type(ev).__struct_config__.tag for ev in events]
+    # One batch, one segment row, holding each event's canonical JSON one after the other.
+    ((first, last, body),) = raw_query(
+        Path(store.path), "SELECT first_seq, last_seq, body FROM segments"
+    )
+    assert (first, last, body) == (1, len(events), b"".join(to_json(ev) for ev in events))
+
+
+def test_a_batch_larger_than_a_segment_is_split(store: SQLiteStore, db_path: Path) -> None:
+    events = deposits(SEGMENT_EVENTS * 2 + 1)
+    store.append(events)
+    assert raw_query(db_path, "SELECT first_seq, last_seq FROM segments ORDER BY first_seq") == [
+        (1, SEGMENT_EVENTS),
+        (SEGMENT_EVENTS + 1, 2 * SEGMENT_EVENTS),
+        (2 * SEGMENT_EVENTS + 1, 2 * SEGMENT_EVENTS + 1),
+    ]
+    assert list(store.read()) == events
+    assert (
+        list(store.read(SEGMENT_EVENTS - 1, 3)) == events[SEGMENT_EVENTS - 1 : SEGMENT_EVENTS + 2]
+    )
+    assert (
+        store.read_for_key(TRADER, after=5, before=SEGMENT_EVENTS + 3)
+        == events[5 : SEGMENT_EVENTS + 2]
+    )
+    newest = store.read_for_key(TRADER, before=SEGMENT_EVENTS * 2 + 1, limit=3, newest_first=True)
+    assert seqs(newest) == [2 * SEGMENT_EVENTS, 2 * SEGMENT_EVENTS - 1, 2 * SEGMENT_EVENTS - 2]
 
 
 def test_an_empty_store(store: SQLiteStore) -> None:
@@ -76,7 +100,8 @@ def test_read_after_and_limit(
 def test_read_fetches_in_chunks(
     store: SQLiteStore, events: list[AnyEvent], limit: int | None
 ) -> None:
-    store.append(events)
+    for event in events:  # one segment each: read_chunk counts segments
+        store.append([event])
     store.read_chunk = 3
     queries: list[str] = []
     assert store._conn is not None
@@ -85,9 +110,9 @@ def test_read_fetches_in_chunks(
     store._conn.set_trace_callback(None)
     wanted = len(events) if limit is None else limit
     assert got == events[:wanted]
-    # Full chunks of 3, plus one short (or empty) chunk that ends an unlimited read.
-    selects = [q for q in queries if q.startswith("SELECT seq, body FROM events")]
-    assert len(selects) == (wanted // 3 + 1 if limit is None else -(-wanted // 3))
+    # Chunks of 3, plus the empty one that ends an unlimited read.
+    selects = [q for q in queries if q.startswith("SELECT first_seq, last_seq, ends, body")]
+    assert len(selects) == (-(-wanted // 3) + 1 if limit is None else -(-wanted // 3))
 
 
 def test_read_is_lazy_and_sees_events_appended_meanwhile(
@@ -113,22 +138,37 @@ def test_read_rejects_bad_arguments_at_once(store: SQLiteStore) -> None:
 def test_read_reports_a_hole_in_the_stored_log(
     store: SQLiteStore, events: list[AnyEvent], db_path: Path
 ) -> None:
-    store.append(events)
-    raw_write(db_path, "DELETE FROM events WHERE seq = ?", (5,))
-    with pytest.raises(errors.SequenceGap, match="expected event seq 5, got 6"):
+    store.append(events[:4])
+    store.append(events[4:7])
+    store.append(events[7:])
+    raw_write(db_path, "DELETE FROM segments WHERE first_seq = ?", (5,))
+    with pytest.raises(errors.SequenceGap, match="expected event seq 5, got 8"):
         list(store.read())
 
 
 def test_a_body_that_is_not_its_row_is_an_integrity_error(
     store: SQLiteStore, events: list[AnyEvent], db_path: Path
 ) -> None:
-    store.append(events)
-    body = raw_query(db_path, "SELECT body FROM events WHERE seq = ?", (2,))[0][0]
-    raw_write(db_path, "UPDATE events SET body = ? WHERE seq = ?", (body, 3))
+    for event in events:
+        store.append([event])
+    row = "SELECT ends, body FROM segments WHERE first_seq = ?"
+    ends, body = raw_query(db_path, row, (2,))[0]
+    update = "UPDATE segments SET ends = ?, body = ? WHERE first_seq = ?"
+    raw_write(db_path, update, (ends, body, 3))
     with pytest.raises(errors.IntegrityError, match="row of event 3 holds event 2"):
         list(store.read())
-    raw_write(db_path, "UPDATE events SET body = ? WHERE seq = ?", (b"\xc1junk", 3))
+    with pytest.raises(errors.IntegrityError, match="row of event 3 holds event 2"):
+        store.read_for_key(LIQUIDITY)
+    junk = b"\xc1junk"
+    raw_write(db_path, update, (len(junk).to_bytes(4, "little"), junk, 3))
     with pytest.raises(errors.IntegrityError, match="event 3 cannot be decoded"):
+        list(store.read(2))
+    # Offsets that do not fit the body: the segment is damaged.
+    raw_write(db_path, update, (ends + ends, body, 3))
+    with pytest.raises(errors.IntegrityError, match=r"segment of events 3\.\.3 is damaged"):
+        list(store.read(2))
+    raw_write(db_path, update, (ends, body + b" ", 3))
+    with pytest.raises(errors.IntegrityError, match=r"segment of events 3\.\.3 is damaged"):
         list(store.read(2))
 
 
@@ -155,6 +195,7 @@ def test_event_keys_by_type(events: list[AnyEvent]) -> None:
 TRADER_SEQS = [1, 7, 8, 13, 19, 20, 21, 22]
 MAKER_SEQS = [2, 5, 6, 8, 9, 10, 11, 12, 14, 15, 24]  # 24: the maker's long pays funding
 MARKET_397_SEQS = [9, 10, 11, 12]
+MARKET_396_SEQS = [5, 6, 7, 8, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
 
 
 def test_read_for_key_addresses_and_markets(store: SQLiteStore, events: list[AnyEvent]) -> None:
@@ -162,9 +203,8 @@ def test_read_for_key_addresses_and_markets(store: SQLiteStore, events: list[Any
     assert seqs(store.read_for_key(TRADER)) == TRADER_SEQS
     assert seqs(store.read_for_key(MAKER)) == MAKER_SEQS
     assert seqs(store.read_for_key("market:397")) == MARKET_397_SEQS
-    market_396 = seqs(store.read_for_key("market:396"))
     # ... 23: the index price, 24: the funding settlement.
-    assert market_396 == [5, 6, 7, 8, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
+    assert seqs(store.read_for_key("market:396")) == MARKET_396_SEQS
     assert store.read_for_key(TRADER)[0] == events[0]
     assert store.read_for_key("0x" + "99" * 32) == []
     assert store.read_for_key("market:999") == []
@@ -210,10 +250,11 @@ def test_read_for_key_bounds_order_and_limit(
 # ---------------------------------------------------------------------- gaps & atomicity
 
 
-def count_rows(path: Path) -> tuple[int, int]:
-    ((n_events,),) = raw_query(path, "SELECT COUNT(*) FROM events")
-    ((n_keys,),) = raw_query(path, "SELECT COUNT(*) FROM event_keys")
-    return int(n_events), int(n_keys)  # type: ignore[call-overload]
+def count_rows(path: Path) -> tuple[int, int, int]:
+    ((n_segments,),) = raw_query(path, "SELECT COUNT(*) FROM segments")
+    ((n_index,),) = raw_query(path, "SELECT COUNT(*) FROM key_segments")
+    ((n_keys,),) = raw_query(path, "SELECT COUNT(*) FROM index_keys")
+    return int(n_segments), int(n_index), int(n_keys)  # type: ignore[call-overload]
 
 
 def test_gaps_and_duplicates_are_refused_and_write_nothing(
@@ -246,18 +287,26 @@ def test_gaps_and_duplicates_are_refused_and_write_nothing(
 def test_a_batch_failing_midway_leaves_no_trace(
     store: SQLiteStore, events: list[AnyEvent], db_path: Path
 ) -> None:
-    store.append(events[:10])
-    # Plant an index row that the batch's last event will collide with, after its events and
-    # first index rows are already inserted inside the transaction.
-    raw_write(db_path, "INSERT INTO event_keys (key, seq) VALUES (?, ?)", ("market:396", 13))
+    store.append(events[:4])  # deposits and a withdrawal: no market key yet
+    ((trader,),) = raw_query(db_path, "SELECT id FROM index_keys WHERE key = ?", (TRADER,))
+    # Plant the index row of the trader's events in the next batch (its last one is 13), so
+    # the batch fails after its segment is inserted and the market keys are interned.
+    plant = "INSERT INTO key_segments (key_id, last_seq, first_seq, offsets) VALUES (?, ?, ?, ?)"
+    raw_write(db_path, plant, (trader, 13, 5, b""))
     before = count_rows(db_path)
     with pytest.raises(errors.StoreError, match="UNIQUE constraint failed"):
-        store.append(events[10:13])
+        store.append(events[4:13])
     assert count_rows(db_path) == before
-    assert store.last_seq() == 10
-    raw_write(db_path, "DELETE FROM event_keys WHERE seq = ?", (13,))
-    store.append(events[10:])
+    assert store.last_seq() == 4
+    raw_write(db_path, "DELETE FROM key_segments WHERE last_seq = ?", (13,))
+    store.append(events[4:])
     assert list(store.read()) == events
+    # The key ids interned by the failed batch were rolled back; the store did not keep them.
+    for reader in (store, SQLiteStore(db_path)):
+        with reader:
+            assert seqs(reader.read_for_key("market:396")) == MARKET_396_SEQS
+            assert seqs(reader.read_for_key("market:397")) == MARKET_397_SEQS
+            assert seqs(reader.read_for_key(TRADER)) == TRADER_SEQS
 
 
 # ---------------------------------------------------------------------- reopening & replay
@@ -372,8 +421,8 @@ def test_meta_get_and_set(store: SQLiteStore, db_path: Path) -> None:
 
 def test_a_newer_schema_is_refused(db_path: Path) -> None:
     SQLiteStore(db_path).close()
-    raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("2", "schema_version"))
-    with pytest.raises(errors.StoreError, match=r"schema version 2, newer than the version 1"):
+    raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("3", "schema_version"))
+    with pytest.raises(errors.StoreError, match=r"schema version 3, newer than the version 2"):
         SQLiteStore(db_path)
     raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("two", "schema_version"))
     with pytest.raises(errors.StoreError, match="not a number"):

@@ -8,9 +8,11 @@ A store keeps, besides the events, an index from *keys* to the events that touch
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+import sys
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Final, Self, assert_never, get_args
+from typing import Any, Final, Self, get_args
 
 import msgspec
 
@@ -30,26 +32,83 @@ from perps_indexer.events import (
     PositionUpdated,
     Withdrew,
     from_json,
-    to_json,
+    to_json_into,
 )
 
 MARKET_KEY_PREFIX: Final = "market:"
 
 BODY_FORMAT: Final = "json"
-"""How event bodies are stored: :func:`perps_indexer.events.to_json`, the canonical form.
+"""How each event's body is stored: :func:`perps_indexer.events.to_json`, the canonical form.
 
 Not msgpack: order and trade ids are 128-bit (counter << 64 | price) and msgpack integers stop
-at 64 bits, so ``events.to_msgpack`` cannot encode most events."""
+at 64 bits, so msgpack cannot encode most events."""
 
-EVENT_TYPES: Final[dict[type, str]] = {
-    cls: str(cls.__struct_config__.tag) for cls in get_args(AnyEvent)
-}
-"""Each event class and its tag, the ``type`` a store records next to the body."""
+SEGMENT_EVENTS: Final = 128
+"""The most events one segment (one stored row) holds. A batch is stored as one segment per
+this many events: one row per event cost more than encoding the event, and one row per batch
+would make a random read (a key's history) fetch up to a whole batch's bytes."""
+
+_market_keys: dict[int, str] = {}
 
 
 def market_key(market_id: int) -> str:
     """The index key of a market: ``"market:<id>"``."""
-    return f"{MARKET_KEY_PREFIX}{market_id}"
+    key = _market_keys.get(market_id)
+    if key is None:
+        key = _market_keys[market_id] = f"{MARKET_KEY_PREFIX}{market_id}"
+    return key
+
+
+def _funding_keys(event: FundingSettled) -> tuple[str, ...]:
+    addresses = dict.fromkeys(p.position.address for p in event.payments)
+    return (*addresses, market_key(event.market_id))
+
+
+def _fill_keys(event: Fill) -> tuple[str, ...]:
+    taker, maker = event.taker.order.address, event.maker.order.address
+    market = market_key(event.market_id)
+    # A self-trade never fills (it cancels the resting order), but the index must not hold a
+    # key twice for one event, so do not rely on that here.
+    return (taker, market) if taker == maker else (taker, maker, market)
+
+
+def _order_keys(event: OrderPlaced | OrderRested | OrderCancelled) -> tuple[str, ...]:
+    return (event.order.address, market_key(event.order.market_id))
+
+
+def _address_keys(event: Deposited | Withdrew) -> tuple[str, ...]:
+    return (event.address,)
+
+
+def _market_only_keys(event: MarkPriceSet | IndexPriceSet) -> tuple[str, ...]:
+    return (market_key(event.market_id),)
+
+
+def _slot_keys(event: PositionReleased | LiquidationSettled) -> tuple[str, ...]:
+    return (event.address, market_key(event.market_id))
+
+
+def _position_keys(event: PositionUpdated) -> tuple[str, ...]:
+    return (event.position.address, market_key(event.position.market_id))
+
+
+# A lookup by class rather than a ``match``: this runs for every appended event, and the match
+# statement's isinstance chain cost twice as much.
+_KEYS_OF: Final[dict[type, Callable[[Any], tuple[str, ...]]]] = {
+    Deposited: _address_keys,
+    Withdrew: _address_keys,
+    MarkPriceSet: _market_only_keys,
+    IndexPriceSet: _market_only_keys,
+    FundingSettled: _funding_keys,
+    OrderPlaced: _order_keys,
+    OrderRested: _order_keys,
+    OrderCancelled: _order_keys,
+    Fill: _fill_keys,
+    PositionUpdated: _position_keys,
+    PositionReleased: _slot_keys,
+    LiquidationSettled: _slot_keys,
+}
+assert set(_KEYS_OF) == set(get_args(AnyEvent)), "every event type needs its keys"
 
 
 def event_keys(event: AnyEvent) -> tuple[str, ...]:
@@ -57,28 +116,7 @@ def event_keys(event: AnyEvent) -> tuple[str, ...]:
 
     Events carry addresses already normalised by the engine, so they are used as they are.
     """
-    match event:
-        case Deposited() | Withdrew():
-            return (event.address,)
-        case MarkPriceSet() | IndexPriceSet():
-            return (market_key(event.market_id),)
-        case FundingSettled():
-            addresses = dict.fromkeys(p.position.address for p in event.payments)
-            return (*addresses, market_key(event.market_id))
-        case OrderPlaced() | OrderRested() | OrderCancelled():
-            return (event.order.address, market_key(event.order.market_id))
-        case Fill():
-            taker, maker = event.taker.order.address, event.maker.order.address
-            market = market_key(event.market_id)
-            # A self-trade never fills (it cancels the resting order), but the index must not
-            # hold a key twice for one event, so do not rely on that here.
-            return (taker, market) if taker == maker else (taker, maker, market)
-        case PositionUpdated():
-            return (event.position.address, market_key(event.position.market_id))
-        case PositionReleased() | LiquidationSettled():
-            return (event.address, market_key(event.market_id))
-        case _:
-            assert_never(event)
+    return _KEYS_OF[type(event)](event)
 
 
 def check_contiguous(events: Sequence[AnyEvent], expected: int) -> None:
@@ -96,22 +134,72 @@ def check_bounds(after: int, limit: int | None) -> None:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
 
 
-EventRow = tuple[int, int, str, bytes]
-"""``(seq, ts, type, body)``: one row of the events table."""
+# ---------------------------------------------------------------------- segments
+#
+# A segment is up to SEGMENT_EVENTS consecutive events in one row: ``(first_seq, last_seq,
+# ends, body)``. ``body`` is the events' canonical JSON bodies one after the other and ``ends``
+# the end offset of each body in it (little-endian uint32), so one event is decoded without
+# decoding its neighbours. The key index has one row per key and segment: ``(key, last, first,
+# offsets)``, ``last`` the newest seq of the key in the segment, ``first`` the segment's
+# first_seq and ``offsets`` the positions (little-endian uint16) of the key's events in it.
+
+SegmentRow = tuple[int, int, bytes, bytes]
+"""``(first_seq, last_seq, ends, body)``: one stored segment."""
+
+KeyRow = tuple[str, int, int, bytes]
+"""``(key, last seq of the key in the segment, the segment's first_seq, offsets)``."""
+
+_BIG_ENDIAN: Final = sys.byteorder == "big"
 
 
-def encode_rows(events: Sequence[AnyEvent]) -> tuple[list[EventRow], list[tuple[str, int]]]:
-    """The event rows (body in :data:`BODY_FORMAT`) and ``(key, seq)`` index rows of a batch."""
-    rows: list[EventRow] = []
-    keys: list[tuple[str, int]] = []
-    for event in events:
-        rows.append((event.seq, event.ts, EVENT_TYPES[type(event)], to_json(event)))
-        keys.extend((key, event.seq) for key in event_keys(event))
-    return rows, keys
+def _pack(typecode: str, values: list[int]) -> bytes:
+    packed = array(typecode, values)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
 
 
-def decode_row(seq: int, body: bytes) -> AnyEvent:
-    """Decode a stored body, checking it is the event its row says it is."""
+def _unpack(typecode: str, data: bytes) -> array[int]:
+    values = array(typecode)
+    values.frombytes(data)
+    if _BIG_ENDIAN:
+        values.byteswap()
+    return values
+
+
+def encode_segments(
+    events: Sequence[AnyEvent], size: int = SEGMENT_EVENTS
+) -> tuple[list[SegmentRow], list[KeyRow]]:
+    """The segment rows and key rows of a contiguous batch (see the comment above)."""
+    segments: list[SegmentRow] = []
+    key_rows: list[KeyRow] = []
+    encode_into = to_json_into
+    keys_of = _KEYS_OF
+    for start in range(0, len(events), size):
+        chunk = events[start : start + size]
+        first = chunk[0].seq
+        body = bytearray()
+        ends: list[int] = []
+        touched: dict[str, list[int]] = {}
+        for offset, event in enumerate(chunk):
+            encode_into(event, body)
+            ends.append(len(body))
+            for key in keys_of[type(event)](event):
+                offsets = touched.get(key)
+                if offsets is None:
+                    touched[key] = [offset]
+                else:
+                    offsets.append(offset)
+        segments.append((first, chunk[-1].seq, _pack("I", ends), bytes(body)))
+        key_rows.extend(
+            (key, first + offsets[-1], first, _pack("H", offsets))
+            for key, offsets in touched.items()
+        )
+    return segments, key_rows
+
+
+def decode_event(seq: int, body: bytes | memoryview) -> AnyEvent:
+    """Decode a stored body, checking it is event ``seq``."""
     try:
         event = from_json(body)
     except msgspec.DecodeError as exc:
@@ -119,6 +207,24 @@ def decode_row(seq: int, body: bytes) -> AnyEvent:
     if event.seq != seq:
         raise errors.IntegrityError(f"the row of event {seq} holds event {event.seq}")
     return event
+
+
+def decode_segment(
+    first: int, last: int, ends_data: bytes, body: bytes, offsets: Iterable[int] | None = None
+) -> Iterator[AnyEvent]:
+    """The events of a stored segment (those at ``offsets`` only, when given), checked."""
+    ends = _unpack("I", ends_data)
+    if len(ends) != last - first + 1 or (ends and ends[-1] != len(body)):
+        raise errors.IntegrityError(f"the segment of events {first}..{last} is damaged")
+    view = memoryview(body)
+    for offset in range(len(ends)) if offsets is None else offsets:
+        start = ends[offset - 1] if offset else 0
+        yield decode_event(first + offset, view[start : ends[offset]])
+
+
+def key_offsets(data: bytes) -> array[int]:
+    """The offsets column of a key row."""
+    return _unpack("H", data)
 
 
 class EventStore(abc.ABC):

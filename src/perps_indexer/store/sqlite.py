@@ -1,7 +1,15 @@
 """The SQLite event store (the default backend).
 
-The SQL is kept portable (plain parameterised statements, ``ON CONFLICT`` upserts) so that a
-PostgreSQL store can share it; what is SQLite-only (pragmas, ``BEGIN IMMEDIATE``) stays here.
+The SQL is kept portable (plain parameterised statements, ``ON CONFLICT`` upserts,
+``RETURNING``) so that a PostgreSQL store can share it; what is SQLite-only (pragmas,
+``BEGIN IMMEDIATE``, ``WITHOUT ROWID``) stays here.
+
+Layout (schema version 2): the log is stored in *segments*, up to
+:data:`~perps_indexer.store.base.SEGMENT_EVENTS` consecutive events per row (see
+:func:`~perps_indexer.store.base.encode_segments`), and the key index has one row per key and
+segment, the key interned as an integer id. Version 1 stored one row per event and one index
+row per key and event: about three times the cost per appended event. A version 1 file is
+converted to version 2 when it is opened (in one transaction; the events are unchanged).
 """
 
 from __future__ import annotations
@@ -18,17 +26,26 @@ from perps_indexer import errors
 from perps_indexer.events import AnyEvent
 from perps_indexer.store.base import (
     BODY_FORMAT,
+    SEGMENT_EVENTS,
     EventStore,
+    KeyRow,
+    SegmentRow,
     check_bounds,
     check_contiguous,
-    decode_row,
-    encode_rows,
+    decode_event,
+    decode_segment,
+    encode_segments,
+    key_offsets,
 )
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION: Final = 1
-"""The layout this code writes; a database with a larger ``schema_version`` is refused."""
+SCHEMA_VERSION: Final = 2
+"""The layout this code writes; a database with a larger ``schema_version`` is refused and one
+of version 1 is converted when opened."""
+
+V1: Final = 1
+"""One row per event (``events``) and per key and event (``event_keys``)."""
 
 SCHEMA_VERSION_KEY: Final = "schema_version"
 BODY_FORMAT_KEY: Final = "body_format"
@@ -41,11 +58,21 @@ CACHE_KIB: Final = 65_536
 its B-tree (one per address); with the default cache, appends to a large log run about half as
 fast, most of the time going to re-reading evicted index pages."""
 
+KEY_ID_CACHE: Final = 100_000
+"""Interned keys remembered in memory; past this many the memory is cleared and refilled."""
+
+MIGRATE_CHUNK: Final = 4_096
+"""Version 1 events converted per step (the whole conversion is one transaction)."""
+
 _SCHEMA: Final = (
-    "CREATE TABLE IF NOT EXISTS events ("
-    "seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, type TEXT NOT NULL, body BLOB NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS event_keys ("
-    "key TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (key, seq))",
+    "CREATE TABLE IF NOT EXISTS segments ("
+    "first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, "
+    "ends BLOB NOT NULL, body BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS index_keys (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE)",
+    # WITHOUT ROWID: the primary key is the table, not a second copy of it in an index.
+    "CREATE TABLE IF NOT EXISTS key_segments ("
+    "key_id INTEGER NOT NULL, last_seq INTEGER NOT NULL, first_seq INTEGER NOT NULL, "
+    "offsets BLOB NOT NULL, PRIMARY KEY (key_id, last_seq)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS snapshots ("
     "name TEXT PRIMARY KEY, seq INTEGER NOT NULL, data BLOB NOT NULL)",
 )
@@ -56,15 +83,35 @@ _SET_META: Final = (
     "INSERT INTO meta (key, value) VALUES (?, ?) "
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
-_LAST_SEQ: Final = "SELECT MAX(seq) FROM events"
-_FIRST_SEQ: Final = "SELECT MIN(seq) FROM events"
-_INSERT_EVENT: Final = "INSERT INTO events (seq, ts, type, body) VALUES (?, ?, ?, ?)"
-_INSERT_KEY: Final = "INSERT INTO event_keys (key, seq) VALUES (?, ?)"
-_READ: Final = "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
-_READ_KEY: Final = (
-    "SELECT e.seq, e.body FROM event_keys k JOIN events e ON e.seq = k.seq "
-    "WHERE k.key = ? AND k.seq > ?"
+_LAST_SEQ: Final = "SELECT last_seq FROM segments ORDER BY first_seq DESC LIMIT 1"
+_FIRST_SEQ: Final = "SELECT MIN(first_seq) FROM segments"
+_INSERT_SEGMENT: Final = (
+    "INSERT INTO segments (first_seq, last_seq, ends, body) VALUES (?, ?, ?, ?)"
 )
+_INSERT_KEY_SEGMENT: Final = (
+    "INSERT INTO key_segments (key_id, last_seq, first_seq, offsets) VALUES (?, ?, ?, ?)"
+)
+_KEY_ID: Final = "SELECT id FROM index_keys WHERE key = ?"
+_ADD_KEY: Final = "INSERT INTO index_keys (key) VALUES (?) RETURNING id"
+# The segments holding seqs >= ?: from the one that starts at or before it, when that one
+# reaches it (both ? are the same seq).
+_READ: Final = (
+    "SELECT first_seq, last_seq, ends, body FROM segments WHERE first_seq >= "
+    "COALESCE((SELECT MAX(first_seq) FROM segments WHERE first_seq <= ?), 0) "
+    "AND last_seq >= ? ORDER BY first_seq LIMIT ?"
+)
+_READ_KEY: Final = (
+    "SELECT k.first_seq, k.offsets, s.last_seq, s.ends, s.body "
+    "FROM key_segments k JOIN segments s ON s.first_seq = k.first_seq "
+    "WHERE k.key_id = ? AND k.last_seq > ?"
+)
+# Rows wholly before ``before``, and the one row that may straddle it: the first at or after.
+_READ_KEY_BEFORE: Final = (
+    " AND k.last_seq <= COALESCE((SELECT MIN(last_seq) FROM key_segments "
+    "WHERE key_id = ? AND last_seq >= ?), ?)"
+)
+_V1_READ: Final = "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+_V1_DROP: Final = ("DROP TABLE event_keys", "DROP TABLE events")
 _SAVE_SNAPSHOT: Final = (
     "INSERT INTO snapshots (name, seq, data) VALUES (?, ?, ?) "
     "ON CONFLICT (name) DO UPDATE SET seq = excluded.seq, data = excluded.data"
@@ -88,8 +135,11 @@ class SQLiteStore(EventStore):
     store may be created in one thread and used in another (one at a time).
     """
 
-    read_chunk: int = 1_000
-    """Rows fetched per query by :meth:`read`."""
+    read_chunk: int = 8
+    """Segments fetched per query by :meth:`read`."""
+
+    segment_events: int = SEGMENT_EVENTS
+    """The most events written in one segment row (at most 65,536: offsets are 16-bit)."""
 
     def __init__(
         self, path: str | os.PathLike[str], *, synchronous: str = "FULL", busy_timeout: float = 5.0
@@ -102,6 +152,7 @@ class SQLiteStore(EventStore):
         self.path = os.fspath(path)
         self.synchronous = mode
         self._lock = threading.Lock()
+        self._key_ids: dict[str, int] = {}
         try:
             conn = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
@@ -156,10 +207,9 @@ class SQLiteStore(EventStore):
                     f"the version {SCHEMA_VERSION} this perps-indexer understands; "
                     "upgrade perps-indexer to open it"
                 )
-            if int(version) < SCHEMA_VERSION:
+            if int(version) < V1:
                 raise errors.StoreError(
-                    f"{self.path}: unknown old schema version {version} "
-                    f"(the first version is {SCHEMA_VERSION})"
+                    f"{self.path}: unknown old schema version {version} (the first version is {V1})"
                 )
             row = conn.execute(_GET_META, (BODY_FORMAT_KEY,)).fetchone()
             if row is None or row[0] != BODY_FORMAT:
@@ -168,6 +218,30 @@ class SQLiteStore(EventStore):
                     f"{self.path}: event bodies are stored as {found!r}; "
                     f"this perps-indexer reads {BODY_FORMAT!r}"
                 )
+            if int(version) == V1:
+                self._migrate_v1(conn)
+
+    def _migrate_v1(self, conn: sqlite3.Connection) -> None:
+        """Rewrite a version 1 log as segments, inside the opening transaction: if anything
+        fails (a damaged body, a hole) the file stays as it was, at version 1."""
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        after = count = 0
+        while rows := conn.execute(_V1_READ, (after, MIGRATE_CHUNK)).fetchall():
+            events = [decode_event(seq, body) for seq, body in rows]
+            check_contiguous(events, events[0].seq if not after else after + 1)
+            self._write(conn, *encode_segments(events, self.segment_events))
+            after, count = events[-1].seq, count + len(events)
+        for statement in _V1_DROP:
+            conn.execute(statement)
+        conn.execute(_SET_META, (SCHEMA_VERSION_KEY, str(SCHEMA_VERSION)))
+        logger.warning(
+            "%s: converted the event store from schema v%d to v%d (%d events)",
+            self.path,
+            V1,
+            SCHEMA_VERSION,
+            count,
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -207,20 +281,53 @@ class SQLiteStore(EventStore):
 
     @staticmethod
     def _int_or_zero(conn: sqlite3.Connection, query: str) -> int:
-        value = conn.execute(query).fetchone()[0]
-        return 0 if value is None else int(value)
+        row = conn.execute(query).fetchone()  # no row, or NULL, when the log is empty
+        return 0 if row is None or row[0] is None else int(row[0])
 
     # ------------------------------------------------------------------ events
 
     def append(self, events: Sequence[AnyEvent]) -> None:
+        """Durably append ``events`` in one transaction: when this returns, the batch is
+        committed (and, with ``synchronous`` FULL or EXTRA, its WAL frames fsynced)."""
         if not events:
             return
-        rows, keys = encode_rows(events)  # before the transaction, to hold the lock briefly
+        # Encoded before the transaction, to hold the write lock briefly; checked inside it.
+        segments, key_rows = encode_segments(events, self.segment_events)
         with self._using(write=True) as conn:
             check_contiguous(events, self._int_or_zero(conn, _LAST_SEQ) + 1)
-            conn.executemany(_INSERT_EVENT, rows)
-            conn.executemany(_INSERT_KEY, keys)
+            added = self._write(conn, segments, key_rows)
+        self._remember(added)  # only now: a rolled-back key id must not be remembered
         logger.debug("%s: appended events %d..%d", self.path, events[0].seq, events[-1].seq)
+
+    def _write(
+        self, conn: sqlite3.Connection, segments: list[SegmentRow], key_rows: list[KeyRow]
+    ) -> dict[str, int]:
+        """Insert encoded rows (inside a transaction); returns the keys interned meanwhile."""
+        known = self._key_ids
+        added: dict[str, int] = {}
+        rows = []
+        for key, last, first, offsets in key_rows:
+            key_id = known.get(key)
+            if key_id is None:
+                key_id = added.get(key)
+                if key_id is None:
+                    key_id = added[key] = self._intern(conn, key)
+            rows.append((key_id, last, first, offsets))
+        conn.executemany(_INSERT_SEGMENT, segments)
+        conn.executemany(_INSERT_KEY_SEGMENT, rows)
+        return added
+
+    @staticmethod
+    def _intern(conn: sqlite3.Connection, key: str) -> int:
+        row = conn.execute(_KEY_ID, (key,)).fetchone()
+        if row is None:
+            row = conn.execute(_ADD_KEY, (key,)).fetchone()
+        return int(row[0])
+
+    def _remember(self, key_ids: dict[str, int]) -> None:
+        if len(self._key_ids) + len(key_ids) > KEY_ID_CACHE:
+            self._key_ids.clear()
+        self._key_ids.update(key_ids)
 
     def last_seq(self) -> int:
         with self._using() as conn:
@@ -240,19 +347,26 @@ class SQLiteStore(EventStore):
         remaining = limit
         expected: int | None = None
         while remaining is None or remaining > 0:
+            # Every segment holds at least one event: never fetch more than ``remaining``.
             size = self.read_chunk if remaining is None else min(self.read_chunk, remaining)
             with self._using() as conn:
-                rows = conn.execute(_READ, (after, size)).fetchall()
-            for seq, body in rows:
-                if expected is not None and seq != expected:
-                    raise errors.SequenceGap(expected, seq)
-                yield decode_row(seq, body)
-                expected = seq + 1
-            if len(rows) < size:
+                rows = conn.execute(_READ, (after + 1, after + 1, size)).fetchall()
+            if not rows:
                 return
-            after = rows[-1][0]
-            if remaining is not None:
-                remaining -= len(rows)
+            for first, last, ends, body in rows:
+                if expected is not None and first != expected:
+                    raise errors.SequenceGap(expected, first)
+                skip = max(after + 1 - first, 0)  # only in the segment holding ``after``
+                if remaining is not None and last - first + 1 - skip > remaining:
+                    wanted = range(skip, skip + remaining)
+                else:
+                    wanted = range(skip, last - first + 1)
+                yield from decode_segment(first, last, ends, body, wanted)
+                if remaining is not None:
+                    remaining -= len(wanted)
+                after, expected = last, last + 1
+            # Not stopping at a short chunk: one segment may hold many events, and what was
+            # appended while the caller worked through them is read too (as in version 1).
 
     def read_for_key(
         self,
@@ -268,17 +382,43 @@ class SQLiteStore(EventStore):
             return []
         # Only fixed fragments are joined; every value is a parameter.
         query = _READ_KEY
-        params: list[object] = [key, after]
+        params: list[object] = [0, after]
         if before is not None:
-            query += " AND k.seq < ?"
-            params.append(before)
-        query += " ORDER BY k.seq DESC" if newest_first else " ORDER BY k.seq"
-        if limit is not None:
-            query += " LIMIT ?"
-            params.append(limit)
+            query += _READ_KEY_BEFORE
+            params += [0, before, before]
+        query += " ORDER BY k.last_seq DESC" if newest_first else " ORDER BY k.last_seq"
+        picked: list[tuple[int, int, bytes, bytes, list[int]]] = []
+        count = 0
         with self._using() as conn:
-            rows = conn.execute(query, params).fetchall()
-        return [decode_row(seq, body) for seq, body in rows]
+            key_id = self._key_ids.get(key)
+            if key_id is None:
+                row = conn.execute(_KEY_ID, (key,)).fetchone()
+                if row is None:
+                    return []
+                key_id = int(row[0])
+            params[0] = key_id
+            if before is not None:
+                params[2] = key_id
+            # Rows are stepped lazily: the scan stops once ``limit`` events are picked.
+            cursor = conn.execute(query, params)
+            try:
+                for first, offsets_data, last, ends, body in cursor:
+                    offsets = [
+                        o
+                        for o in key_offsets(offsets_data)
+                        if first + o > after and (before is None or first + o < before)
+                    ]
+                    if newest_first:
+                        offsets.reverse()
+                    if limit is not None:
+                        del offsets[limit - count :]
+                    picked.append((first, last, ends, body, offsets))
+                    count += len(offsets)
+                    if limit is not None and count >= limit:
+                        break
+            finally:
+                cursor.close()
+        return [event for row in picked for event in decode_segment(*row)]
 
     # ------------------------------------------------------------------ snapshots & settings
 

@@ -1,0 +1,183 @@
+"""The segment layout: any event stream round-trips, and version 1 files are converted."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import tempfile
+from contextlib import closing
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from perps_indexer import errors
+from perps_indexer.engine import Engine
+from perps_indexer.events import AnyEvent, to_json
+from perps_indexer.markets import default_markets
+from perps_indexer.store import event_keys
+from perps_indexer.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from tests.store.conftest import TRADER, drive_engine
+
+TEMPLATES = drive_engine()[1]
+KEYS = sorted({key for ev in TEMPLATES for key in event_keys(ev)})
+
+
+def renumbered(picks: list[int]) -> list[AnyEvent]:
+    """Real events of every shape, in any order, with seqs 1, 2, …"""
+    return [msgspec.structs.replace(TEMPLATES[i], seq=n) for n, i in enumerate(picks, 1)]
+
+
+def split(events: list[AnyEvent], cuts: list[int]) -> list[list[AnyEvent]]:
+    bounds = sorted({0, len(events), *(c % (len(events) + 1) for c in cuts)})
+    return [events[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def for_key(
+    events: list[AnyEvent], key: str, after: int, before: int | None, newest_first: bool
+) -> list[AnyEvent]:
+    """What read_for_key must return, worked out from event_keys alone (limit aside)."""
+    found = [
+        ev
+        for ev in events
+        if key in event_keys(ev) and ev.seq > after and (before is None or ev.seq < before)
+    ]
+    return found[::-1] if newest_first else found
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    picks=st.lists(st.integers(0, len(TEMPLATES) - 1), min_size=12, max_size=80),
+    cuts=st.lists(st.integers(0, 60), max_size=8),
+    segment_events=st.integers(1, 9),
+    read_chunk=st.integers(1, 4),
+    limit=st.none() | st.integers(0, 12),
+    newest_first=st.booleans(),
+    data=st.data(),
+)
+def test_any_stream_round_trips_through_any_batching(
+    picks: list[int],
+    cuts: list[int],
+    segment_events: int,
+    read_chunk: int,
+    limit: int | None,
+    newest_first: bool,
+    data: st.DataObject,
+) -> None:
+    events = renumbered(picks)
+    # Bounds inside the stream mostly, and sometimes just past either end.
+    after = data.draw(st.integers(0, len(events) + 1), label="after")
+    before = data.draw(st.none() | st.integers(after, len(events) + 2), label="before")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.db"
+        with SQLiteStore(path, synchronous="NORMAL") as store:
+            store.segment_events = segment_events
+            store.read_chunk = read_chunk
+            for batch in split(events, cuts):
+                store.append(batch)
+            assert list(store.read()) == events
+            tail = [ev for ev in events if ev.seq > after]
+            assert list(store.read(after, limit)) == (tail if limit is None else tail[:limit])
+            for key in KEYS:
+                expected = for_key(events, key, after, before, newest_first)
+                got = store.read_for_key(
+                    key, after=after, before=before, limit=limit, newest_first=newest_first
+                )
+                assert got == (expected if limit is None else expected[:limit])
+        # Reopened, without the interned keys in memory.
+        with SQLiteStore(path) as store:
+            assert store.read_for_key(KEYS[0]) == for_key(events, KEYS[0], 0, None, False)
+            assert [to_json(ev) for ev in store.read()] == [to_json(ev) for ev in events]
+
+
+# ---------------------------------------------------------------------- version 1 files
+
+# The version 1 layout and statements, as perps-indexer wrote them (kept here verbatim so that
+# the conversion is tested against real version 1 files, not against today's code).
+V1_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS events ("
+    "seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, type TEXT NOT NULL, body BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS event_keys ("
+    "key TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (key, seq))",
+    "CREATE TABLE IF NOT EXISTS snapshots ("
+    "name TEXT PRIMARY KEY, seq INTEGER NOT NULL, data BLOB NOT NULL)",
+)
+
+
+def write_v1(path: Path, events: list[AnyEvent]) -> None:
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("PRAGMA journal_mode = WAL")
+        for statement in V1_SCHEMA:
+            conn.execute(statement)
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [("schema_version", "1"), ("body_format", "json"), ("market_spec_hash", "abc")],
+        )
+        conn.executemany(
+            "INSERT INTO events (seq, ts, type, body) VALUES (?, ?, ?, ?)",
+            [(ev.seq, ev.ts, type(ev).__struct_config__.tag, to_json(ev)) for ev in events],
+        )
+        conn.executemany(
+            "INSERT INTO event_keys (key, seq) VALUES (?, ?)",
+            [(key, ev.seq) for ev in events for key in event_keys(ev)],
+        )
+        conn.execute(
+            "INSERT INTO snapshots (name, seq, data) VALUES (?, ?, ?)", ("engine", 3, b"\x00v1")
+        )
+
+
+def tables(path: Path) -> set[str]:
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    return {name for (name,) in rows}
+
+
+def test_a_version_1_file_is_converted_when_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine, events = drive_engine()
+    path = tmp_path / "v1.db"
+    write_v1(path, events)
+    with SQLiteStore(path) as store:
+        store.segment_events = 5  # conversion and later appends use the store's segment size
+        assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert store.get_meta("market_spec_hash") == "abc"
+        assert store.load_snapshot("engine") == (3, b"\x00v1")
+        assert list(store.read()) == events
+        for key in KEYS:
+            assert store.read_for_key(key) == for_key(events, key, 0, None, False)
+        more = engine.deposit(TRADER, 5, ts=10**7)
+        store.append(more)
+        assert store.read_for_key(TRADER, limit=1, newest_first=True) == more
+    assert "converted the event store from schema v1 to v2 (24 events)" in caplog.text
+    assert {"events", "event_keys"}.isdisjoint(tables(path))
+    with SQLiteStore(path) as reopened:
+        assert list(reopened.read()) == events + more
+        assert Engine.replay(default_markets(), reopened.read()).state() == engine.state()
+
+
+@pytest.mark.parametrize("damage", ["hole", "junk"])
+def test_a_damaged_version_1_file_is_refused_and_left_as_it_was(
+    tmp_path: Path, damage: str
+) -> None:
+    events = drive_engine()[1]
+    path = tmp_path / "v1.db"
+    write_v1(path, events)
+    with closing(sqlite3.connect(path)) as conn, conn:
+        if damage == "hole":
+            conn.execute("DELETE FROM events WHERE seq = 7")
+        else:
+            conn.execute("UPDATE events SET body = ? WHERE seq = 7", (b"{junk",))
+    error = errors.SequenceGap if damage == "hole" else errors.IntegrityError
+    with pytest.raises(error):
+        SQLiteStore(path)
+    assert {"events", "event_keys"} <= tables(path)
+    assert "segments" not in tables(path)
+    with closing(sqlite3.connect(path)) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        (count,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+    assert version == ("1",)
+    assert count == len(events) - (damage == "hole")
