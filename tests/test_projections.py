@@ -26,6 +26,8 @@ from perps_indexer.events import (
     OrderCancelled,
     OrderPlaced,
     OrderRested,
+    PositionReleased,
+    PositionUpdated,
     Withdrew,
 )
 from perps_indexer.markets import default_markets
@@ -522,23 +524,37 @@ def test_messages_are_encoded_once_per_change(
     venue: Venue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
+    rows: list[Any] = []
 
-    def counting(topic: str, rows: Any, seq: int | None = None) -> bytes:
+    def counting(topic: str, parts: Any, seq: int) -> bytes:
         calls.append(topic)
-        return wire.encode_message(topic, rows, seq)
+        return wire.join_message(topic, parts, seq)
 
-    monkeypatch.setattr(projections, "encode_message", counting)
+    def counting_rows(row: Any) -> bytes:
+        rows.append(row)
+        return wire.encode_row(row)
+
+    monkeypatch.setattr(projections, "join_message", counting)
+    monkeypatch.setattr(projections, "encode_row", counting_rows)
     p = venue.proj
     first = p.message("orderbook", 396)
     b_history = p.message("order_history", B)
+    a_history = p.message("order_history", A)
     assert p.message("orderbook", 396) is first
-    assert calls == ["orderbook", "order_history"]
+    assert calls == ["orderbook", "order_history", "order_history"]
+    assert len(rows) == len(p.orderbook(396)) + len(p.order_history(B)) + 2
+    rows.clear()
     venue.feed(venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000))
     assert p.message("order_history", B) is b_history  # B's view did not change
     again = p.message("orderbook", 396)
     assert again != first
     assert p.message("orderbook", 396) is again
-    assert calls == ["orderbook", "order_history", "orderbook"]
+    assert p.message("order_history", A) != a_history
+    assert calls == ["orderbook", "order_history", "order_history", "orderbook", "order_history"]
+    # Rows are immutable: a change encodes only the rows it made (the cancelled bid's level
+    # went away; its order has a new history row).
+    assert rows == [p.order_history(A)[0]]
+    assert p.order_history(A)[0].status == "Cancelled"
 
 
 def test_sequence_gap_is_rejected_before_anything_changes(venue: Venue) -> None:
@@ -625,8 +641,14 @@ def test_restore_rejects_bad_snapshots(venue: Venue) -> None:
     with pytest.raises(errors.IntegrityError, match="unknown market 396"):
         Projections.restore({397: MARKETS[397]}, only_396.snapshot())
     old = projections._Snapshot(1, 0, 100, {}, {}, {}, {}, {}, {}, [], {}, {}, {}, {}, {}, {})
-    with pytest.raises(errors.IntegrityError, match="version 1 is not 3"):
+    with pytest.raises(errors.IntegrityError, match="version 1 is not 4"):
         Projections.restore(MARKETS, projections._snapshot_encoder.encode(old))
+    # Version 3 kept rows, in msgpack: refused, so a restart folds the log instead.
+    v3 = [3, 0, 100, {}, {}, {}, {}, {}, {}, [], {}, {}, {}, {}, {}, {}]
+    with pytest.raises(errors.IntegrityError, match="unreadable"):
+        Projections.restore(MARKETS, msgspec.msgpack.encode(v3))
+    with pytest.raises(errors.IntegrityError, match="version 3 is not 4"):
+        Projections.restore(MARKETS, msgspec.json.encode(v3))
 
 
 def test_unknown_topic_and_keys() -> None:
@@ -1296,3 +1318,125 @@ def test_random_streams_match_the_engine(commands: list[tuple[Any, ...]], funds:
         check_message_types(topic, expected[topic, key])
     restored = Projections.restore(FAST, batched.snapshot())
     assert all_messages(restored, TRADERS) == expected
+
+
+class EagerReference:
+    """The order_history and positions views folded the straightforward way: every change's
+    row built at once, and a change that leaves a row as it was told apart by comparing rows
+    (the projections compare states and build rows only when read)."""
+
+    def __init__(self, history_limit: int) -> None:
+        self.limit = history_limit
+        self.orders: dict[str, dict[int, wire.OrderHistoryRow]] = {}
+        self.positions: dict[str, dict[tuple[int, bool], wire.PositionRow]] = {}
+
+    def apply(self, event: AnyEvent) -> set[tuple[str, str | int]]:
+        changed: set[tuple[str, str | int]] = set()
+        if isinstance(event, OrderPlaced | OrderRested | OrderCancelled):
+            self.order(event.order, changed)
+        elif isinstance(event, Fill):
+            for side in (event.maker, event.taker):
+                self.order(side.order, changed)
+                self.position(side.position, changed)
+        elif isinstance(event, PositionUpdated):
+            self.position(event.position, changed)
+        elif isinstance(event, FundingSettled):
+            for payment in event.payments:
+                self.position(payment.position, changed)
+        elif isinstance(event, PositionReleased):
+            slots = self.positions.get(event.address, {})
+            if slots.pop((event.market_id, event.is_long), None) is not None:
+                changed.add(("positions", event.address))
+        return changed
+
+    def order(self, order: Any, changed: set[tuple[str, str | int]]) -> None:
+        rows = self.orders.setdefault(order.address, {})
+        row = wire.order_history_row(order)
+        old = rows.pop(order.order_id, None)
+        newest = next(reversed(rows), None) if old == row else None
+        rows[order.order_id] = row  # the newest end
+        if old != row or newest is not None:  # changed, or moved to the front
+            changed.add(("order_history", order.address))
+        if len(rows) > self.limit:
+            del rows[next(iter(rows))]
+
+    def position(self, pos: Any, changed: set[tuple[str, str | int]]) -> None:
+        slots = self.positions.setdefault(pos.address, {})
+        slot = (pos.market_id, pos.is_long)
+        if not pos.size:
+            if slots.pop(slot, None) is not None:
+                changed.add(("positions", pos.address))
+            return
+        row = wire.position_row(pos, FAST[pos.market_id])
+        if slots.get(slot) != row:
+            slots[slot] = row
+            changed.add(("positions", pos.address))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(commands=COMMANDS, funds=FUNDS, batch=st.integers(1, 4))
+def test_random_streams_match_an_eager_reference(
+    commands: list[tuple[Any, ...]], funds: list[int], batch: int
+) -> None:
+    """After every batch: the history and position views and their changed keys are the
+    eager reference's, and every message is ``encode_message`` of its view's rows."""
+    engine = Engine(FAST)
+    p = Projections(FAST, history_limit=6)
+    reference = EagerReference(history_limit=6)
+    events: list[AnyEvent] = []
+    ts = 1_000
+    for addr, amount in zip(TRADERS, funds, strict=True):
+        events += engine.deposit(addr, amount, ts=ts)
+    batches: list[list[AnyEvent]] = []
+    for step, cmd in enumerate(commands):
+        ts += 700
+        with contextlib.suppress(errors.CommandRejected):
+            events += run_command(engine, step, cmd, ts)
+        if step % batch == 0:
+            batches.append(events)
+            events = []
+    batches.append(events)
+    for events in batches:
+        for key in all_keys(TRADERS):
+            p.message(*key)  # cached, as for watched streams
+        changed = p.apply_batch(events)
+        expected: set[tuple[str, str | int]] = set()
+        for event in events:
+            expected |= reference.apply(event)
+        assert {k for k in changed if k[0] in ("order_history", "positions")} == expected
+        for addr in TRADERS:
+            assert p.order_history(addr) == list(reference.orders.get(addr, {}).values())[::-1]
+            slots = reference.positions.get(addr, {})
+            assert p.positions(addr) == [
+                slots[k] for k in sorted(slots, key=lambda k: (k[0], not k[1]))
+            ]
+        for topic, key in all_keys(TRADERS):
+            seq = p.changed_at(topic, key)
+            assert p.message(topic, key) == wire.encode_message(topic, p.view(topic, key), seq)
+        for stream, seq, row in p.live:
+            assert (stream, wire.encode_message(stream[0], [row], seq)) in p.live_messages(
+                lambda s, stream=stream: s == stream
+            )
+
+
+def test_an_order_touched_without_a_new_row_moves_to_the_front() -> None:
+    v = Venue.funded(A, B, amount=10**9, ts=1_000)
+    v.limit(A, False, 2000, 6010, ts=10_000)
+    v.market(B, True, 500, ts=10_100)  # A's ask: Partially Filled, last_updated "10"
+    v.limit(A, False, 1000, 6020, ts=10_200)  # a newer order of A's
+    ask, newer = (r.order_id for r in v.proj.order_history(A)[::-1])
+    before = v.proj.order_history(A)[1]
+    assert v.proj.order_history(A)[0].order_id == newer
+    changed = v.market(B, True, 500, ts=10_300)  # the same row again, in the same second
+    assert ("order_history", A) in changed
+    assert [r.order_id for r in v.proj.order_history(A)] == [ask, newer]
+    assert v.proj.order_history(A)[0] == before
+    # Not a new row: no live_order_history push for A (B's market order has its own).
+    assert {s for s, _, _ in v.proj.live if s[0] == "live_order_history"} == {
+        ("live_order_history", B)
+    }
+    seq = v.log[-1].seq
+    assert json.loads(v.proj.message("order_history", A))["seq"] == seq
+    # Touched while newest already: no change at all.
+    changed = v.market(B, True, 500, ts=10_400)
+    assert ("order_history", A) not in changed

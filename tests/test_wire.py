@@ -6,6 +6,8 @@ import json
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from perps_indexer import wire
 from perps_indexer.events import (
@@ -479,3 +481,115 @@ def test_funding_rows() -> None:
         '"is_long":false,"market_id":"396","size":"1000","timestamp":"1739790000",'
         '"trade_id":"16509835945970048696716","transaction_version":"30"}]'
     )
+
+
+# Rows with text that JSON must escape, numbers beyond 64 bits and nulls: join_message must
+# give encode_message's bytes for any of them.
+TEXT = st.text(max_size=8)
+NUMBER = st.integers(-(1 << 80), 1 << 80).map(str)
+ROWS = st.one_of(
+    st.builds(
+        wire.TradeRow,
+        address=TEXT,
+        fee=NUMBER,
+        last_updated=NUMBER,
+        market_id=NUMBER,
+        order_type=st.integers(0, 5),
+        pnl=NUMBER,
+        price=NUMBER,
+        size=NUMBER,
+        timestamp=NUMBER,
+        trade_id=NUMBER,
+    ),
+    st.builds(
+        wire.BestPriceRow,
+        best_ask_price=st.none() | NUMBER,
+        best_ask_size=st.none() | NUMBER,
+        best_bid_price=st.none() | NUMBER,
+        best_bid_size=st.none() | NUMBER,
+        last_updated=NUMBER,
+        market_id=TEXT,
+    ),
+    st.builds(
+        wire.PositionRow,
+        address=TEXT,
+        entry_price=NUMBER,
+        is_long=st.booleans(),
+        last_updated=NUMBER,
+        leverage=st.integers(1, 100),
+        liq_price=st.floats(allow_nan=False).map(repr),
+        margin=NUMBER,
+        market_id=NUMBER,
+        size=NUMBER,
+        sl=st.none() | NUMBER,
+        tp=st.none() | NUMBER,
+        trade_id=NUMBER,
+        value=NUMBER,
+    ),
+)
+
+
+@given(
+    topic=st.sampled_from(wire.ALL_TOPICS) | TEXT,
+    rows=st.lists(ROWS, max_size=5),
+    seq=st.integers(0, 1 << 62),
+)
+def test_join_message_is_encode_message_byte_for_byte(
+    topic: str, rows: list[wire.Row], seq: int
+) -> None:
+    parts = [wire.encode_row(row) for row in rows]
+    assert wire.join_message(topic, parts, seq) == wire.encode_message(topic, rows, seq)
+
+
+# Few values per field, so that states often share a row or differ in one field only.
+ORDERS = st.builds(
+    order,
+    status=st.sampled_from([OPEN, FILLED]),
+    value=st.sampled_from([6_002_000, 6_003_000]),
+    price=st.sampled_from([6002, 6003]),
+    updated=st.sampled_from([1_739_790_733_000, 1_739_790_733_999, 1_739_790_734_000]),
+    created=st.sampled_from([1_739_790_733_000, 1_739_790_733_500]),
+    remaining=st.sampled_from([0, 1000]),
+    reserved_margin=st.sampled_from([0, 7]),
+    size=st.sampled_from([1000, 2000]),
+    leverage=st.sampled_from([2, 3]),
+    order_type=st.sampled_from([1, 2]),
+    is_market=st.booleans(),
+    trade_id=st.sampled_from([1, 1 << 70]),
+)
+
+
+@given(a=ORDERS, b=ORDERS)
+def test_same_order_history_row_is_row_equality(a: OrderState, b: OrderState) -> None:
+    same = wire.order_history_row(a) == wire.order_history_row(b)
+    assert wire.same_order_history_row(a, b) == same
+
+
+POSITIONS = st.builds(
+    position,
+    is_long=st.booleans(),
+    size=st.sampled_from([1000, 3000]),
+    # The largest value makes 1 unit of added margin too small to move liq_price's text.
+    value=st.sampled_from([6_050_000, 6_050_500, 6_050_000 * 10**9]),
+    margin=st.sampled_from([3_025_000, 3_630_300]),
+    added_margin=st.sampled_from([0, 1, 605_050]),
+    updated=st.sampled_from([1_739_788_459_000, 1_739_788_459_999, 1_739_788_460_000]),
+    pending_opens=st.sampled_from([0, 2]),
+    sl=st.sampled_from([None, 7000]),
+    tp=st.sampled_from([None, 5000]),
+    leverage=st.sampled_from([2, 5]),
+)
+
+
+@given(a=POSITIONS, b=POSITIONS)
+def test_same_position_row_is_row_equality(a: PositionState, b: PositionState) -> None:
+    same = wire.position_row(a, SPEC) == wire.position_row(b, SPEC)
+    assert wire.same_position_row(a, b, SPEC) == same
+
+
+def test_added_margin_alone_may_or_may_not_change_a_position_row() -> None:
+    # It shows only through the float liq_price: 1 unit on a value of 6.05e15 is below a
+    # float's precision.
+    big = 6_050_000 * 10**9
+    assert wire.same_position_row(position(value=big), position(value=big, added_margin=1), SPEC)
+    assert not wire.same_position_row(position(), position(added_margin=1), SPEC)

@@ -2,9 +2,11 @@
 
 Pure and deterministic (no I/O, no clock, no asyncio): the same events give the same views and
 the same bytes. Events carry post-states, so each view is updated by assignment from the event,
-never by repeating the engine's arithmetic. Rows are built once per change and each topic's push
-is encoded once per change (lazily, on the first :meth:`Projections.message` after it), however
-many subscribers read it.
+never by repeating the engine's arithmetic. Views keep what their rows are made of (post-states,
+or the few numbers a row shows), not rows: a row is built, and its JSON kept with it, when it is
+first read or pushed, so folding formats nothing and a history window's push encodes only its
+new rows. Each topic's push is built once per change (lazily, on the first
+:meth:`Projections.message` after it), however many subscribers read it.
 
 Which events change which view:
 
@@ -44,10 +46,10 @@ removed or altered one of its rows, even if a later event of the batch restored 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Reversible, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Reversible, Sequence
 from fractions import Fraction
 from itertools import islice
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 from sortedcontainers import SortedDict
@@ -100,15 +102,19 @@ from perps_indexer.wire import (
     best_price_row,
     deposit_withdraw_row,
     encode_message,
+    encode_row,
     format_rate,
     funding_history_row,
     funding_rate_row,
+    join_message,
     open_order_row,
     order_history_row,
     orderbook_row,
     position_row,
     recent_trade_row,
-    trade_row,
+    same_order_history_row,
+    same_position_row,
+    trade_row_of,
 )
 
 Key = tuple[str, str | int]
@@ -118,15 +124,126 @@ LiveRow = tuple[Key, int, Row]
 """A live topic's push: its stream, the seq of its event and its one row."""
 
 _T = TypeVar("_T")
-_SNAPSHOT_VERSION: Final = 3
+_SNAPSHOT_VERSION: Final = 4
 _EMPTY: Final = {topic: encode_message(topic, [], 0) for topic in ALL_TOPICS}
+
+# The views keep what their rows are made of, not the rows: the fold only assigns, and a row
+# is built (and its JSON cached in ``data``) when a view is read or pushed. Most views are never
+# read between two of their changes during an ingest, and a pushed window re-encodes only its
+# new rows. Entries are replaced, never changed, except for filling in ``data``.
+
+
+class _Entry(Protocol):
+    data: bytes | None
+
+    def row(self) -> Row: ...
+
+
+class _Order(msgspec.Struct, gc=False):
+    """An order's history row."""
+
+    state: OrderState
+    data: bytes | None = None
+
+    def row(self) -> OrderHistoryRow:
+        return order_history_row(self.state)
+
+
+class _Open(msgspec.Struct, gc=False):
+    """A resting order's open_orders row."""
+
+    state: OrderState
+    data: bytes | None = None
+
+    def row(self) -> OpenOrderRow:
+        return open_order_row(self.state)
+
+
+class _Position(msgspec.Struct, gc=False):
+    """An open position's row."""
+
+    state: PositionState
+    spec: MarketSpec
+    data: bytes | None = None
+
+    def row(self) -> PositionRow:
+        return position_row(self.state, self.spec)
+
+
+class _Trade(msgspec.Struct, gc=False):
+    """One party's side of a fill: the values its trade_history row shows (not the event,
+    which would keep both parties' order and position states alive)."""
+
+    address: str
+    fee: int
+    market_id: int
+    order_type: int
+    pnl: int
+    price: int
+    size: int
+    ts: int
+    trade_id: int
+    data: bytes | None = None
+
+    def row(self) -> TradeRow:
+        return trade_row_of(
+            self.address,
+            self.fee,
+            self.market_id,
+            self.order_type,
+            self.pnl,
+            self.price,
+            self.size,
+            self.ts,
+            self.trade_id,
+        )
+
+
+class _Recent(msgspec.Struct, gc=False):
+    """A market's public fill."""
+
+    fill: Fill
+    data: bytes | None = None
+
+    def row(self) -> RecentTradeRow:
+        return recent_trade_row(self.fill)
 
 
 class _Level(msgspec.Struct, gc=False):
-    """An aggregated price level: total remaining lots and the row shown for it."""
+    """An aggregated price level: total remaining lots and when it last changed."""
 
+    market_id: int
+    is_ask: bool
+    price: int
     size: int
-    row: OrderBookRow
+    ts: int
+    data: bytes | None = None
+
+    def row(self) -> OrderBookRow:
+        return orderbook_row(self.market_id, self.is_ask, self.price, self.size, self.ts)
+
+
+class _Best(msgspec.Struct, gc=False):
+    """A market's best ``(price, size)`` of each side (None: that side is empty)."""
+
+    market_id: int
+    bid: tuple[int, int] | None
+    ask: tuple[int, int] | None
+    ts: int
+    data: bytes | None = None
+
+    def row(self) -> BestPriceRow:
+        return best_price_row(self.market_id, self.bid, self.ask, self.ts)
+
+
+class _Deposit(msgspec.Struct, gc=False):
+    """A deposit or a withdrawal."""
+
+    event: Deposited | Withdrew
+    data: bytes | None = None
+
+    def row(self) -> DepositWithdrawRow:
+        return deposit_withdraw_row(self.event)
 
 
 class _Funding(msgspec.Struct, array_like=True, gc=False):
@@ -141,29 +258,43 @@ class _Funding(msgspec.Struct, array_like=True, gc=False):
     row: FundingRateRow
 
 
+_TradeValues = tuple[int, int, int, int, int, int, int, int]
+"""A ``_Trade`` without its address and cache, as snapshots keep it."""
+_LevelValues = tuple[int, int, int]
+"""A ``_Level`` as snapshots keep it: price, size and when it last changed."""
+
+
+class _Version(msgspec.Struct, array_like=True):
+    """The head of every snapshot version, read before the rest."""
+
+    version: int
+
+
 class _Snapshot(msgspec.Struct, array_like=True):
     """The persisted read models: every list oldest (or lowest price) first."""
 
     version: int
     seq: int
     history_limit: int
-    positions: dict[str, list[PositionRow]]
-    open_orders: dict[str, list[OpenOrderRow]]
-    order_history: dict[str, list[OrderHistoryRow]]
-    trade_history: dict[str, list[TradeRow]]
-    asks: dict[int, list[OrderBookRow]]
-    bids: dict[int, list[OrderBookRow]]
+    positions: dict[str, list[PositionState]]
+    open_orders: dict[str, list[OrderState]]
+    order_history: dict[str, list[OrderState]]
+    trade_history: dict[str, list[_TradeValues]]
+    asks: dict[int, list[_LevelValues]]
+    bids: dict[int, list[_LevelValues]]
     changed_at: list[tuple[str, str | int, int]]
-    recent_trades: dict[int, list[RecentTradeRow]]
-    best_price: dict[int, BestPriceRow]
-    deposits: dict[str, list[DepositWithdrawRow]]
+    recent_trades: dict[int, list[Fill]]
+    best_price: dict[int, tuple[tuple[int, int] | None, tuple[int, int] | None, int]]
+    deposits: dict[str, list[Deposited | Withdrew]]
     funding: dict[int, _Funding]
     funding_history: dict[str, list[FundingHistoryRow]]
-    live_orders: dict[str, OrderHistoryRow]
+    live_orders: dict[str, OrderState]
 
 
-_snapshot_encoder = msgspec.msgpack.Encoder()
-_snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
+# JSON, not msgpack: the states hold ids beyond 64 bits.
+_snapshot_encoder = msgspec.json.Encoder()
+_snapshot_decoder = msgspec.json.Decoder(_Snapshot)
+_version_decoder = msgspec.json.Decoder(_Version)
 
 
 class Projections:
@@ -176,42 +307,39 @@ class Projections:
         self.history_limit = history_limit
         self.seq = 0
         """The seq of the last applied event."""
-        # address -> (market_id, is_long) -> row; only positions with a size are kept.
-        self._positions: dict[str, dict[tuple[int, bool], PositionRow]] = {}
-        # address -> order_id -> row, in the order the orders came to rest (oldest first).
-        self._open: dict[str, dict[int, OpenOrderRow]] = {}
-        # address -> order_id -> row, oldest change first; at most history_limit rows.
-        self._orders: dict[str, dict[int, OrderHistoryRow]] = {}
-        # address -> the order row of its newest live_order_history push.
-        self._live_orders: dict[str, OrderHistoryRow] = {}
-        # address -> fill rows, oldest first; at most history_limit rows.
-        self._trades: dict[str, deque[TradeRow]] = {}
+        # address -> (market_id, is_long) -> position; only positions with a size are kept.
+        self._positions: dict[str, dict[tuple[int, bool], _Position]] = {}
+        # address -> order_id -> order, in the order the orders came to rest (oldest first).
+        self._open: dict[str, dict[int, _Open]] = {}
+        # address -> order_id -> order, oldest change first; at most history_limit orders.
+        self._orders: dict[str, dict[int, _Order]] = {}
+        # address -> the order of its newest live_order_history push.
+        self._live_orders: dict[str, _Order] = {}
+        # address -> fills, oldest first; at most history_limit.
+        self._trades: dict[str, deque[_Trade]] = {}
         # market_id -> price -> level; SortedDict so that a view is a walk, not a sort.
         self._asks: dict[int, Any] = {m: SortedDict() for m in self.markets}
         self._bids: dict[int, Any] = {m: SortedDict() for m in self.markets}
-        # market_id -> public fill rows, oldest first; at most history_limit rows.
-        self._recent: dict[int, deque[RecentTradeRow]] = {
+        # market_id -> public fills, oldest first; at most history_limit.
+        self._recent: dict[int, deque[_Recent]] = {
             m: deque(maxlen=history_limit) for m in self.markets
         }
-        # market_id -> best bid and ask row; from the market's first book change on.
-        self._best: dict[int, BestPriceRow] = {}
-        # market_id -> ((bid price, size) | None, (ask price, size) | None) the row shows.
-        self._top: dict[int, tuple[tuple[int, int] | None, tuple[int, int] | None]] = {}
-        # address -> deposit and withdrawal rows, oldest first; at most history_limit rows.
-        self._deposits: dict[str, deque[DepositWithdrawRow]] = {}
+        # market_id -> best bid and ask; from the market's first book change on.
+        self._best: dict[int, _Best] = {}
+        # address -> deposits and withdrawals, oldest first; at most history_limit.
+        self._deposits: dict[str, deque[_Deposit]] = {}
         # market_id -> funding inputs and row; from the market's first price or settlement on.
         self._funding: dict[int, _Funding] = {}
         # address -> funding payment rows, oldest first; at most history_limit rows.
         self._funding_history: dict[str, deque[FundingHistoryRow]] = {}
         # order_id -> address, for every order in an order_history window (ids are global).
         self._order_owner: dict[int, str] = {}
-        self.live: list[LiveRow] = []
-        """The live topics' pushes of the batch last applied, in event order."""
-        self._pending_live: list[tuple[Key, Row]] = []
+        # The live pushes of the batch last applied: stream, seq and the row's entry.
+        self._live: list[tuple[Key, int, _Entry]] = []
         self._messages: dict[Key, bytes] = {}
         # (topic, key) -> seq of the batch that last changed the view: the "seq" of its pushes.
         self._changed_at: dict[Key, int] = {}
-        self._appliers: dict[type[Event], Callable[[Any, set[Key]], None]] = {
+        self._appliers: dict[type[Event], Callable[[Any, dict[Key, int]], None]] = {
             OrderPlaced: self._placed,
             OrderRested: self._rested,
             OrderCancelled: self._cancelled,
@@ -243,136 +371,159 @@ class Projections:
         for offset, event in enumerate(batch, self.seq + 1):
             if event.seq != offset:
                 raise errors.SequenceGap(offset, event.seq)
-        changed: set[Key] = set()
-        changed_at = self._changed_at
+        # The appliers note each view they change with their event's seq: a view's seq is its
+        # last changing event's, whatever the batching.
+        changed: dict[Key, int] = {}
+        live: list[tuple[Key, int, _Entry]] = []
+        self._live = live
         appliers = self._appliers
-        pending = self._pending_live
-        live: list[LiveRow] = []
-        self.live = live
-        messages = self._messages
-        for event in batch:
-            touched: set[Key] = set()
-            appliers[type(event)](event, touched)
-            # The view's seq is its last changing event's, whatever the batching.
-            for key in touched:
-                changed_at[key] = event.seq
-            changed |= touched
-            if pending:
-                for stream, row in pending:
-                    changed_at[stream] = event.seq
-                    messages.pop(stream, None)
-                    live.append((stream, event.seq, row))
-                pending.clear()
-            self.seq = event.seq
-        for key in changed:
-            messages.pop(key, None)
-        return changed
+        try:
+            for event in batch:
+                appliers[type(event)](event, changed)
+        except BaseException:
+            self.seq = event.seq - 1  # the events before the failing one stay applied
+            raise
+        else:
+            if batch:
+                self.seq = batch[-1].seq
+        finally:
+            changed_at = self._changed_at
+            messages = self._messages
+            changed_at.update(changed)
+            for key in changed:
+                messages.pop(key, None)
+            for stream, seq, _ in live:
+                changed_at[stream] = seq
+                messages.pop(stream, None)
+        return set(changed)
+
+    @property
+    def live(self) -> list[LiveRow]:
+        """The live topics' pushes of the batch last applied, in event order."""
+        return [(stream, seq, entry.row()) for stream, seq, entry in self._live]
 
     def live_messages(self, wanted: Callable[[Key], bool]) -> list[tuple[Key, bytes]]:
         """The encoded pushes of :attr:`live` whose stream is ``wanted`` (e.g. has watchers),
         in order: one message per row, each with its event's seq."""
         return [
-            (stream, encode_message(stream[0], [row], seq))
-            for stream, seq, row in self.live
+            (stream, join_message(stream[0], _encoded((entry,)), seq))
+            for stream, seq, entry in self._live
             if wanted(stream)
         ]
 
-    def _placed(self, ev: OrderPlaced, changed: set[Key]) -> None:
-        self._set_history(ev.order, changed)
+    def _placed(self, ev: OrderPlaced, changed: dict[Key, int]) -> None:
+        self._set_history(ev.order, ev.seq, changed)
 
-    def _rested(self, ev: OrderRested, changed: set[Key]) -> None:
+    def _rested(self, ev: OrderRested, changed: dict[Key, int]) -> None:
         order = ev.order
-        self._set_history(order, changed)
-        self._open.setdefault(order.address, {})[order.order_id] = open_order_row(order)
-        changed.add((OPEN_ORDERS, order.address))
-        self._move_level(order, order.remaining, ev.ts, changed)
+        seq = ev.seq
+        self._set_history(order, seq, changed)
+        address = order.address
+        resting = self._open.get(address)
+        if resting is None:
+            resting = self._open[address] = {}
+        resting[order.order_id] = _Open(order)
+        changed[(OPEN_ORDERS, address)] = seq
+        self._move_level(order, order.remaining, ev.ts, seq, changed)
 
-    def _cancelled(self, ev: OrderCancelled, changed: set[Key]) -> None:
+    def _cancelled(self, ev: OrderCancelled, changed: dict[Key, int]) -> None:
         order = ev.order
-        self._set_history(order, changed)
+        self._set_history(order, ev.seq, changed)
         if self._drop_open(order):
-            changed.add((OPEN_ORDERS, order.address))
-            self._move_level(order, -order.remaining, ev.ts, changed)
+            changed[(OPEN_ORDERS, order.address)] = ev.seq
+            self._move_level(order, -order.remaining, ev.ts, ev.seq, changed)
 
-    def _fill(self, ev: Fill, changed: set[Key]) -> None:
+    def _fill(self, ev: Fill, changed: dict[Key, int]) -> None:
+        seq = ev.seq
+        live = self._live
         for side in (ev.maker, ev.taker):
             order = side.order
             address = order.address
-            self._set_history(order, changed)
+            self._set_history(order, seq, changed)
             trades = self._trades.get(address)
             if trades is None:
                 trades = self._trades[address] = deque(maxlen=self.history_limit)
-            row = trade_row(side, ev)
-            trades.append(row)
-            changed.add((TRADE_HISTORY, address))
-            self._pending_live.append(((LIVE_TRADE_HISTORY, address), row))
+            trade = _Trade(
+                address,
+                side.fee,
+                ev.market_id,
+                order.order_type,
+                side.pnl,
+                ev.price,
+                ev.size,
+                ev.ts,
+                side.position.trade_id,
+            )
+            trades.append(trade)
+            changed[(TRADE_HISTORY, address)] = seq
+            live.append(((LIVE_TRADE_HISTORY, address), seq, trade))
             if side.is_maker:
                 resting = self._open.get(address)
                 if resting is None or order.order_id not in resting:
                     raise errors.IntegrityError(
-                        f"fill seq {ev.seq}: maker order {order.order_id} is not resting"
+                        f"fill seq {seq}: maker order {order.order_id} is not resting"
                     )
                 if order.remaining:
-                    resting[order.order_id] = open_order_row(order)  # keeps its place
+                    resting[order.order_id] = _Open(order)  # keeps its place
                 else:
                     self._drop_open(order)
-                changed.add((OPEN_ORDERS, address))
-                self._move_level(order, -ev.size, ev.ts, changed)
-            self._set_position(side.position, changed)
-        self._recent[ev.market_id].append(recent_trade_row(ev))
-        changed.add((RECENT_TRADES, ev.market_id))
+                changed[(OPEN_ORDERS, address)] = seq
+                self._move_level(order, -ev.size, ev.ts, seq, changed)
+            self._set_position(side.position, seq, changed)
+        self._recent[ev.market_id].append(_Recent(ev))
+        changed[(RECENT_TRADES, ev.market_id)] = seq
 
-    def _deposit(self, ev: Deposited | Withdrew, changed: set[Key]) -> None:
+    def _deposit(self, ev: Deposited | Withdrew, changed: dict[Key, int]) -> None:
         rows = self._deposits.get(ev.address)
         if rows is None:
             rows = self._deposits[ev.address] = deque(maxlen=self.history_limit)
-        rows.append(deposit_withdraw_row(ev))
-        changed.add((DEPOSIT_WITHDRAW_HISTORY, ev.address))
+        rows.append(_Deposit(ev))
+        changed[(DEPOSIT_WITHDRAW_HISTORY, ev.address)] = ev.seq
 
-    def _mark(self, ev: MarkPriceSet, changed: set[Key]) -> None:
+    def _mark(self, ev: MarkPriceSet, changed: dict[Key, int]) -> None:
         state = self._funding.get(ev.market_id)
         if state is None:
             due = self._first_due(ev.market_id, ev.ts)
-            self._set_funding(ev.market_id, ev.ts, ev.price, None, due, None, changed)
+            self._set_funding(ev, ev.price, None, due, None, changed)
         else:
-            self._set_funding(ev.market_id, ev.ts, ev.price, state.index, state.due, None, changed)
+            self._set_funding(ev, ev.price, state.index, state.due, None, changed)
 
-    def _index(self, ev: IndexPriceSet, changed: set[Key]) -> None:
+    def _index(self, ev: IndexPriceSet, changed: dict[Key, int]) -> None:
         state = self._funding.get(ev.market_id)
         if state is None:
             due = self._first_due(ev.market_id, ev.ts)
-            self._set_funding(ev.market_id, ev.ts, None, ev.price, due, None, changed)
+            self._set_funding(ev, None, ev.price, due, None, changed)
         else:
-            self._set_funding(ev.market_id, ev.ts, state.mark, ev.price, state.due, None, changed)
+            self._set_funding(ev, state.mark, ev.price, state.due, None, changed)
 
     def _first_due(self, market_id: int, ts: int) -> int:
         """A market's first funding: the first interval boundary after its first price."""
         interval = self.markets[market_id].funding_interval_s * 1000
         return (ts // interval + 1) * interval
 
-    def _funding_settled(self, ev: FundingSettled, changed: set[Key]) -> None:
+    def _funding_settled(self, ev: FundingSettled, changed: dict[Key, int]) -> None:
         for payment in ev.payments:
-            self._set_position(payment.position, changed)
+            self._set_position(payment.position, ev.seq, changed)
             address = payment.position.address
             rows = self._funding_history.get(address)
             if rows is None:
                 rows = self._funding_history[address] = deque(maxlen=self.history_limit)
             rows.append(funding_history_row(payment, ev))
         rate = Fraction(ev.rate_num, ev.rate_den)
-        self._set_funding(ev.market_id, ev.ts, ev.mark, ev.index, ev.next_funding, rate, changed)
+        self._set_funding(ev, ev.mark, ev.index, ev.next_funding, rate, changed)
 
     def _set_funding(
         self,
-        market_id: int,
-        ts: int,
+        ev: MarkPriceSet | IndexPriceSet | FundingSettled,
         mark: int | None,
         index: int | None,
         due: int,
         rate: Fraction | None,
-        changed: set[Key],
+        changed: dict[Key, int],
     ) -> None:
         """Set a market's funding inputs; the view changes when a field other than
         last_updated does. ``rate`` None: the premium of ``mark`` over ``index``, clamped."""
+        market_id = ev.market_id
         spec = self.markets[market_id]
         if rate is None:
             rate = Fraction(0)
@@ -380,67 +531,73 @@ class Projections:
                 cap = Fraction(spec.funding_cap_bps, BPS)
                 rate = max(-cap, min(cap, Fraction(mark - index, index)))
         row = funding_rate_row(
-            market_id, format_rate(rate.numerator, rate.denominator), mark, index, due, ts
+            market_id, format_rate(rate.numerator, rate.denominator), mark, index, due, ev.ts
         )
         old = self._funding.get(market_id)
         if old is not None and _same_but_time(old.row, row):
             row = old.row
         else:
-            changed.add((LIVE_FUNDING_RATE, market_id))
+            changed[(LIVE_FUNDING_RATE, market_id)] = ev.seq
         self._funding[market_id] = _Funding(mark, index, due, row)
 
-    def _position_updated(self, ev: PositionUpdated, changed: set[Key]) -> None:
-        self._set_position(ev.position, changed)
+    def _position_updated(self, ev: PositionUpdated, changed: dict[Key, int]) -> None:
+        self._set_position(ev.position, ev.seq, changed)
 
-    def _released(self, ev: PositionReleased, changed: set[Key]) -> None:
+    def _released(self, ev: PositionReleased, changed: dict[Key, int]) -> None:
         slots = self._positions.get(ev.address)
         if slots is not None and slots.pop((ev.market_id, ev.is_long), None) is not None:
-            changed.add((POSITIONS, ev.address))
+            changed[(POSITIONS, ev.address)] = ev.seq
             if not slots:
                 del self._positions[ev.address]
 
-    def _set_position(self, pos: PositionState, changed: set[Key]) -> None:
+    def _set_position(self, pos: PositionState, seq: int, changed: dict[Key, int]) -> None:
+        address = pos.address
         slot = (pos.market_id, pos.is_long)
-        slots = self._positions.get(pos.address)
+        slots = self._positions.get(address)
         if pos.size:
-            row = position_row(pos, self.markets[pos.market_id])
+            spec = self.markets[pos.market_id]
             if slots is None:
-                slots = self._positions[pos.address] = {}
-            elif slots.get(slot) == row:
-                return
-            slots[slot] = row
+                slots = self._positions[address] = {}
+            else:
+                old = slots.get(slot)
+                if old is not None and same_position_row(old.state, pos, spec):
+                    return  # no change, no push
+            slots[slot] = _Position(pos, spec)
         elif slots is None or slots.pop(slot, None) is None:
             return
         elif not slots:
-            del self._positions[pos.address]
-        changed.add((POSITIONS, pos.address))
+            del self._positions[address]
+        changed[(POSITIONS, address)] = seq
 
-    def _set_history(self, order: OrderState, changed: set[Key]) -> None:
-        row = order_history_row(order)
-        rows = self._orders.get(order.address)
+    def _set_history(self, order: OrderState, seq: int, changed: dict[Key, int]) -> None:
+        address = order.address
+        order_id = order.order_id
+        rows = self._orders.get(address)
         if rows is None:
-            rows = self._orders[order.address] = {}
+            rows = self._orders[address] = {}
+            old = None
         else:
-            old = rows.get(order.order_id)
-            if old == row:
+            old = rows.get(order_id)
+        if old is not None:
+            if same_order_history_row(old.state, order):
                 # Same row, but the order was touched last: it moves to the front, as the
                 # store-backed reads (deep history, since-resume) order by the last event.
-                if next(reversed(rows)) != order.order_id:
-                    del rows[order.order_id]
-                    rows[order.order_id] = row
-                    changed.add((ORDER_HISTORY, order.address))
+                if next(reversed(rows)) != order_id:
+                    del rows[order_id]
+                    rows[order_id] = old
+                    changed[(ORDER_HISTORY, address)] = seq
                 return
-            if old is not None:
-                del rows[order.order_id]  # re-inserted below at the newest end
-        rows[order.order_id] = row
-        self._order_owner[order.order_id] = order.address
-        if len(rows) > self.history_limit:
-            oldest = next(iter(rows))
-            del rows[oldest]
-            del self._order_owner[oldest]
-        changed.add((ORDER_HISTORY, order.address))
-        self._live_orders[order.address] = row
-        self._pending_live.append(((LIVE_ORDER_HISTORY, order.address), row))
+            del rows[order_id]  # re-inserted below at the newest end
+        entry = rows[order_id] = _Order(order)
+        if old is None:
+            self._order_owner[order_id] = address
+            if len(rows) > self.history_limit:
+                oldest = next(iter(rows))
+                del rows[oldest]
+                del self._order_owner[oldest]
+        changed[(ORDER_HISTORY, address)] = seq
+        self._live_orders[address] = entry
+        self._live.append(((LIVE_ORDER_HISTORY, address), seq, entry))
 
     def _drop_open(self, order: OrderState) -> bool:
         """Remove a resting order's row; False when it was not resting."""
@@ -451,31 +608,33 @@ class Projections:
             del self._open[order.address]
         return True
 
-    def _move_level(self, order: OrderState, delta: int, ts: int, changed: set[Key]) -> None:
+    def _move_level(
+        self, order: OrderState, delta: int, ts: int, seq: int, changed: dict[Key, int]
+    ) -> None:
         market_id = order.market_id
-        side = self._asks[market_id] if order.is_ask else self._bids[market_id]
-        level: _Level | None = side.get(order.price)
+        is_ask = order.is_ask
+        price = order.price
+        side = self._asks[market_id] if is_ask else self._bids[market_id]
+        level: _Level | None = side.get(price)
         size = (0 if level is None else level.size) + delta
         if size < 0:
             raise errors.IntegrityError(
-                f"market {market_id} level {order.price} would hold {size} lots after "
+                f"market {market_id} level {price} would hold {size} lots after "
                 f"order {order.order_id} changed"
             )
         if size:
-            side[order.price] = _Level(
-                size, orderbook_row(market_id, order.is_ask, order.price, size, ts)
-            )
+            side[price] = _Level(market_id, is_ask, price, size, ts)
         else:
-            del side[order.price]
-        changed.add((ORDERBOOK, market_id))
-        self._set_best(market_id, order.is_ask, order.price, ts, changed)
+            del side[price]
+        changed[(ORDERBOOK, market_id)] = seq
+        self._set_best(market_id, is_ask, price, ts, seq, changed)
 
     def _set_best(
-        self, market_id: int, is_ask: bool, price: int, ts: int, changed: set[Key]
+        self, market_id: int, is_ask: bool, price: int, ts: int, seq: int, changed: dict[Key, int]
     ) -> None:
         """After the level at ``price`` changed: the best price row, if the change reached it."""
-        top = self._top.get(market_id)
-        bid, ask = (None, None) if top is None else top
+        top = self._best.get(market_id)
+        bid, ask = (None, None) if top is None else (top.bid, top.ask)
         if is_ask:
             if ask is not None and price > ask[0]:
                 return  # behind the best ask
@@ -488,15 +647,17 @@ class Projections:
             bids = self._bids[market_id]
             best, level = bids.peekitem(-1) if bids else (0, None)
             bid = None if level is None else (best, level.size)
-        if top != (bid, ask):
-            self._top[market_id] = (bid, ask)
-            self._best[market_id] = best_price_row(market_id, bid, ask, ts)
-            changed.add((BEST_PRICE, market_id))
+        if top is None or bid != top.bid or ask != top.ask:
+            self._best[market_id] = _Best(market_id, bid, ask, ts)
+            changed[(BEST_PRICE, market_id)] = seq
 
     # ------------------------------------------------------------------ views
 
     def positions(self, address: str) -> list[PositionRow]:
         """Open positions of ``address``: by market, the long before the short."""
+        return [p.row() for p in self._position_entries(address)]
+
+    def _position_entries(self, address: str) -> list[_Position]:
         slots = self._positions.get(address)
         if not slots:
             return []
@@ -504,33 +665,51 @@ class Projections:
 
     def open_orders(self, address: str) -> list[OpenOrderRow]:
         """Resting orders of ``address``, oldest first."""
-        return list(self._open.get(address, {}).values())
+        return [o.row() for o in self._open_entries(address)]
+
+    def _open_entries(self, address: str) -> Iterable[_Open]:
+        return self._open.get(address, {}).values()
 
     def order_history(self, address: str, limit: int | None = None) -> list[OrderHistoryRow]:
         """Orders of ``address`` in any status, the most recently changed first."""
-        return _newest(self._orders.get(address, {}).values(), limit)
+        return [o.row() for o in _newest(self._orders.get(address, {}).values(), limit)]
+
+    def _order_entries(self, address: str) -> Iterator[_Order]:
+        return _newest(self._orders.get(address, {}).values(), None)
 
     def trade_history(self, address: str, limit: int | None = None) -> list[TradeRow]:
         """Fills of ``address``, newest first."""
-        return _newest(self._trades.get(address, ()), limit)
+        return [t.row() for t in _newest(self._trades.get(address, ()), limit)]
+
+    def _trade_entries(self, address: str) -> Iterator[_Trade]:
+        return _newest(self._trades.get(address, ()), None)
 
     def orderbook(self, market_id: int) -> list[OrderBookRow]:
         """Aggregated levels of a market: asks by ascending price, then bids descending."""
+        return [level.row() for level in self._level_entries(market_id)]
+
+    def _level_entries(self, market_id: int) -> list[_Level]:
         asks = self._asks.get(market_id)
         if asks is None:
             return []
-        rows = [level.row for level in asks.values()]
-        rows.extend(level.row for level in reversed(self._bids[market_id].values()))
-        return rows
+        levels = list(asks.values())
+        levels.extend(reversed(self._bids[market_id].values()))
+        return levels
 
     def recent_trades(self, market_id: int, limit: int | None = None) -> list[RecentTradeRow]:
         """Public fills of a market, newest first."""
-        return _newest(self._recent.get(market_id, ()), limit)
+        return [t.row() for t in _newest(self._recent.get(market_id, ()), limit)]
+
+    def _recent_entries(self, market_id: int) -> Iterator[_Recent]:
+        return _newest(self._recent.get(market_id, ()), None)
 
     def best_price(self, market_id: int) -> list[BestPriceRow]:
         """The market's best bid and ask as one row; none before its first book change."""
-        row = self._best.get(market_id)
-        return [] if row is None else [row]
+        return [best.row() for best in self._best_entries(market_id)]
+
+    def _best_entries(self, market_id: int) -> list[_Best]:
+        best = self._best.get(market_id)
+        return [] if best is None else [best]
 
     def live_funding_rate(self, market_id: int) -> list[FundingRateRow]:
         """The market's funding row; none before its first price or settlement."""
@@ -541,29 +720,38 @@ class Projections:
         """The address's newest fill row (what a new live_trade_history subscriber gets)."""
         return self.trade_history(address, 1)
 
+    def _live_trade_entries(self, address: str) -> Iterator[_Trade]:
+        return _newest(self._trades.get(address, ()), 1)
+
     def live_order_history(self, address: str) -> list[OrderHistoryRow]:
         """The address's order whose row changed last (a new live_order_history subscriber's
         first message: the newest live push)."""
-        row = self._live_orders.get(address)
-        return [] if row is None else [row]
+        return [o.row() for o in self._live_order_entries(address)]
+
+    def _live_order_entries(self, address: str) -> list[_Order]:
+        entry = self._live_orders.get(address)
+        return [] if entry is None else [entry]
 
     def deposit_withdraw_history(
         self, address: str, limit: int | None = None
     ) -> list[DepositWithdrawRow]:
         """Deposits and withdrawals of ``address``, newest first."""
-        return _newest(self._deposits.get(address, ()), limit)
+        return [d.row() for d in _newest(self._deposits.get(address, ()), limit)]
+
+    def _deposit_entries(self, address: str) -> Iterator[_Deposit]:
+        return _newest(self._deposits.get(address, ()), None)
 
     def funding_history(self, address: str, limit: int | None = None) -> list[FundingHistoryRow]:
         """Funding payments of ``address``'s positions, newest first."""
-        return _newest(self._funding_history.get(address, ()), limit)
+        return list(_newest(self._funding_history.get(address, ()), limit))
 
     def order_status(self, market_id: int, order_id: int) -> OrderHistoryRow | None:
         """An order's history row if it is in its address's window (else ask the store)."""
         address = self._order_owner.get(order_id)
         if address is None:
             return None
-        row = self._orders[address][order_id]
-        return row if row.market_id == str(market_id) else None
+        entry = self._orders[address][order_id]
+        return entry.row() if entry.state.market_id == market_id else None
 
     def view(self, topic: str, key: str | int) -> Sequence[Row]:
         """The rows of one view (``key`` an address or a market id, as the topic wants)."""
@@ -582,7 +770,8 @@ class Projections:
         """The encoded push of a view's current state, encoded once per change.
 
         It carries ``"seq"``: the sequence number of the last event that changed the view, so
-        a subscriber's messages of one stream carry increasing seqs.
+        a subscriber's messages of one stream carry increasing seqs. Each row's JSON is kept
+        with the row, so a change encodes only the rows it made.
         """
         cache_key = (topic, key)
         data = self._messages.get(cache_key)
@@ -591,96 +780,104 @@ class Projections:
             if seq is None:
                 # Not cached: subscribers to unknown addresses must not grow the cache.
                 return _EMPTY[topic]
-            rows = self.view(topic, key)
-            data = self._messages[cache_key] = encode_message(topic, rows, seq)
+            entries = _ENTRIES.get(topic)
+            if entries is None:
+                data = encode_message(topic, self.view(topic, key), seq)
+            else:
+                # A changed view's key has the topic's type (changed_at holds no other).
+                data = join_message(topic, _encoded(entries(self, key)), seq)
+            self._messages[cache_key] = data
         return data
 
     # ------------------------------------------------------------------ persistence
 
     def snapshot(self) -> bytes:
-        """The read models as msgpack, for :meth:`restore`."""
+        """The read models as JSON, for :meth:`restore`."""
         snap = _Snapshot(
             version=_SNAPSHOT_VERSION,
             seq=self.seq,
             history_limit=self.history_limit,
-            positions={a: list(s.values()) for a, s in self._positions.items()},
-            open_orders={a: list(rows.values()) for a, rows in self._open.items()},
-            order_history={a: list(rows.values()) for a, rows in self._orders.items()},
-            trade_history={a: list(rows) for a, rows in self._trades.items()},
-            asks={m: [lv.row for lv in side.values()] for m, side in self._asks.items()},
-            bids={m: [lv.row for lv in side.values()] for m, side in self._bids.items()},
+            positions={a: [p.state for p in s.values()] for a, s in self._positions.items()},
+            open_orders={a: [o.state for o in rows.values()] for a, rows in self._open.items()},
+            order_history={a: [o.state for o in rows.values()] for a, rows in self._orders.items()},
+            trade_history={a: [_trade_values(t) for t in rows] for a, rows in self._trades.items()},
+            asks={m: [_level_values(lv) for lv in side.values()] for m, side in self._asks.items()},
+            bids={m: [_level_values(lv) for lv in side.values()] for m, side in self._bids.items()},
             changed_at=[(t, k, seq) for (t, k), seq in self._changed_at.items()],
-            recent_trades={m: list(rows) for m, rows in self._recent.items()},
-            best_price=dict(self._best),
-            deposits={a: list(rows) for a, rows in self._deposits.items()},
+            recent_trades={m: [t.fill for t in rows] for m, rows in self._recent.items()},
+            best_price={m: (b.bid, b.ask, b.ts) for m, b in self._best.items()},
+            deposits={a: [d.event for d in rows] for a, rows in self._deposits.items()},
             funding=dict(self._funding),
             funding_history={a: list(rows) for a, rows in self._funding_history.items()},
-            live_orders=dict(self._live_orders),
+            live_orders={a: o.state for a, o in self._live_orders.items()},
         )
         return _snapshot_encoder.encode(snap)
 
     @classmethod
     def restore(cls, markets: Mapping[int, MarketSpec], data: bytes) -> Projections:
-        """Rebuild projections from :meth:`snapshot` bytes; corrupt data raises IntegrityError."""
+        """Rebuild projections from :meth:`snapshot` bytes; corrupt data, or a snapshot of
+        another version (a restart then folds the log), raises IntegrityError."""
         try:
+            version = _version_decoder.decode(data).version
+            if version != _SNAPSHOT_VERSION:
+                raise errors.IntegrityError(
+                    f"projection snapshot version {version} is not {_SNAPSHOT_VERSION}"
+                )
             snap = _snapshot_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise errors.IntegrityError(f"projection snapshot is unreadable: {exc}") from None
-        if snap.version != _SNAPSHOT_VERSION:
-            raise errors.IntegrityError(
-                f"projection snapshot version {snap.version} is not {_SNAPSHOT_VERSION}"
-            )
         self = cls(markets, snap.history_limit)
         self.seq = snap.seq
         self._changed_at = {(topic, key): seq for topic, key, seq in snap.changed_at}
-        for address, positions in snap.positions.items():
-            self._positions[address] = {(int(r.market_id), r.is_long): r for r in positions}
-        for address, opens in snap.open_orders.items():
-            self._open[address] = {int(r.order_id): r for r in opens}
-        self._live_orders = dict(snap.live_orders)
-        for address, orders in snap.order_history.items():
-            self._orders[address] = {int(r.order_id): r for r in orders}
-            self._order_owner.update(dict.fromkeys(self._orders[address], address))
-        for address, trades in snap.trade_history.items():
-            self._trades[address] = deque(trades, maxlen=snap.history_limit)
-        for books, levels in ((self._asks, snap.asks), (self._bids, snap.bids)):
-            for market_id, rows in levels.items():
-                if market_id not in books:
-                    raise errors.IntegrityError(
-                        f"projection snapshot has unknown market {market_id}"
-                    )
-                books[market_id].update((int(r.price), _Level(int(r.size), r)) for r in rows)
-        per_market: tuple[dict[int, Any], ...] = (snap.recent_trades, snap.best_price, snap.funding)
-        for views in per_market:
-            unknown = set(views) - set(self.markets)
+        per_market: tuple[Iterable[int], ...] = (
+            (p.market_id for states in snap.positions.values() for p in states),
+            snap.asks,
+            snap.bids,
+            snap.recent_trades,
+            snap.best_price,
+            snap.funding,
+        )
+        for market_ids in per_market:
+            unknown = set(market_ids) - set(self.markets)
             if unknown:
                 raise errors.IntegrityError(
                     f"projection snapshot has unknown market {min(unknown)}"
                 )
+        for address, positions in snap.positions.items():
+            self._positions[address] = {
+                (p.market_id, p.is_long): _Position(p, self.markets[p.market_id]) for p in positions
+            }
+        for address, opens in snap.open_orders.items():
+            self._open[address] = {o.order_id: _Open(o) for o in opens}
+        self._live_orders = {a: _Order(o) for a, o in snap.live_orders.items()}
+        for address, orders in snap.order_history.items():
+            self._orders[address] = {o.order_id: _Order(o) for o in orders}
+            self._order_owner.update(dict.fromkeys(self._orders[address], address))
+        for address, trades in snap.trade_history.items():
+            self._trades[address] = deque(
+                (_Trade(address, *t) for t in trades), maxlen=snap.history_limit
+            )
+        for books, is_ask, levels in (
+            (self._asks, True, snap.asks),
+            (self._bids, False, snap.bids),
+        ):
+            for market_id, values in levels.items():
+                books[market_id].update(
+                    (price, _Level(market_id, is_ask, price, size, ts))
+                    for price, size, ts in values
+                )
         for market_id, recent in snap.recent_trades.items():
-            self._recent[market_id].extend(recent)
-        self._best = dict(snap.best_price)
-        for market_id, row in self._best.items():
-            bid = (
-                None
-                if row.best_bid_price is None
-                else (int(row.best_bid_price), int(row.best_bid_size or 0))
-            )
-            ask = (
-                None
-                if row.best_ask_price is None
-                else (int(row.best_ask_price), int(row.best_ask_size or 0))
-            )
-            self._top[market_id] = (bid, ask)
+            self._recent[market_id].extend(_Recent(fill) for fill in recent)
+        self._best = {m: _Best(m, bid, ask, ts) for m, (bid, ask, ts) in snap.best_price.items()}
         self._funding = dict(snap.funding)
         for address, moves in snap.deposits.items():
-            self._deposits[address] = deque(moves, maxlen=snap.history_limit)
+            self._deposits[address] = deque(map(_Deposit, moves), maxlen=snap.history_limit)
         for address, payments in snap.funding_history.items():
             self._funding_history[address] = deque(payments, maxlen=snap.history_limit)
         return self
 
 
-def _unchanged(event: Event, changed: set[Key]) -> None:
+def _unchanged(event: Event, changed: dict[Key, int]) -> None:
     """Events that change no view (liquidation payouts)."""
 
 
@@ -689,9 +886,28 @@ def _same_but_time(old: FundingRateRow, new: FundingRateRow) -> bool:
     return msgspec.structs.replace(new, last_updated=old.last_updated) == old
 
 
-def _newest(rows: Reversible[_T], limit: int | None) -> list[_T]:
+def _newest(rows: Reversible[_T], limit: int | None) -> Iterator[_T]:
     newest = reversed(rows)
-    return list(newest) if limit is None else list(islice(newest, limit))
+    return newest if limit is None else islice(newest, limit)
+
+
+def _encoded(entries: Iterable[_Entry]) -> list[bytes]:
+    """The rows' JSON, each encoded on its first read and kept with the row."""
+    return [entry.data or _encode(entry) for entry in entries]
+
+
+def _encode(entry: _Entry) -> bytes:
+    data = entry.data = encode_row(entry.row())
+    return data
+
+
+def _trade_values(trade: _Trade) -> _TradeValues:
+    t = trade
+    return (t.fee, t.market_id, t.order_type, t.pnl, t.price, t.size, t.ts, t.trade_id)
+
+
+def _level_values(level: _Level) -> _LevelValues:
+    return (level.price, level.size, level.ts)
 
 
 _ADDRESS_VIEWS: Final[dict[str, Callable[[Projections, str], Sequence[Row]]]] = {
@@ -708,4 +924,17 @@ _MARKET_VIEWS: Final[dict[str, Callable[[Projections, int], Sequence[Row]]]] = {
     RECENT_TRADES: Projections.recent_trades,
     BEST_PRICE: Projections.best_price,
     LIVE_FUNDING_RATE: Projections.live_funding_rate,
+}
+# The entries of each view's rows, in the view's order (live_funding_rate keeps its row).
+_ENTRIES: Final[dict[str, Callable[[Projections, Any], Iterable[_Entry]]]] = {
+    POSITIONS: Projections._position_entries,
+    OPEN_ORDERS: Projections._open_entries,
+    ORDER_HISTORY: Projections._order_entries,
+    TRADE_HISTORY: Projections._trade_entries,
+    LIVE_TRADE_HISTORY: Projections._live_trade_entries,
+    LIVE_ORDER_HISTORY: Projections._live_order_entries,
+    DEPOSIT_WITHDRAW_HISTORY: Projections._deposit_entries,
+    ORDERBOOK: Projections._level_entries,
+    RECENT_TRADES: Projections._recent_entries,
+    BEST_PRICE: Projections._best_entries,
 }

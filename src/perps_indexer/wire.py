@@ -264,6 +264,31 @@ def encode_message(topic: str, rows: Sequence[Row], seq: int | None = None) -> b
     return _encoder.encode(_SeqEnvelope(rows, topic, seq))
 
 
+def encode_row(row: Row) -> bytes:
+    """One row's JSON, exactly as :func:`encode_message` writes it inside ``"data"``."""
+    return _encoder.encode(row)
+
+
+def _tail(topic: str) -> bytes:
+    return b'],"message":' + _encoder.encode(topic) + b',"seq":'
+
+
+_TAILS: Final = {topic: _tail(topic) for topic in ALL_TOPICS}
+
+
+def join_message(topic: str, parts: Sequence[bytes], seq: int) -> bytes:
+    """``encode_message(topic, rows, seq)``, byte for byte, from the rows' :func:`encode_row`
+    bytes: rows are immutable, so a window's push re-encodes only its new rows."""
+    tail = (_TAILS.get(topic) or _tail(topic)) + str(seq).encode() + b"}"
+    if not parts:
+        return b'{"data":[' + tail
+    # One copy of the (long) window: the envelope goes onto its first and last rows.
+    framed = list(parts)
+    framed[0] = b'{"data":[' + framed[0]
+    framed[-1] = framed[-1] + tail
+    return b",".join(framed)
+
+
 def seconds(ts_ms: int) -> str:
     """A wire timestamp: unix milliseconds to a string of whole unix seconds."""
     return str(ts_ms // 1000)
@@ -302,6 +327,31 @@ def position_row(pos: PositionState, spec: MarketSpec) -> PositionRow:
     )
 
 
+def same_position_row(a: PositionState, b: PositionState, spec: MarketSpec) -> bool:
+    """``position_row(a, spec) == position_row(b, spec)`` for open positions, building the
+    rows only when the states differ in ``added_margin`` alone (it shows only through
+    ``liq_price``, whose text may not move)."""
+    if a.size != b.size or _position_key(a) != _position_key(b):
+        return False
+    return a.added_margin == b.added_margin or position_row(a, spec) == position_row(b, spec)
+
+
+def _position_key(pos: PositionState) -> tuple[object, ...]:
+    # Every field position_row shows directly, each injectively (times in whole seconds).
+    return (
+        pos.value,
+        pos.margin,
+        pos.updated // 1000,
+        pos.sl,
+        pos.tp,
+        pos.leverage,
+        pos.trade_id,
+        pos.is_long,
+        pos.market_id,
+        pos.address,
+    )
+
+
 def _order_fields(order: OrderState) -> dict[str, Any]:
     """The fields open_orders and order_history rows share."""
     return {
@@ -335,20 +385,69 @@ def order_history_row(order: OrderState) -> OrderHistoryRow:
     )
 
 
+def same_order_history_row(a: OrderState, b: OrderState) -> bool:
+    """``order_history_row(a) == order_history_row(b)``, without building the rows."""
+    return a.status == b.status and _history_key(a) == _history_key(b)
+
+
+def _history_key(order: OrderState) -> tuple[object, ...]:
+    # Every field order_history_row shows, each shown injectively (times in whole seconds).
+    return (
+        order.value,
+        order.price,
+        order.updated // 1000,
+        order.size,
+        order.leverage,
+        order.order_type,
+        order.is_market,
+        order.created // 1000,
+        order.trade_id,
+        order.market_id,
+        order.order_id,
+        order.address,
+    )
+
+
 def trade_row(side: FillSide, fill: Fill) -> TradeRow:
     """One party's row of a fill: the fill's price and size, that side's fee, pnl and ids."""
-    ts = seconds(fill.ts)
+    order = side.order
+    return trade_row_of(
+        order.address,
+        side.fee,
+        fill.market_id,
+        order.order_type,
+        side.pnl,
+        fill.price,
+        fill.size,
+        fill.ts,
+        side.position.trade_id,
+    )
+
+
+def trade_row_of(
+    address: str,
+    fee: int,
+    market_id: int,
+    order_type: int,
+    pnl: int,
+    price: int,
+    size: int,
+    ts_ms: int,
+    trade_id: int,
+) -> TradeRow:
+    """:func:`trade_row` from the values it shows (what the projections keep of a fill)."""
+    ts = seconds(ts_ms)
     return TradeRow(
-        address=side.order.address,
-        fee=str(side.fee),
+        address=address,
+        fee=str(fee),
         last_updated=ts,
-        market_id=str(fill.market_id),
-        order_type=side.order.order_type,
-        pnl=str(side.pnl),
-        price=str(fill.price),
-        size=str(fill.size),
+        market_id=str(market_id),
+        order_type=order_type,
+        pnl=str(pnl),
+        price=str(price),
+        size=str(size),
         timestamp=ts,
-        trade_id=str(side.position.trade_id),
+        trade_id=str(trade_id),
     )
 
 
