@@ -13,6 +13,7 @@ import pytest
 
 from perps_indexer.engine import Engine
 from perps_indexer.markets import default_markets
+from perps_indexer.store import event_keys
 from perps_indexer.store.sqlite import SQLiteStore
 
 # Appends batches of real events forever, printing each batch's last seq once append returned.
@@ -75,3 +76,8 @@ def test_acknowledged_appends_survive_sigkill(tmp_path: Path, synchronous: str) 
         # Whole batches or nothing: the log ends on a batch boundary.
         assert store.last_seq() % 25 == 0
         Engine.replay(default_markets(), events)
+        # The key index lagged the log when the writer died: what it lacks is rebuilt.
+        for (address,) in {event_keys(ev) for ev in events[:7]}:
+            mine = [ev for ev in events if event_keys(ev) == (address,)]
+            assert len(mine) > 1
+            assert store.read_for_key(address) == mine

@@ -53,6 +53,7 @@ def for_key(
     cuts=st.lists(st.integers(0, 60), max_size=8),
     segment_events=st.integers(1, 9),
     read_chunk=st.integers(1, 4),
+    index_lag=st.integers(1, 30),
     limit=st.none() | st.integers(0, 12),
     newest_first=st.booleans(),
     data=st.data(),
@@ -62,6 +63,7 @@ def test_any_stream_round_trips_through_any_batching(
     cuts: list[int],
     segment_events: int,
     read_chunk: int,
+    index_lag: int,
     limit: int | None,
     newest_first: bool,
     data: st.DataObject,
@@ -75,6 +77,7 @@ def test_any_stream_round_trips_through_any_batching(
         with SQLiteStore(path, synchronous="NORMAL") as store:
             store.segment_events = segment_events
             store.read_chunk = read_chunk
+            store.index_lag = index_lag  # the index lags, wholly or partly, or is complete
             for batch in split(events, cuts):
                 store.append(batch)
             assert list(store.read()) == events

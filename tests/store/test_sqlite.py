@@ -170,6 +170,9 @@ def test_a_body_that_is_not_its_row_is_an_integrity_error(
     raw_write(db_path, update, (ends, body + b" ", 3))
     with pytest.raises(errors.IntegrityError, match=r"segment of events 3\.\.3 is damaged"):
         list(store.read(2))
+    raw_write(db_path, update, (ends + b"\x00", body, 3))
+    with pytest.raises(errors.IntegrityError, match="offsets column of 5 bytes is damaged"):
+        list(store.read(2))
 
 
 # ---------------------------------------------------------------------- keys
@@ -287,18 +290,20 @@ def test_gaps_and_duplicates_are_refused_and_write_nothing(
 def test_a_batch_failing_midway_leaves_no_trace(
     store: SQLiteStore, events: list[AnyEvent], db_path: Path
 ) -> None:
+    store.index_lag = 1  # every append writes the key index
     store.append(events[:4])  # deposits and a withdrawal: no market key yet
     ((trader,),) = raw_query(db_path, "SELECT id FROM index_keys WHERE key = ?", (TRADER,))
     # Plant the index row of the trader's events in the next batch (its last one is 13), so
-    # the batch fails after its segment is inserted and the market keys are interned.
+    # the batch fails after the market keys are interned.
     plant = "INSERT INTO key_segments (key_id, last_seq, first_seq, offsets) VALUES (?, ?, ?, ?)"
     raw_write(db_path, plant, (trader, 13, 5, b""))
     before = count_rows(db_path)
     with pytest.raises(errors.StoreError, match="UNIQUE constraint failed"):
         store.append(events[4:13])
     assert count_rows(db_path) == before
-    assert store.last_seq() == 4
+    assert store.get_meta("indexed_through") == "4"
     raw_write(db_path, "DELETE FROM key_segments WHERE last_seq = ?", (13,))
+    assert store.last_seq() == 4
     store.append(events[4:])
     assert list(store.read()) == events
     # The key ids interned by the failed batch were rolled back; the store did not keep them.
@@ -307,6 +312,30 @@ def test_a_batch_failing_midway_leaves_no_trace(
             assert seqs(reader.read_for_key("market:396")) == MARKET_396_SEQS
             assert seqs(reader.read_for_key("market:397")) == MARKET_397_SEQS
             assert seqs(reader.read_for_key(TRADER)) == TRADER_SEQS
+
+
+@pytest.mark.parametrize("index_lag", [1, 3, 1000])
+def test_two_stores_appending_to_one_file_keep_the_index_whole(
+    db_path: Path, events: list[AnyEvent], index_lag: int
+) -> None:
+    with SQLiteStore(db_path) as one, SQLiteStore(db_path) as two:
+        one.index_lag = two.index_lag = index_lag
+        for n, start in enumerate(range(0, len(events), 2)):
+            (one if n % 3 else two).append(events[start : start + 2])
+            for store in (one, two):
+                stored = events[: start + 2]
+                assert store.read_for_key(TRADER) == [
+                    ev for ev in stored if TRADER in event_keys(ev)
+                ]
+    with SQLiteStore(db_path) as reopened:
+        assert seqs(reopened.read_for_key(TRADER)) == TRADER_SEQS
+        assert (
+            seqs(reopened.read_for_key("market:396", newest_first=True)) == (MARKET_396_SEQS[::-1])
+        )
+        reopened.index_lag = 1
+        reopened.append(deposits(1, start_seq=len(events) + 1))  # writes the whole index
+        assert reopened.get_meta("indexed_through") == str(len(events) + 1)
+        assert seqs(reopened.read_for_key(MAKER)) == MAKER_SEQS
 
 
 # ---------------------------------------------------------------------- reopening & replay

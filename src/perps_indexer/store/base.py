@@ -8,8 +8,7 @@ A store keeps, besides the events, an index from *keys* to the events that touch
 from __future__ import annotations
 
 import abc
-import sys
-from array import array
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, Self, get_args
@@ -149,22 +148,12 @@ SegmentRow = tuple[int, int, bytes, bytes]
 KeyRow = tuple[str, int, int, bytes]
 """``(key, last seq of the key in the segment, the segment's first_seq, offsets)``."""
 
-_BIG_ENDIAN: Final = sys.byteorder == "big"
 
-
-def _pack(typecode: str, values: list[int]) -> bytes:
-    packed = array(typecode, values)
-    if _BIG_ENDIAN:
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def _unpack(typecode: str, data: bytes) -> array[int]:
-    values = array(typecode)
-    values.frombytes(data)
-    if _BIG_ENDIAN:
-        values.byteswap()
-    return values
+def _unpack(code: str, width: int, data: bytes) -> tuple[int, ...]:
+    """Little-endian unsigned integers of ``width`` bytes (``code``: their struct code)."""
+    if len(data) % width:
+        raise errors.IntegrityError(f"a stored offsets column of {len(data)} bytes is damaged")
+    return struct.unpack(f"<{len(data) // width}{code}", data)
 
 
 def encode_segments(
@@ -174,28 +163,36 @@ def encode_segments(
     segments: list[SegmentRow] = []
     key_rows: list[KeyRow] = []
     encode_into = to_json_into
-    keys_of = _KEYS_OF
+    pack = struct.pack
     for start in range(0, len(events), size):
         chunk = events[start : start + size]
-        first = chunk[0].seq
         body = bytearray()
         ends: list[int] = []
-        touched: dict[str, list[int]] = {}
-        for offset, event in enumerate(chunk):
+        for event in chunk:
             encode_into(event, body)
             ends.append(len(body))
-            for key in keys_of[type(event)](event):
-                offsets = touched.get(key)
-                if offsets is None:
-                    touched[key] = [offset]
-                else:
-                    offsets.append(offset)
-        segments.append((first, chunk[-1].seq, _pack("I", ends), bytes(body)))
-        key_rows.extend(
-            (key, first + offsets[-1], first, _pack("H", offsets))
-            for key, offsets in touched.items()
-        )
+        first = chunk[0].seq
+        segments.append((first, chunk[-1].seq, pack(f"<{len(ends)}I", *ends), bytes(body)))
+        key_rows += segment_key_rows(first, chunk)
     return segments, key_rows
+
+
+def segment_key_rows(first: int, events: Iterable[AnyEvent]) -> list[KeyRow]:
+    """The key rows of the segment that starts at seq ``first`` and holds ``events``."""
+    touched: dict[str, list[int]] = {}
+    keys_of = _KEYS_OF
+    for offset, event in enumerate(events):
+        for key in keys_of[type(event)](event):
+            offsets = touched.get(key)
+            if offsets is None:
+                touched[key] = [offset]
+            else:
+                offsets.append(offset)
+    pack = struct.pack
+    return [
+        (key, first + offsets[-1], first, pack(f"<{len(offsets)}H", *offsets))
+        for key, offsets in touched.items()
+    ]
 
 
 def decode_event(seq: int, body: bytes | memoryview) -> AnyEvent:
@@ -213,7 +210,7 @@ def decode_segment(
     first: int, last: int, ends_data: bytes, body: bytes, offsets: Iterable[int] | None = None
 ) -> Iterator[AnyEvent]:
     """The events of a stored segment (those at ``offsets`` only, when given), checked."""
-    ends = _unpack("I", ends_data)
+    ends = _unpack("I", 4, ends_data)
     if len(ends) != last - first + 1 or (ends and ends[-1] != len(body)):
         raise errors.IntegrityError(f"the segment of events {first}..{last} is damaged")
     view = memoryview(body)
@@ -222,9 +219,9 @@ def decode_segment(
         yield decode_event(first + offset, view[start : ends[offset]])
 
 
-def key_offsets(data: bytes) -> array[int]:
+def key_offsets(data: bytes) -> tuple[int, ...]:
     """The offsets column of a key row."""
-    return _unpack("H", data)
+    return _unpack("H", 2, data)
 
 
 class EventStore(abc.ABC):

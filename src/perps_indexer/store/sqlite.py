@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Final
 
@@ -29,13 +29,13 @@ from perps_indexer.store.base import (
     SEGMENT_EVENTS,
     EventStore,
     KeyRow,
-    SegmentRow,
     check_bounds,
     check_contiguous,
     decode_event,
     decode_segment,
     encode_segments,
     key_offsets,
+    segment_key_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ V1: Final = 1
 
 SCHEMA_VERSION_KEY: Final = "schema_version"
 BODY_FORMAT_KEY: Final = "body_format"
+INDEXED_KEY: Final = "indexed_through"
+"""The meta key of the seq the key index is complete through (see :meth:`SQLiteStore.append`)."""
 
 SYNCHRONOUS_MODES: Final = ("EXTRA", "FULL", "NORMAL")
 """Accepted ``synchronous`` settings; OFF is left out: it may corrupt the file on power loss."""
@@ -60,6 +62,9 @@ fast, most of the time going to re-reading evicted index pages."""
 
 KEY_ID_CACHE: Final = 100_000
 """Interned keys remembered in memory; past this many the memory is cleared and refilled."""
+
+INDEX_LAG: Final = 2_048
+"""How many events the key index may lag the log by before an append writes it."""
 
 MIGRATE_CHUNK: Final = 4_096
 """Version 1 events converted per step (the whole conversion is one transaction)."""
@@ -91,6 +96,10 @@ _INSERT_SEGMENT: Final = (
 _INSERT_KEY_SEGMENT: Final = (
     "INSERT INTO key_segments (key_id, last_seq, first_seq, offsets) VALUES (?, ?, ?, ?)"
 )
+_SEGMENTS_AFTER: Final = (
+    "SELECT first_seq, last_seq, ends, body FROM segments WHERE first_seq > ? ORDER BY first_seq"
+)
+_SEGMENT: Final = "SELECT last_seq, ends, body FROM segments WHERE first_seq = ?"
 _KEY_ID: Final = "SELECT id FROM index_keys WHERE key = ?"
 _ADD_KEY: Final = "INSERT INTO index_keys (key) VALUES (?) RETURNING id"
 # The segments holding seqs >= ?: from the one that starts at or before it, when that one
@@ -141,6 +150,9 @@ class SQLiteStore(EventStore):
     segment_events: int = SEGMENT_EVENTS
     """The most events written in one segment row (at most 65,536: offsets are 16-bit)."""
 
+    index_lag: int = INDEX_LAG
+    """How many events the key index may lag the log by (see :meth:`append`)."""
+
     def __init__(
         self, path: str | os.PathLike[str], *, synchronous: str = "FULL", busy_timeout: float = 5.0
     ) -> None:
@@ -153,6 +165,11 @@ class SQLiteStore(EventStore):
         self.synchronous = mode
         self._lock = threading.Lock()
         self._key_ids: dict[str, int] = {}
+        # The key rows not in the index yet, the seq it is complete through, and the newest seq
+        # when these were right (-1: unknown, rebuild them from the file).
+        self._lagging: list[KeyRow] = []
+        self._indexed = 0
+        self._seen = -1
         try:
             conn = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
@@ -193,6 +210,7 @@ class SQLiteStore(EventStore):
                     conn.execute(statement)
                 conn.execute(_SET_META, (SCHEMA_VERSION_KEY, str(SCHEMA_VERSION)))
                 conn.execute(_SET_META, (BODY_FORMAT_KEY, BODY_FORMAT))
+                conn.execute(_SET_META, (INDEXED_KEY, "0"))
                 logger.info("%s: created event store schema v%d", self.path, SCHEMA_VERSION)
                 return
             version = row[0]
@@ -230,7 +248,9 @@ class SQLiteStore(EventStore):
         while rows := conn.execute(_V1_READ, (after, MIGRATE_CHUNK)).fetchall():
             events = [decode_event(seq, body) for seq, body in rows]
             check_contiguous(events, events[0].seq if not after else after + 1)
-            self._write(conn, *encode_segments(events, self.segment_events))
+            segments, key_rows = encode_segments(events, self.segment_events)
+            conn.executemany(_INSERT_SEGMENT, segments)
+            self._write_index(conn, key_rows, events[-1].seq)
             after, count = events[-1].seq, count + len(events)
         for statement in _V1_DROP:
             conn.execute(statement)
@@ -288,21 +308,58 @@ class SQLiteStore(EventStore):
 
     def append(self, events: Sequence[AnyEvent]) -> None:
         """Durably append ``events`` in one transaction: when this returns, the batch is
-        committed (and, with ``synchronous`` FULL or EXTRA, its WAL frames fsynced)."""
+        committed (and, with ``synchronous`` FULL or EXTRA, its WAL frames fsynced).
+
+        The key index is written with every :attr:`index_lag` events or so, not with each
+        append: each write of it rewrites one B-tree page per key touched, which cost more
+        than the events themselves in batches of 100. The index is a function of the events,
+        so what it lacks is rebuilt from them (see :meth:`_lagging_rows`); nothing is lost.
+        """
         if not events:
             return
         # Encoded before the transaction, to hold the write lock briefly; checked inside it.
         segments, key_rows = encode_segments(events, self.segment_events)
-        with self._using(write=True) as conn:
-            check_contiguous(events, self._int_or_zero(conn, _LAST_SEQ) + 1)
-            added = self._write(conn, segments, key_rows)
+        through = events[-1].seq
+        added: dict[str, int] = {}
+        flushed = False
+        try:
+            with self._using(write=True) as conn:
+                last = self._int_or_zero(conn, _LAST_SEQ)
+                check_contiguous(events, last + 1)
+                lagging, indexed = self._lagging_rows(conn, last)
+                lagging += key_rows
+                if through - indexed >= self.index_lag:
+                    added, flushed = self._write_index(conn, lagging, through), True
+                conn.executemany(_INSERT_SEGMENT, segments)
+        except BaseException:
+            self._seen = -1  # the lagging rows may hold this batch's: rebuild them when needed
+            raise
+        if flushed:
+            self._lagging, self._indexed = [], through
+        self._seen = through
         self._remember(added)  # only now: a rolled-back key id must not be remembered
         logger.debug("%s: appended events %d..%d", self.path, events[0].seq, events[-1].seq)
 
-    def _write(
-        self, conn: sqlite3.Connection, segments: list[SegmentRow], key_rows: list[KeyRow]
+    def _lagging_rows(self, conn: sqlite3.Connection, last: int) -> tuple[list[KeyRow], int]:
+        """The key rows of the segments the index does not hold yet, and the seq the index is
+        complete through. Kept in memory while this store is the one appending (``last``, the
+        newest seq in the file, is the one it wrote); otherwise, after opening the file or when
+        another connection appended, rebuilt from the stored events."""
+        if last == self._seen:
+            return self._lagging, self._indexed
+        row = conn.execute(_GET_META, (INDEXED_KEY,)).fetchone()
+        indexed = 0 if row is None else int(row[0])
+        lagging: list[KeyRow] = []
+        for first, seg_last, ends, body in conn.execute(_SEGMENTS_AFTER, (indexed,)).fetchall():
+            lagging += segment_key_rows(first, decode_segment(first, seg_last, ends, body))
+        self._lagging, self._indexed, self._seen = lagging, indexed, last
+        return lagging, indexed
+
+    def _write_index(
+        self, conn: sqlite3.Connection, key_rows: list[KeyRow], through: int
     ) -> dict[str, int]:
-        """Insert encoded rows (inside a transaction); returns the keys interned meanwhile."""
+        """Insert key rows and record the index complete through seq ``through`` (inside a
+        transaction); returns the keys interned meanwhile."""
         known = self._key_ids
         added: dict[str, int] = {}
         rows = []
@@ -313,8 +370,8 @@ class SQLiteStore(EventStore):
                 if key_id is None:
                     key_id = added[key] = self._intern(conn, key)
             rows.append((key_id, last, first, offsets))
-        conn.executemany(_INSERT_SEGMENT, segments)
         conn.executemany(_INSERT_KEY_SEGMENT, rows)
+        conn.execute(_SET_META, (INDEXED_KEY, str(through)))
         return added
 
     @staticmethod
@@ -380,45 +437,79 @@ class SQLiteStore(EventStore):
         check_bounds(after, limit)
         if limit == 0:
             return []
-        # Only fixed fragments are joined; every value is a parameter.
-        query = _READ_KEY
-        params: list[object] = [0, after]
-        if before is not None:
-            query += _READ_KEY_BEFORE
-            params += [0, before, before]
-        query += " ORDER BY k.last_seq DESC" if newest_first else " ORDER BY k.last_seq"
         picked: list[tuple[int, int, bytes, bytes, list[int]]] = []
         count = 0
+
+        def take(first: int, offsets_data: bytes, last: int, ends: bytes, body: bytes) -> bool:
+            """Pick the row's events in range; True once ``limit`` events are picked."""
+            nonlocal count
+            offsets = [
+                o
+                for o in key_offsets(offsets_data)
+                if first + o > after and (before is None or first + o < before)
+            ]
+            if newest_first:
+                offsets.reverse()
+            if limit is not None:
+                del offsets[limit - count :]
+            picked.append((first, last, ends, body, offsets))
+            count += len(offsets)
+            return limit is not None and count >= limit
+
         with self._using() as conn:
-            key_id = self._key_ids.get(key)
-            if key_id is None:
-                row = conn.execute(_KEY_ID, (key,)).fetchone()
-                if row is None:
-                    return []
-                key_id = int(row[0])
-            params[0] = key_id
+            lagging, _ = self._lagging_rows(conn, self._int_or_zero(conn, _LAST_SEQ))
+            # Every lagging row is newer than every indexed one.
+            tail = [row for row in lagging if row[0] == key and row[1] > after]
             if before is not None:
-                params[2] = key_id
-            # Rows are stepped lazily: the scan stops once ``limit`` events are picked.
-            cursor = conn.execute(query, params)
-            try:
-                for first, offsets_data, last, ends, body in cursor:
-                    offsets = [
-                        o
-                        for o in key_offsets(offsets_data)
-                        if first + o > after and (before is None or first + o < before)
-                    ]
-                    if newest_first:
-                        offsets.reverse()
-                    if limit is not None:
-                        del offsets[limit - count :]
-                    picked.append((first, last, ends, body, offsets))
-                    count += len(offsets)
-                    if limit is not None and count >= limit:
-                        break
-            finally:
-                cursor.close()
+                tail = [row for row in tail if row[2] < before]
+            if newest_first:
+                tail.reverse()
+                if not self._take_lagging(conn, tail, take):
+                    self._take_indexed(conn, key, after, before, newest_first, take)
+            elif not self._take_indexed(conn, key, after, before, newest_first, take):
+                self._take_lagging(conn, tail, take)
         return [event for row in picked for event in decode_segment(*row)]
+
+    @staticmethod
+    def _take_lagging(
+        conn: sqlite3.Connection, rows: list[KeyRow], take: Callable[..., bool]
+    ) -> bool:
+        """Feed the lagging key rows with their segments to ``take`` until it is satisfied."""
+        for _, _, first, offsets in rows:
+            last, ends, body = conn.execute(_SEGMENT, (first,)).fetchone()
+            if take(first, offsets, last, ends, body):
+                return True
+        return False
+
+    def _take_indexed(
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        after: int,
+        before: int | None,
+        newest_first: bool,
+        take: Callable[..., bool],
+    ) -> bool:
+        """Feed the indexed rows of ``key`` to ``take`` until it is satisfied."""
+        key_id = self._key_ids.get(key)
+        if key_id is None:
+            row = conn.execute(_KEY_ID, (key,)).fetchone()
+            if row is None:
+                return False
+            key_id = int(row[0])
+        # Only fixed fragments are joined; every value is a parameter.
+        query = _READ_KEY
+        params: list[object] = [key_id, after]
+        if before is not None:
+            query += _READ_KEY_BEFORE
+            params += [key_id, before, before]
+        query += " ORDER BY k.last_seq DESC" if newest_first else " ORDER BY k.last_seq"
+        # Rows are stepped lazily: the scan stops once ``take`` has what it needs.
+        cursor = conn.execute(query, params)
+        try:
+            return any(take(*row) for row in cursor)
+        finally:
+            cursor.close()
 
     # ------------------------------------------------------------------ snapshots & settings
 
