@@ -206,17 +206,30 @@ def decode_event(seq: int, body: bytes | memoryview) -> AnyEvent:
     return event
 
 
+def segment_ends(first: int, last: int, ends_data: bytes, size: int) -> tuple[int, ...]:
+    """The end offsets of a stored segment of ``size`` body bytes, checked against it."""
+    ends = _unpack("I", 4, ends_data)
+    if len(ends) != last - first + 1 or (ends and ends[-1] != size):
+        raise errors.IntegrityError(f"the segment of events {first}..{last} is damaged")
+    return ends
+
+
 def decode_segment(
     first: int, last: int, ends_data: bytes, body: bytes, offsets: Iterable[int] | None = None
 ) -> Iterator[AnyEvent]:
     """The events of a stored segment (those at ``offsets`` only, when given), checked."""
-    ends = _unpack("I", 4, ends_data)
-    if len(ends) != last - first + 1 or (ends and ends[-1] != len(body)):
-        raise errors.IntegrityError(f"the segment of events {first}..{last} is damaged")
-    view = memoryview(body)
-    for offset in range(len(ends)) if offsets is None else offsets:
+    ends = segment_ends(first, last, ends_data, len(body))
+    return decode_part(first, ends, body, range(len(ends)) if offsets is None else offsets)
+
+
+def decode_part(
+    first: int, ends: Sequence[int], part: bytes, offsets: Iterable[int], base: int = 0
+) -> Iterator[AnyEvent]:
+    """The events at ``offsets`` of a segment whose body bytes from ``base`` on are ``part``."""
+    view = memoryview(part)
+    for offset in offsets:
         start = ends[offset - 1] if offset else 0
-        yield decode_event(first + offset, view[start : ends[offset]])
+        yield decode_event(first + offset, view[start - base : ends[offset] - base])
 
 
 def key_offsets(data: bytes) -> tuple[int, ...]:
