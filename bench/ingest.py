@@ -5,7 +5,8 @@
 In one process (the suite pins it to the server's CPU), a deterministic order stream runs
 through the same path as the server's, without the network: ``commands.execute`` on the
 engine, then :meth:`Venue.record`, which appends the events to the SQLite store in one
-transaction (``SQLiteStore.append``: one ``BEGIN IMMEDIATE`` ... ``COMMIT``), folds them into
+transaction (``SQLiteStore.append``: one ``BEGIN IMMEDIATE`` ... ``COMMIT``; the events go in
+segment rows of up to 128, the key index with every ~2,048 events), folds them into
 the projections and publishes the changed streams (to a hub with no subscribers, so the
 messages themselves are not encoded). ``batch`` is how many commands share one append; batch 1
 is exactly what the server does for each REST command (``Venue.execute``).
