@@ -17,7 +17,7 @@ from perps_indexer.events import AnyEvent, Fill, to_json
 from perps_indexer.markets import default_markets
 from perps_indexer.store import event_keys, market_key
 from perps_indexer.store.base import SEGMENT_EVENTS
-from perps_indexer.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from perps_indexer.store.sqlite import PAGE_SIZE, SCHEMA_VERSION, SQLiteStore
 from tests.store.conftest import LIQUIDITY, MAKER, TRADER, deposits
 
 
@@ -362,6 +362,7 @@ def test_settings_reach_the_database(db_path: Path) -> None:
             assert store._conn.execute("PRAGMA synchronous").fetchone() == (level,)
             assert store.synchronous == mode.upper()
     assert raw_query(db_path, "PRAGMA journal_mode") == [("wal",)]
+    assert raw_query(db_path, "PRAGMA page_size") == [(PAGE_SIZE,)]
     with pytest.raises(errors.StoreError, match="synchronous must be one of"):
         SQLiteStore(db_path, synchronous="OFF")
 

@@ -62,6 +62,12 @@ CACHE_KIB: Final = 65_536
 its B-tree (one per address); with the default cache, appends to a large log run about half as
 fast, most of the time going to re-reading evicted index pages."""
 
+PAGE_SIZE: Final = 16_384
+"""Page size of a new database (SQLite's default is 4 KiB). A commit writes whole pages to the
+WAL, two writes each, and a checkpoint copies them again: fewer, larger pages cut the CPU per
+event of batches of 100 by about a fifth (and of 1,000 a little), and cost an append of one
+command about 8% more CPU (its time goes to the fsync either way)."""
+
 KEY_ID_CACHE: Final = 100_000
 """Interned keys remembered in memory; past this many the memory is cleared and refilled."""
 
@@ -194,13 +200,15 @@ class SQLiteStore(EventStore):
     # ------------------------------------------------------------------ setup
 
     def _configure(self, conn: sqlite3.Connection, mode: str) -> None:
+        # Only a new file takes it (before WAL mode is set); an existing one keeps its own.
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         journal = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         # An in-memory database has no WAL; a file that refuses it (some network filesystems)
         # behaves otherwise than the class docstring says, so say so.
         if journal != "wal" and self.path != ":memory:":
             logger.warning("%s: journal_mode is %s, not wal", self.path, journal)
         # Pragmas take no parameters: ``mode`` is one of SYNCHRONOUS_MODES (checked in
-        # __init__) and CACHE_KIB a constant.
+        # __init__); PAGE_SIZE and CACHE_KIB are constants.
         conn.execute(f"PRAGMA synchronous = {mode}")
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")  # negative: KiB, not pages
 
