@@ -368,9 +368,11 @@ class Projections:
         :class:`~perps_indexer.errors.SequenceGap` before anything is applied.
         """
         batch = list(events)
-        for offset, event in enumerate(batch, self.seq + 1):
-            if event.seq != offset:
-                raise errors.SequenceGap(offset, event.seq)
+        first = self.seq + 1
+        if [event.seq for event in batch] != list(range(first, first + len(batch))):
+            for offset, event in enumerate(batch, first):
+                if event.seq != offset:
+                    raise errors.SequenceGap(offset, event.seq)
         # The appliers note each view they change with their event's seq: a view's seq is its
         # last changing event's, whatever the batching.
         changed: dict[Key, int] = {}
@@ -390,11 +392,13 @@ class Projections:
             changed_at = self._changed_at
             messages = self._messages
             changed_at.update(changed)
-            for key in changed:
-                messages.pop(key, None)
             for stream, seq, _ in live:
                 changed_at[stream] = seq
-                messages.pop(stream, None)
+            if messages:  # else nothing to drop (no view was read since it last changed)
+                for key in changed:
+                    messages.pop(key, None)
+                for stream, _, _ in live:
+                    messages.pop(stream, None)
         return set(changed)
 
     @property
@@ -555,14 +559,13 @@ class Projections:
         slot = (pos.market_id, pos.is_long)
         slots = self._positions.get(address)
         if pos.size:
-            spec = self.markets[pos.market_id]
             if slots is None:
                 slots = self._positions[address] = {}
             else:
                 old = slots.get(slot)
-                if old is not None and same_position_row(old.state, pos, spec):
+                if old is not None and same_position_row(old.state, pos, old.spec):
                     return  # no change, no push
-            slots[slot] = _Position(pos, spec)
+            slots[slot] = _Position(pos, self.markets[pos.market_id])
         elif slots is None or slots.pop(slot, None) is None:
             return
         elif not slots:
@@ -627,26 +630,40 @@ class Projections:
         else:
             del side[price]
         changed[(ORDERBOOK, market_id)] = seq
-        self._set_best(market_id, is_ask, price, ts, seq, changed)
+        self._set_best(market_id, is_ask, price, size, ts, seq, changed)
 
     def _set_best(
-        self, market_id: int, is_ask: bool, price: int, ts: int, seq: int, changed: dict[Key, int]
+        self,
+        market_id: int,
+        is_ask: bool,
+        price: int,
+        size: int,
+        ts: int,
+        seq: int,
+        changed: dict[Key, int],
     ) -> None:
-        """After the level at ``price`` changed: the best price row, if the change reached it."""
+        """After the level at ``price`` changed to ``size`` lots: the best price row, if the
+        change reached it."""
         top = self._best.get(market_id)
         bid, ask = (None, None) if top is None else (top.bid, top.ask)
         if is_ask:
             if ask is not None and price > ask[0]:
                 return  # behind the best ask
-            asks = self._asks[market_id]
-            best, level = asks.peekitem(0) if asks else (0, None)
-            ask = None if level is None else (best, level.size)
+            if size:
+                ask = (price, size)  # at or before the best ask: the best now
+            else:
+                asks = self._asks[market_id]
+                best, level = asks.peekitem(0) if asks else (0, None)
+                ask = None if level is None else (best, level.size)
         else:
             if bid is not None and price < bid[0]:
                 return  # behind the best bid
-            bids = self._bids[market_id]
-            best, level = bids.peekitem(-1) if bids else (0, None)
-            bid = None if level is None else (best, level.size)
+            if size:
+                bid = (price, size)
+            else:
+                bids = self._bids[market_id]
+                best, level = bids.peekitem(-1) if bids else (0, None)
+                bid = None if level is None else (best, level.size)
         if top is None or bid != top.bid or ask != top.ask:
             self._best[market_id] = _Best(market_id, bid, ask, ts)
             changed[(BEST_PRICE, market_id)] = seq
