@@ -300,6 +300,7 @@ class SQLiteStore(EventStore):
 
     @contextmanager
     def _using(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock (and inside a transaction when ``write``)."""
         with self._lock, self._translated():
             conn = self._conn
             if conn is None:
@@ -331,24 +332,24 @@ class SQLiteStore(EventStore):
         # Encoded before the transaction, to hold the write lock briefly; checked inside it.
         segments, key_rows = encode_segments(events, self.segment_events)
         through = events[-1].seq
-        added: dict[str, int] = {}
-        flushed = False
-        try:
-            with self._using(write=True) as conn:
-                last = self._int_or_zero(conn, _LAST_SEQ)
-                check_contiguous(events, last + 1)
-                lagging, indexed = self._lagging_rows(conn, last)
-                lagging += key_rows
-                if through - indexed >= self.index_lag:
-                    added, flushed = self._write_index(conn, lagging, through), True
-                conn.executemany(_INSERT_SEGMENT, segments)
-        except BaseException:
-            self._seen = -1  # the lagging rows may hold this batch's: rebuild them when needed
-            raise
-        if flushed:
-            self._lagging, self._indexed = [], through
-        self._seen = through
-        self._remember(added)  # only now: a rolled-back key id must not be remembered
+        with self._using() as conn:  # the lock, and the transaction inside it
+            try:
+                with self._transaction(conn):
+                    last = self._int_or_zero(conn, _LAST_SEQ)
+                    check_contiguous(events, last + 1)
+                    lagging, indexed = self._lagging_rows(conn, last)
+                    lagging += key_rows
+                    flushed = through - indexed >= self.index_lag
+                    added = self._write_index(conn, lagging, through) if flushed else {}
+                    conn.executemany(_INSERT_SEGMENT, segments)
+            except BaseException:
+                self._seen = -1  # the lagging rows may hold this batch's: rebuild them later
+                raise
+            # Committed: the in-memory state follows, still under the lock.
+            if flushed:
+                self._lagging, self._indexed = [], through
+            self._seen = through
+            self._remember(added)  # only now: a rolled-back key id must not be remembered
         logger.debug("%s: appended events %d..%d", self.path, events[0].seq, events[-1].seq)
 
     def _lagging_rows(self, conn: sqlite3.Connection, last: int) -> tuple[list[KeyRow], int]:
