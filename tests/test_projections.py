@@ -1440,3 +1440,14 @@ def test_an_order_touched_without_a_new_row_moves_to_the_front() -> None:
     # Touched while newest already: no change at all.
     changed = v.market(B, True, 500, ts=10_400)
     assert ("order_history", A) not in changed
+
+
+def test_a_failing_event_leaves_the_events_before_it_applied(venue: Venue) -> None:
+    seq = venue.proj.seq
+    deposit = Deposited(seq=seq + 1, ts=6_000_000, address=B, amount=1, collateral=1)
+    fill = next(e for e in venue.log if isinstance(e, Fill))  # its maker order is gone now
+    with pytest.raises(errors.IntegrityError, match="is not resting"):
+        venue.proj.apply_batch([deposit, msgspec.structs.replace(fill, seq=seq + 2)])
+    assert venue.proj.seq == seq + 1
+    assert venue.proj.changed_at("deposit_withdraw_history", B) == seq + 1
+    assert json.loads(venue.proj.message("deposit_withdraw_history", B))["seq"] == seq + 1
