@@ -148,6 +148,11 @@ class SQLiteStore(EventStore):
       process crash or ``kill -9`` (the data is in the OS's page cache), but an OS crash or
       power loss may roll back the last transactions; the file itself stays consistent.
 
+    What is made durable is the events: an append commits its whole batch or nothing. The key
+    index in the file may lag the events by up to :attr:`index_lag` of them (it is written with
+    a later append); it is derived from the events, so :meth:`read_for_key` fills what it lacks
+    from them and always covers every committed event, after a crash too.
+
     ``busy_timeout`` is how long (seconds) to wait for another connection's write lock.
     The connection is opened with ``check_same_thread=False`` and every call holds a lock, so a
     store may be created in one thread and used in another (one at a time).
