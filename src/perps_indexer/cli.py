@@ -98,9 +98,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--gc-freeze-every",
         type=float,
-        default=10.0,
+        default=1.0,
         help="seconds between moves of the surviving heap out of the garbage collector's scans "
-        "(default 10; 0: the interpreter's default collector)",
+        "(default 1; 0: the interpreter's default collector)",
     )
     p.add_argument(
         "--gc-full-every",
