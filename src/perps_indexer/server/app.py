@@ -428,19 +428,20 @@ class Server:
         clock = asyncio.get_running_loop().time
         while True:
             await asyncio.sleep(period)
-            connections = list(self.connections.items())
+            # Sessions only, not (session, ws) pairs: 10,000 fresh tuples a second would be
+            # garbage-collector work of their own.
+            connections = list(self.connections)
             step = max(1, self.config.keepalive_slice)
             for start in range(0, len(connections), step):
                 if start:
                     await asyncio.sleep(0)  # thousands of connections: never hold the loop long
                 self._keepalive(connections[start : start + step], clock())
 
-    def _keepalive(
-        self, connections: list[tuple[Session, web.WebSocketResponse]], now: float
-    ) -> None:
+    def _keepalive(self, sessions: list[Session], now: float) -> None:
         """Pings, ping timeouts and stuck sends of some connections."""
-        for session, ws in connections:
-            if session not in self.connections:
+        for session in sessions:
+            ws = self.connections.get(session)
+            if ws is None:
                 continue  # gone while the ticker yielded
             # A closing session's writer sends what is pending and closes, unless a send
             # to a peer that does not read holds it up for too long.
