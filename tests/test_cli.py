@@ -6,32 +6,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.server.conftest import Client, spawn_server
 
 
-def test_refuses_writes_on_a_public_address_without_a_key(tmp_path: Path) -> None:
+def refused_serve(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Run ``serve`` with settings it must refuse; the database must not be created."""
+    command = [sys.executable, "-m", "perps_indexer", "serve", "--port", "0"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "perps_indexer",
-            "serve",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "0",
-            "--db",
-            str(tmp_path / "x.db"),
-        ],
+        [*command, "--db", str(tmp_path / "x.db"), *flags],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
     assert done.returncode == 2
+    assert not (tmp_path / "x.db").exists()  # refused before anything was opened
+    return done
+
+
+def test_refuses_writes_on_a_public_address_without_a_key(tmp_path: Path) -> None:
+    done = refused_serve(tmp_path, "--host", "0.0.0.0")
     assert "refusing to accept writes on 0.0.0.0 without a key" in done.stderr
     assert "--read-only" in done.stderr
-    assert not (tmp_path / "x.db").exists()  # refused before anything was opened
 
 
 def test_read_only_and_limit_flags(tmp_path: Path) -> None:
@@ -55,25 +53,11 @@ def test_read_only_and_limit_flags(tmp_path: Path) -> None:
         server.terminate()
 
 
-def test_refuses_negative_gc_intervals(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "perps_indexer",
-            "serve",
-            "--port",
-            "0",
-            "--db",
-            str(tmp_path / "x.db"),
-            "--gc-full-every",
-            "-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 2
-    assert "--gc-full-every takes 0 or more, got -1.0" in done.stderr
-    assert not (tmp_path / "x.db").exists()
+@pytest.mark.parametrize(
+    ("flag", "shown"),
+    [("--gc-full-every", "-1.0"), ("--gc-freeze-every", "-0.5"), ("--fanout-slice", "-3")],
+)
+def test_refuses_negative_settings(tmp_path: Path, flag: str, shown: str) -> None:
+    value = shown.removesuffix(".0")
+    done = refused_serve(tmp_path, flag, value)
+    assert f"{flag} takes 0 or more, got {shown}" in done.stderr
