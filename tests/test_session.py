@@ -941,3 +941,22 @@ def test_a_stream_few_watch_is_pushed_at_once_unless_a_round_is_under_way() -> N
     assert [seqs(s) for s in sessions] == [[2], [], []]
     world.hub.drain(10)
     assert [seqs(s) for s in sessions] == [[3], [3], [3]]
+
+
+def test_a_renewed_round_copies_its_watchers_only_when_they_changed() -> None:
+    world, sessions, _ = sliced_world(4)
+    stream = ("orderbook", 396)
+    world.hub.publish_state(stream, data("orderbook", [], 1))
+    world.hub.drain(2)
+    order = world.hub._rounds[stream].order
+    world.hub.publish_state(stream, data("orderbook", [], 2))
+    assert world.hub._rounds[stream].order is order  # no one (un)subscribed: no copy
+    late = world.session()
+    send(late, {"topic": "orderbook", "market_id": 396})
+    late.take()  # its snapshot
+    send(sessions[0], {"op": "unsubscribe", "topic": "orderbook", "market_id": 396})
+    world.hub.publish_state(stream, data("orderbook", [], 3))
+    assert world.hub._rounds[stream].order == [*sessions[1:], late]
+    world.hub.drain(100)
+    assert [seqs(s)[-1:] for s in [*sessions[1:], late]] == [[3]] * 4
+    assert all(json.loads(f).get("seq") != 3 for f in sessions[0].take())

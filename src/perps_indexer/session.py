@@ -506,6 +506,7 @@ class Hub:
         "_turns",
         "direct_writes",
         "framer",
+        "membership",
         "messages_queued",
         "sessions",
         "sliced",
@@ -519,6 +520,9 @@ class Hub:
         self.streams: dict[Stream, dict[Session, None]] = {}
         self.sessions: dict[Session, None] = {}
         self.messages_queued = 0
+        self.membership = 0
+        """Bumped by every subscribe and unsubscribe: a round renewed with the same count
+        keeps its list of watchers instead of copying the stream's again."""
         """Pushes handed to sessions (written at once or queued)."""
         self.direct_writes = 0
         """Of those, the messages written straight to a session's :attr:`Session.sink`."""
@@ -565,11 +569,13 @@ class Hub:
 
     def add(self, session: Session, stream: Stream) -> None:
         self.streams.setdefault(stream, {})[session] = None
+        self.membership += 1
 
     def remove(self, session: Session, stream: Stream) -> None:
         watchers = self.streams.get(stream)
         if watchers is not None:
             watchers.pop(session, None)
+            self.membership += 1
             if not watchers:
                 del self.streams[stream]
 
@@ -602,12 +608,12 @@ class Hub:
             return
         pending = self._rounds.get(stream)
         if pending is not None:
-            pending.renew(message, watchers)  # never at once: it would overtake the round
+            pending.renew(message, watchers, self.membership)  # at once would overtake it
         elif not self.sliced or len(watchers) <= self.small_stream:
             self.publish(stream, message)
             return
         else:
-            self._rounds[stream] = _Round(message, watchers)
+            self._rounds[stream] = _Round(message, watchers, self.membership)
             self._turns.append(stream)
         if self.wake is not None:
             self.wake()
@@ -643,20 +649,23 @@ class _Round:
     once per cycle, and a stream that changes faster than a cycle completes still reaches every
     watcher, in turn. Renewing costs the same whatever the number of watchers."""
 
-    __slots__ = ("cursor", "message", "order", "remaining")
+    __slots__ = ("cursor", "membership", "message", "order", "remaining")
 
-    def __init__(self, message: bytes, watchers: dict[Session, None]) -> None:
+    def __init__(self, message: bytes, watchers: dict[Session, None], membership: int) -> None:
         self.message = message
         self.order = list(watchers)
+        self.membership = membership
         self.cursor = 0
         self.remaining = len(self.order)
 
-    def renew(self, message: bytes, watchers: dict[Session, None]) -> None:
+    def renew(self, message: bytes, watchers: dict[Session, None], membership: int) -> None:
         self.message = message
-        if self.cursor >= len(watchers):
-            self.cursor = 0
-        self.order = list(watchers)  # who watches now; the cycle goes on from the cursor
-        self.remaining = len(self.order)
+        if membership != self.membership:  # someone (un)subscribed: who watches now
+            self.order = list(watchers)
+            self.membership = membership
+            if self.cursor >= len(self.order):
+                self.cursor = 0
+        self.remaining = len(self.order)  # the cycle goes on from the cursor
 
     @property
     def finished(self) -> bool:
@@ -671,7 +680,9 @@ class _Round:
             turn += order[: count - len(turn)]  # wrap around
         # The hot loop of a fan-out: a watcher with a sink, a v1 subscription (no id to
         # splice in: ``get`` gives None) and nothing queued gets the shared frame written
-        # straight away; everyone else goes through push() and the outbox.
+        # straight away; everyone else goes through push() and the outbox. These are
+        # push()'s and write_now()'s checks inlined: two calls per watcher would be most of
+        # the Python work left beside the send.
         frame = hub.frame(message) if hub.framer is not None else None
         limit = hub.write_limit
         wrote = 0
