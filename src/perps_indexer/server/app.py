@@ -129,6 +129,8 @@ class ServerConfig:
 class Metrics:
     connections_total: int = 0
     messages_sent: int = 0
+    """Messages the connections' writers sent; the fan-out's direct writes are the hub's
+    ``direct_writes``, and ``/metrics`` reports the sum."""
     frames_received: int = 0
     keepalive_timeouts: int = 0
     slow_readers: int = 0
