@@ -29,7 +29,10 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from perps_indexer.server.app import text_frame
 
 HIGH_WATER = 64 * 1024
 
@@ -40,6 +43,19 @@ def message_of(args: argparse.Namespace) -> bytes:
             return f.read().strip()
     filler = b'{"data":[' + b"x" * max(0, args.size - 40) + b'],"message":"orderbook","seq":1}'
     return filler[: max(args.size, 40)]
+
+
+async def broadcast(
+    stop: asyncio.Event, enough: asyncio.Event, one_round: Callable[[], Awaitable[int]]
+) -> list[int]:
+    """Once enough clients are in, run rounds until stopped; [rounds, messages written]."""
+    counts = [0, 0]
+    await enough.wait()
+    while not stop.is_set():
+        counts[1] += await one_round()
+        counts[0] += 1
+        await asyncio.sleep(0)
+    return counts
 
 
 async def run_picows(args: argparse.Namespace, message: bytes, stop: asyncio.Event) -> list[int]:
@@ -66,18 +82,17 @@ async def run_picows(args: argparse.Namespace, message: bytes, stop: asyncio.Eve
     server = await ws_create_server(lambda request: Peer(), "127.0.0.1", args.port, backlog=1024)
     port = server.sockets[0].getsockname()[1]
     print(f"bare {args.kind} ws://127.0.0.1:{port}/ws", flush=True)
-    counts = [0, 0]
     text = WSMsgType.TEXT
-    await enough.wait()
-    while not stop.is_set():
+
+    async def one_round() -> int:
         sent = 0
         for peer in peers:
             if peer.raw.get_write_buffer_size() <= HIGH_WATER:
                 peer.transport.send(text, message)
                 sent += 1
-        counts[0] += 1
-        counts[1] += sent
-        await asyncio.sleep(0)
+        return sent
+
+    counts = await broadcast(stop, enough, one_round)
     server.close()
     return counts
 
@@ -88,9 +103,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     peers: dict[web.WebSocketResponse, asyncio.Transport] = {}
     enough = asyncio.Event()
 
-    frame = bytes((0x81, 126)) + len(message).to_bytes(2, "big") + message
-    if len(message) >= 1 << 16 or len(message) < 126:
-        raise SystemExit("aiohttp-direct frames messages of 126 to 65,535 bytes only")
+    frame = text_frame(message)  # the server's own framing, once for every client
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True, compress=False)
@@ -115,29 +128,31 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     print(f"bare {args.kind} ws://127.0.0.1:{port}/ws", flush=True)
-    counts = [0, 0]
     text = WSMsgType.TEXT
-    await enough.wait()
-    while not stop.is_set():
+
+    async def direct_round() -> int:
         sent = 0
-        if args.kind == "aiohttp-direct":
-            for i, transport in enumerate(list(peers.values()), 1):
-                if transport.get_write_buffer_size() <= HIGH_WATER and not transport.is_closing():
-                    transport.write(frame)
-                    sent += 1
-                if args.slice and not i % args.slice:
-                    await asyncio.sleep(0)
-        else:
-            for ws, transport in list(peers.items()):
-                if transport.get_write_buffer_size() <= HIGH_WATER:
-                    try:
-                        await ws.send_frame(message, text)
-                    except ConnectionError:
-                        continue
-                    sent += 1
-        counts[0] += 1
-        counts[1] += sent
-        await asyncio.sleep(0)
+        for i, transport in enumerate(list(peers.values()), 1):
+            if transport.get_write_buffer_size() <= HIGH_WATER and not transport.is_closing():
+                transport.write(frame)
+                sent += 1
+            if args.slice and not i % args.slice:
+                await asyncio.sleep(0)
+        return sent
+
+    async def send_frame_round() -> int:
+        sent = 0
+        for ws, transport in list(peers.items()):
+            if transport.get_write_buffer_size() <= HIGH_WATER:
+                try:
+                    await ws.send_frame(message, text)
+                except ConnectionError:
+                    continue
+                sent += 1
+        return sent
+
+    direct = args.kind == "aiohttp-direct"
+    counts = await broadcast(stop, enough, direct_round if direct else send_frame_round)
     await runner.cleanup()
     return counts
 
