@@ -35,6 +35,33 @@ class FakeClock:
         return self.now
 
 
+def market_order(
+    user: str, *, long: Any, size: Any, leverage: Any = 2, market: Any = 396
+) -> dict[str, Any]:
+    """A ``/placeMarketOrder`` body that opens or increases (``direction`` false).
+
+    Values go out as given, so a test can send strings or a wrong type on purpose.
+    """
+    return {
+        "userAddress": user,
+        "marketId": market,
+        "tradeSide": long,
+        "direction": False,
+        "size": size,
+        "leverage": leverage,
+    }
+
+
+def limit_order(
+    user: str, *, long: Any, size: Any, price: Any, leverage: Any = 2, market: Any = 396
+) -> dict[str, Any]:
+    """A ``/placeLimitOrder`` body: a market order's fields and a ``price``."""
+    return {
+        **market_order(user, long=long, size=size, leverage=leverage, market=market),
+        "price": price,
+    }
+
+
 @dataclass
 class Client:
     """REST helper for a running server."""

@@ -12,7 +12,13 @@ from typing import Any
 
 from websockets.sync.client import connect as ws_connect
 
-from tests.server.conftest import Client, ThreadedServer, spawn_server
+from tests.server.conftest import (
+    Client,
+    ThreadedServer,
+    limit_order,
+    market_order,
+    spawn_server,
+)
 
 TRADERS = ["0x" + c * 64 for c in "1234"]
 WATCHED = TRADERS[0]
@@ -33,27 +39,18 @@ def _flow(rest: Client, stop: threading.Event, rng: random.Random, acked: list[s
         if roll < 0.6:
             status, reply = rest.post(
                 "/placeLimitOrder",
-                {
-                    "userAddress": trader,
-                    "marketId": 396,
-                    "tradeSide": rng.random() < 0.5,
-                    "direction": False,
-                    "size": rng.randrange(500, 3000),
-                    "price": rng.randrange(5990, 6010),
-                    "leverage": 5,
-                },
+                limit_order(
+                    trader,
+                    long=rng.random() < 0.5,
+                    size=rng.randrange(500, 3000),
+                    price=rng.randrange(5990, 6010),
+                    leverage=5,
+                ),
             )
         elif roll < 0.8:
             status, reply = rest.post(
                 "/placeMarketOrder",
-                {
-                    "userAddress": trader,
-                    "marketId": 396,
-                    "tradeSide": rng.random() < 0.5,
-                    "direction": False,
-                    "size": 500,
-                    "leverage": 5,
-                },
+                market_order(trader, long=rng.random() < 0.5, size=500, leverage=5),
             )
         else:
             _, opened = rest.get(f"/getOpenOrders?userAddress={trader}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.server.conftest import ThreadedServer
+from tests.server.conftest import ThreadedServer, limit_order, market_order
 
 A = "0x" + "a1" * 32
 B = "0x" + "b2" * 32
@@ -16,29 +16,8 @@ def test_position_lifecycle_through_every_write(server: ThreadedServer) -> None:
     rest.ok("/deposit", {"userAddress": B, "amount": 20_000_000})
     assert rest.ok("/withdraw", {"userAddress": B, "amount": 1})["collateral"] == "19999999"
     # B bids 2000 at 6000; A sells 1000 at market, 2x: A is short 1000 at 6000.
-    rest.ok(
-        "/placeLimitOrder",
-        {
-            "userAddress": B,
-            "marketId": 396,
-            "tradeSide": True,
-            "direction": False,
-            "size": 2000,
-            "price": 6000,
-            "leverage": 2,
-        },
-    )
-    done = rest.ok(
-        "/placeMarketOrder",
-        {
-            "userAddress": A,
-            "marketId": 396,
-            "tradeSide": False,
-            "direction": False,
-            "size": 1000,
-            "leverage": 2,
-        },
-    )
+    rest.ok("/placeLimitOrder", limit_order(B, long=True, size=2000, price=6000))
+    done = rest.ok("/placeMarketOrder", market_order(A, long=False, size=1000))
     assert done["status"] == "Filled" and done["order_type"] == 2
     rest.ok("/setMarkPrice", {"marketId": 396, "price": 6000})
 
@@ -61,18 +40,7 @@ def test_position_lifecycle_through_every_write(server: ThreadedServer) -> None:
     assert short["liq_price"].startswith("9073.17")
 
     # An ask for the stop to fill against, then the mark reaches the stop-loss price.
-    rest.ok(
-        "/placeLimitOrder",
-        {
-            "userAddress": B,
-            "marketId": 396,
-            "tradeSide": False,
-            "direction": False,
-            "size": 1000,
-            "price": 6210,
-            "leverage": 2,
-        },
-    )
+    rest.ok("/placeLimitOrder", limit_order(B, long=False, size=1000, price=6210))
     rest.ok("/setMarkPrice", {"marketId": 396, "price": 6200})
     assert rest.get(f"/getPositions?userAddress={A}")[1]["data"] == []
     newest = rest.get(f"/getTradeHistory?userAddress={A}")[1]["data"][0]
@@ -104,59 +72,28 @@ def test_write_errors_are_clear_and_change_nothing(server: ThreadedServer) -> No
         ),
         (
             "/placeLimitOrder",
-            {
-                "userAddress": A,
-                "marketId": 396,
-                "tradeSide": "maybe",
-                "direction": False,
-                "size": 500,
-                "price": 6000,
-                "leverage": 2,
-            },
+            limit_order(A, long="maybe", size=500, price=6000),
             400,
             "invalid_request",
             "tradeSide",
         ),
         (
             "/placeLimitOrder",
-            {
-                "userAddress": A,
-                "marketId": 999,
-                "tradeSide": True,
-                "direction": False,
-                "size": 500,
-                "price": 6000,
-                "leverage": 2,
-            },
+            limit_order(A, long=True, size=500, price=6000, market=999),
             400,
             "unknown_market",
             "999",
         ),
         (
             "/placeLimitOrder",
-            {
-                "userAddress": A,
-                "marketId": 397,
-                "tradeSide": True,
-                "direction": False,
-                "size": 10,
-                "price": 600_005,
-                "leverage": 2,
-            },
+            limit_order(A, long=True, size=10, price=600_005, market=397),
             400,
             "invalid_price",
             "tick",
         ),
         (
             "/placeMarketOrder",
-            {
-                "userAddress": A,
-                "marketId": 396,
-                "tradeSide": True,
-                "direction": False,
-                "size": 500,
-                "leverage": 2,
-            },
+            market_order(A, long=True, size=500),
             400,
             "insufficient_liquidity",
             "liquidity",

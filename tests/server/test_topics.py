@@ -11,7 +11,7 @@ from typing import Any
 
 import websocket
 
-from tests.server.conftest import T0, ThreadedServer
+from tests.server.conftest import T0, ThreadedServer, limit_order, market_order
 
 A = "0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770"  # the reference's
 B = "0x" + "b" * 64
@@ -152,18 +152,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
     }
 
     # B rests a long bid: 1000 lots at 6050, 2x. Only the book changes for A's subscriptions.
-    placed = rest.ok(
-        "/placeLimitOrder",
-        {
-            "userAddress": B,
-            "marketId": 396,
-            "tradeSide": True,
-            "direction": False,
-            "size": 1000,
-            "price": 6050,
-            "leverage": 2,
-        },
-    )
+    placed = rest.ok("/placeLimitOrder", limit_order(B, long=True, size=1000, price=6050))
     bid_id = (1 << 64) | 6050  # first order in market 396, resting bid at 6050 (reference §3)
     assert placed["order_id"] == str(bid_id)
     assert placed["status"] == "Open"
@@ -189,17 +178,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
     # A sells 1000 at market, 2x short: the original example's position.
     server.clock.now = T0 + 5_000
     ts = str((T0 + 5_000) // 1000)
-    done = rest.ok(
-        "/placeMarketOrder",
-        {
-            "userAddress": A,
-            "marketId": "396",
-            "tradeSide": False,
-            "direction": False,
-            "size": "1000",
-            "leverage": 2,
-        },
-    )
+    done = rest.ok("/placeMarketOrder", market_order(A, long=False, size="1000", market="396"))
     market_id = 2 << 64  # second order of the market; filled on arrival, so key 0
     short_trade = (2 << 64) | 396  # the second position slot of market 396
     assert done["order_id"] == str(market_id)
@@ -277,18 +256,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
     # A rests an ask increasing the short: 500 at 6100.
     server.clock.now = T0 + 9_000
     ts2 = str((T0 + 9_000) // 1000)
-    placed = rest.ok(
-        "/placeLimitOrder",
-        {
-            "userAddress": A,
-            "marketId": 396,
-            "tradeSide": False,
-            "direction": False,
-            "size": 500,
-            "price": 6100,
-            "leverage": 2,
-        },
-    )
+    placed = rest.ok("/placeLimitOrder", limit_order(A, long=False, size=500, price=6100))
     ask_id = (3 << 64) | 6100 | (1 << 32)
     assert placed["order_id"] == str(ask_id)
     open_row = {
@@ -381,29 +349,8 @@ def test_original_positions_example_over_the_wire(server: ThreadedServer) -> Non
     rest = server.rest
     rest.ok("/deposit", {"userAddress": A, "amount": 10_000_000})
     rest.ok("/deposit", {"userAddress": B, "amount": 10_000_000})
-    rest.ok(
-        "/placeLimitOrder",
-        {
-            "userAddress": B,
-            "marketId": 396,
-            "tradeSide": True,
-            "direction": False,
-            "size": 1000,
-            "price": 6050,
-            "leverage": 2,
-        },
-    )
-    rest.ok(
-        "/placeMarketOrder",
-        {
-            "userAddress": A,
-            "marketId": 396,
-            "tradeSide": False,
-            "direction": False,
-            "size": 1000,
-            "leverage": 2,
-        },
-    )
+    rest.ok("/placeLimitOrder", limit_order(B, long=True, size=1000, price=6050))
+    rest.ok("/placeMarketOrder", market_order(A, long=False, size=1000))
     ws = connect(server)
     ws.send(json.dumps({"topic": "positions", "address": A}))
     got = ws.recv()
@@ -435,18 +382,7 @@ def test_subscriptions_share_connections_and_keys(server: ThreadedServer) -> Non
         ws.send(json.dumps({"topic": "open_orders", "address": "0x" + "B" * 64}))
         assert [json.loads(f)["message"] for f in recv_all(ws)] == ["open_orders"]
     assert server.call(lambda: server.server.venue.hub.subscription_count) == 4
-    rest.ok(
-        "/placeLimitOrder",
-        {
-            "userAddress": B,
-            "marketId": 396,
-            "tradeSide": True,
-            "direction": False,
-            "size": 700,
-            "price": 6000,
-            "leverage": 3,
-        },
-    )
+    rest.ok("/placeLimitOrder", limit_order(B, long=True, size=700, price=6000, leverage=3))
     for ws in (one, two):
         step = by_topic(recv_all(ws))  # one message per stream, not two
         assert set(step) == {"orderbook", "open_orders"}

@@ -13,7 +13,7 @@ import websocket
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
-from tests.server.conftest import ThreadedServer, start_threaded
+from tests.server.conftest import ThreadedServer, limit_order, start_threaded
 
 A = "0x" + "a" * 64
 
@@ -81,18 +81,7 @@ def test_oversize_frame_closes_1009_and_others_keep_working(server: ThreadedServ
         edge.send(" " * (64 * 1024 - 2) + "{}")
         assert 'no "topic"' in json.loads(edge.recv(timeout=5))["error"]
 
-    rest.ok(
-        "/placeLimitOrder",
-        {
-            "userAddress": A,
-            "marketId": 396,
-            "tradeSide": True,
-            "direction": False,
-            "size": 1000,
-            "price": 6000,
-            "leverage": 2,
-        },
-    )
+    rest.ok("/placeLimitOrder", limit_order(A, long=True, size=1000, price=6000))
     update = json.loads(bystander.recv())
     assert update["data"][0]["price"] == "6000"
     bystander.close()
@@ -119,18 +108,7 @@ def test_garbage_storm_does_not_disturb_a_subscriber(unlimited: ThreadedServer) 
     for i in range(300):
         noisy.send(["{", "[]", "null", '{"topic":', "\u0000", "{}" * 50][i % 6])
     for i in range(5):
-        rest.ok(
-            "/placeLimitOrder",
-            {
-                "userAddress": A,
-                "marketId": 396,
-                "tradeSide": True,
-                "direction": False,
-                "size": 500,
-                "price": 6000 - i,
-                "leverage": 2,
-            },
-        )
+        rest.ok("/placeLimitOrder", limit_order(A, long=True, size=500, price=6000 - i))
     seen = []
     while len(seen) < 5:
         seen.append(json.loads(watcher.recv()))
