@@ -12,77 +12,11 @@ from typing import Any
 import websocket
 
 from tests.server.conftest import T0, ThreadedServer, limit_order, market_order
+from tests.test_wire import check_message_types
 
 A = "0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770"  # the reference's
 B = "0x" + "b" * 64
 TS = str(T0 // 1000)  # "1739788459"
-
-# Field -> JSON type, from the reference table (README §1).
-TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "positions": {
-        "address": str,
-        "entry_price": str,
-        "is_long": bool,
-        "last_updated": str,
-        "leverage": int,
-        "liq_price": str,
-        "margin": str,
-        "market_id": str,
-        "size": str,
-        "sl": (str, type(None)),
-        "tp": (str, type(None)),
-        "trade_id": str,
-        "value": str,
-    },
-    "trade_history": {
-        "address": str,
-        "fee": str,
-        "last_updated": str,
-        "market_id": str,
-        "order_type": int,
-        "pnl": str,
-        "price": str,
-        "size": str,
-        "timestamp": str,
-        "trade_id": str,
-    },
-    "open_orders": {
-        "address": str,
-        "last_updated": str,
-        "leverage": int,
-        "market_id": str,
-        "order_id": str,
-        "order_type": int,
-        "order_value": str,
-        "price": str,
-        "remaining_size": str,
-        "timestamp": str,
-        "total_size": str,
-        "trade_id": str,
-    },
-    "order_history": {
-        "address": str,
-        "is_market_order": bool,
-        "last_updated": str,
-        "leverage": int,
-        "market_id": str,
-        "order_id": str,
-        "order_type": int,
-        "order_value": str,
-        "price": str,
-        "size": str,
-        "status": str,
-        "timestamp": str,
-        "trade_id": str,
-    },
-    "orderbook": {
-        "is_ask": bool,
-        "last_updated": str,
-        "market_id": str,
-        "price": str,
-        "size": str,
-    },
-}
 
 
 def connect(server: ThreadedServer) -> websocket.WebSocket:
@@ -113,15 +47,10 @@ def by_topic(frames: list[str]) -> dict[str, str]:
     return out
 
 
-def check_types(message: dict[str, Any]) -> None:
-    expected = TYPES[message["message"]]
-    assert set(message) == {"data", "message", "seq"}
-    for row in message["data"]:
-        assert set(row) == set(expected), set(row) ^ set(expected)
-        for name, kind in expected.items():
-            assert isinstance(row[name], kind), (name, row[name])
-            if kind is int:
-                assert not isinstance(row[name], bool)
+def check_types(frame: str) -> None:
+    """A protocol-v2 push: the envelope with its seq, and every row as the reference table says."""
+    assert list(json.loads(frame)) == ["data", "message", "seq"]
+    check_message_types(json.loads(frame)["message"], frame.encode())
 
 
 def j(obj: Any) -> str:
@@ -329,7 +258,7 @@ def test_scripted_sequence_gives_exact_messages(server: ThreadedServer) -> None:
     )
     assert step["orderbook"] == '{"data":[],"message":"orderbook","seq":9}'
     for frame in step.values():
-        check_types(json.loads(frame))
+        check_types(frame)
 
     # REST reads return the same rows as the streams.
     status, reply = rest.get(f"/getOrderHistory?userAddress={A}")
