@@ -49,12 +49,6 @@ from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatu
 from perps_indexer.client.backoff import Backoff
 from perps_indexer.client.errors import ClientClosed, ConnectFailed, SubscriptionRejected
 from perps_indexer.client.rows import (
-    DEPOSIT_WITHDRAW_HISTORY,
-    LIVE_ORDER_HISTORY,
-    LIVE_TOPICS,
-    LIVE_TRADE_HISTORY,
-    ORDER_HISTORY,
-    TRADE_HISTORY,
     BestPrice,
     BookLevel,
     DepositWithdraw,
@@ -67,6 +61,14 @@ from perps_indexer.client.rows import (
     RecentTrade,
     Trade,
     decode_rows,
+)
+from perps_indexer.wire import (
+    DEPOSIT_WITHDRAW_HISTORY,
+    LIVE_ORDER_HISTORY,
+    LIVE_TOPICS,
+    LIVE_TRADE_HISTORY,
+    ORDER_HISTORY,
+    TRADE_HISTORY,
 )
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,24 @@ class Mailbox:
                     message = dataclasses.replace(message, snapshot=True)
         self.items.append(message)
 
+    def _finish(self, error: BaseException | None) -> bool:
+        """Mark the mailbox ended (once); True if this call ended it."""
+        if self.ended:
+            return False
+        self.ended, self.error = True, error
+        return True
+
+    def _take(self, stop: type[Exception]) -> Message[Any] | None:
+        """The oldest message; once ended and empty, raises the error or ``stop``; None when
+        the consumer must wait."""
+        if self.items:
+            return self.items.popleft()
+        if self.ended:
+            if self.error is not None:
+                raise self.error
+            raise stop
+        return None
+
 
 class AsyncMailbox(Mailbox):
     def __init__(self, maxsize: int) -> None:
@@ -163,18 +183,14 @@ class AsyncMailbox(Mailbox):
         self._ready.set()
 
     def end(self, error: BaseException | None) -> None:
-        if not self.ended:
-            self.ended, self.error = True, error
+        if self._finish(error):
             self._ready.set()
 
     async def get(self) -> Message[Any]:
         while True:
-            if self.items:
-                return self.items.popleft()
-            if self.ended:
-                if self.error is not None:
-                    raise self.error
-                raise StopAsyncIteration
+            message = self._take(StopAsyncIteration)
+            if message is not None:
+                return message
             self._ready.clear()
             await self._ready.wait()
 
@@ -306,6 +322,11 @@ class _Stream:
             ):
                 body["since"] = self.sent_since = self.last_seq
         return _encoder.encode(body).decode()
+
+    def cancel_retry(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
 
     def describe(self) -> str:
         return f"{self.topic} {self.field}={self.value}"
@@ -512,7 +533,11 @@ class Client:
     ) -> Subscription[Position]: ...
     @overload
     def subscribe(
-        self, topic: Literal["trade_history"], *, address: str, since: int | None = None
+        self,
+        topic: Literal["trade_history", "live_trade_history"],
+        *,
+        address: str,
+        since: int | None = None,
     ) -> Subscription[Trade]: ...
     @overload
     def subscribe(
@@ -520,7 +545,11 @@ class Client:
     ) -> Subscription[OpenOrder]: ...
     @overload
     def subscribe(
-        self, topic: Literal["order_history"], *, address: str, since: int | None = None
+        self,
+        topic: Literal["order_history", "live_order_history"],
+        *,
+        address: str,
+        since: int | None = None,
     ) -> Subscription[OrderHistory]: ...
     @overload
     def subscribe(
@@ -534,14 +563,6 @@ class Client:
     def subscribe(
         self, topic: Literal["best_price"], *, market_id: int | str, since: int | None = None
     ) -> Subscription[BestPrice]: ...
-    @overload
-    def subscribe(
-        self, topic: Literal["live_trade_history"], *, address: str, since: int | None = None
-    ) -> Subscription[Trade]: ...
-    @overload
-    def subscribe(
-        self, topic: Literal["live_order_history"], *, address: str, since: int | None = None
-    ) -> Subscription[OrderHistory]: ...
     @overload
     def subscribe(
         self,
@@ -630,9 +651,7 @@ class Client:
         sub._end(None)
         if stream.subs or self._streams.get(stream.canon) is not stream:
             return
-        if stream.retry is not None:
-            stream.retry.cancel()
-            stream.retry = None
+        stream.cancel_retry()
         conn = self._conn
         if conn is None or (("subscribe", stream) in conn.outbox and not stream.awaiting):
             self._forget(stream)  # the server never heard of it
@@ -650,9 +669,7 @@ class Client:
         if self._streams.get(stream.canon) is stream:
             del self._streams[stream.canon]
         self._by_id.pop(stream.id, None)
-        if stream.retry is not None:
-            stream.retry.cancel()
-            stream.retry = None
+        stream.cancel_retry()
         conn = self._conn
         if conn is not None:
             conn.outbox = deque(
@@ -740,9 +757,7 @@ class Client:
             if not stream.subs:
                 self._forget(stream)  # a v1 leftover: the new connection does not carry it
                 continue
-            if stream.retry is not None:
-                stream.retry.cancel()
-                stream.retry = None
+            stream.cancel_retry()
             stream.fresh, stream.awaiting, stream.resync = True, False, False
             conn.outbox.append(("subscribe", stream))
         conn.changed.set()

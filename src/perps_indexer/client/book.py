@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from perps_indexer.client.rows import ORDERBOOK, BookLevel, Message
+from perps_indexer.client.rows import BookLevel, Message
+from perps_indexer.wire import ORDERBOOK
 
 
 class OrderBook:

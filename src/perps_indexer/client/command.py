@@ -20,8 +20,9 @@ import msgspec
 
 from perps_indexer.client.aio import Client, ConnectionState, StateChange
 from perps_indexer.client.errors import ConnectFailed, SubscriptionRejected
-from perps_indexer.client.rows import LIVE_TOPICS, Message
+from perps_indexer.client.rows import Message
 from perps_indexer.client.tui import TerminalView
+from perps_indexer.wire import LIVE_TOPICS
 
 RENDER_INTERVAL = 0.1
 """Seconds between redraws of the terminal view at most (a busy book changes faster)."""

@@ -19,22 +19,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 import msgspec
 
-POSITIONS: Final = "positions"
-TRADE_HISTORY: Final = "trade_history"
-OPEN_ORDERS: Final = "open_orders"
-ORDER_HISTORY: Final = "order_history"
-ORDERBOOK: Final = "orderbook"
-RECENT_TRADES: Final = "recent_trades"
-BEST_PRICE: Final = "best_price"
-LIVE_TRADE_HISTORY: Final = "live_trade_history"
-LIVE_ORDER_HISTORY: Final = "live_order_history"
-DEPOSIT_WITHDRAW_HISTORY: Final = "deposit_withdraw_history"
-LIVE_FUNDING_RATE: Final = "live_funding_rate"
-
-LIVE_TOPICS: Final = frozenset({LIVE_TRADE_HISTORY, LIVE_ORDER_HISTORY})
-"""Event streams: each message is one new row; a newer message never replaces an older one."""
-MARKET_TOPICS: Final = frozenset({ORDERBOOK, RECENT_TRADES, BEST_PRICE, LIVE_FUNDING_RATE})
-"""Topics subscribed with ``market_id`` (the others take an ``address``)."""
+from perps_indexer import wire
 
 
 # gc=False: rows hold only scalars, so they cannot form reference cycles.
@@ -166,30 +151,37 @@ class FundingRate(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 ROW_TYPES: Final[dict[str, type[Any]]] = {
-    POSITIONS: Position,
-    TRADE_HISTORY: Trade,
-    OPEN_ORDERS: OpenOrder,
-    ORDER_HISTORY: OrderHistory,
-    ORDERBOOK: BookLevel,
-    RECENT_TRADES: RecentTrade,
-    BEST_PRICE: BestPrice,
-    LIVE_TRADE_HISTORY: Trade,
-    LIVE_ORDER_HISTORY: OrderHistory,
-    DEPOSIT_WITHDRAW_HISTORY: DepositWithdraw,
-    LIVE_FUNDING_RATE: FundingRate,
+    wire.POSITIONS: Position,
+    wire.TRADE_HISTORY: Trade,
+    wire.OPEN_ORDERS: OpenOrder,
+    wire.ORDER_HISTORY: OrderHistory,
+    wire.ORDERBOOK: BookLevel,
+    wire.RECENT_TRADES: RecentTrade,
+    wire.BEST_PRICE: BestPrice,
+    wire.LIVE_TRADE_HISTORY: Trade,
+    wire.LIVE_ORDER_HISTORY: OrderHistory,
+    wire.DEPOSIT_WITHDRAW_HISTORY: DepositWithdraw,
+    wire.LIVE_FUNDING_RATE: FundingRate,
 }
-"""The row type of each known topic; rows of other topics stay plain dicts."""
+"""The row type of each known topic (the topic names are the protocol's, from
+:mod:`perps_indexer.wire`); rows of other topics stay plain dicts."""
+_ROW_TUPLES: Final[dict[str, Any]] = {
+    topic: tuple[t, ...]  # type: ignore[valid-type]
+    for topic, t in ROW_TYPES.items()
+}
+"""``tuple[row type, ...]`` of each known topic, built once rather than per message."""
 
 R = TypeVar("R")
 
 
 def decode_rows(topic: str, data: Sequence[Any]) -> tuple[Any, ...]:
     """The rows of a ``data`` list, typed for known topics; raises ``msgspec.ValidationError``."""
-    row_type = ROW_TYPES.get(topic)
-    if row_type is None:
+    rows_type = _ROW_TUPLES.get(topic)
+    if rows_type is None:
         return tuple(data)
     # strict=False: numbers arrive as decimal strings and must become int / Decimal.
-    return msgspec.convert(data, tuple[row_type, ...], strict=False)  # type: ignore[valid-type]
+    rows: tuple[Any, ...] = msgspec.convert(data, rows_type, strict=False)
+    return rows
 
 
 class SubscriptionInfo(Protocol):

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _owned(message: Message[Any], owner: Any) -> Message[Any]:
+    """``message`` as delivered to ``owner`` (the :class:`SyncSubscription`), once set."""
+    return message if owner is None else dataclasses.replace(message, subscription=owner)
+
+
 class ThreadMailbox(Mailbox):
     """A mailbox read from another thread (blocking ``get``)."""
 
@@ -41,16 +46,14 @@ class ThreadMailbox(Mailbox):
         self._cond = threading.Condition()
 
     def put(self, message: Message[Any]) -> None:
-        if self.owner is not None:
-            message = dataclasses.replace(message, subscription=self.owner)
+        message = _owned(message, self.owner)
         with self._cond:
             self._push(message)
             self._cond.notify_all()
 
     def end(self, error: BaseException | None) -> None:
         with self._cond:
-            if not self.ended:
-                self.ended, self.error = True, error
+            if self._finish(error):
                 self._cond.notify_all()
 
     def get(self, timeout: float | None) -> Message[Any]:
@@ -59,12 +62,9 @@ class ThreadMailbox(Mailbox):
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                if self.items:
-                    return self.items.popleft()
-                if self.ended:
-                    if self.error is not None:
-                        raise self.error
-                    raise StopIteration
+                message = self._take(StopIteration)
+                if message is not None:
+                    return message
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("no message within the timeout")
@@ -84,8 +84,7 @@ class CallbackSink:
         self.owner: Any = None
 
     def put(self, message: Message[Any]) -> None:
-        if self.owner is not None:
-            message = dataclasses.replace(message, subscription=self.owner)
+        message = _owned(message, self.owner)
         try:
             self.on_message(message)
         except Exception:
@@ -133,13 +132,17 @@ class SyncSubscription(Generic[R]):
     def closed(self) -> bool:
         return self.inner.closed
 
+    def _mailbox(self) -> ThreadMailbox:
+        if self._box is None:
+            raise TypeError("this subscription delivers to a callback")
+        return self._box
+
     def get(self, timeout: float | None = None) -> Message[R]:
         """The next message, waiting at most ``timeout`` seconds (TimeoutError after that);
         :class:`ClientClosed` once the subscription has ended."""
-        if self._box is None:
-            raise TypeError("this subscription delivers to a callback")
+        box = self._mailbox()
         try:
-            return self._box.get(timeout)
+            return box.get(timeout)
         except StopIteration:
             raise ClientClosed("the subscription has ended") from None
 
@@ -147,9 +150,7 @@ class SyncSubscription(Generic[R]):
         return self
 
     def __next__(self) -> Message[R]:
-        if self._box is None:
-            raise TypeError("this subscription delivers to a callback")
-        return self._box.get(None)
+        return self._mailbox().get(None)
 
     def unsubscribe(self) -> None:
         """Stop this subscription (see :meth:`Client.unsubscribe`)."""

@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from perps_indexer.client.book import OrderBook
-from perps_indexer.client.rows import (
+from perps_indexer.client.rows import BookLevel, Message
+from perps_indexer.wire import (
     BEST_PRICE,
     DEPOSIT_WITHDRAW_HISTORY,
     LIVE_FUNDING_RATE,
@@ -25,8 +26,6 @@ from perps_indexer.client.rows import (
     POSITIONS,
     RECENT_TRADES,
     TRADE_HISTORY,
-    BookLevel,
-    Message,
 )
 
 ORDER_TYPES = {
