@@ -881,6 +881,57 @@ def test_closing_turns_the_fast_path_off() -> None:
     assert sinks[0].seqs() == [1] and session.take() == []
 
 
+def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order() -> None:
+    world = World()
+    world.hub.framer = framed
+    world.hub.write_limit = 1_000
+    a, b = world.session(), world.session()
+    for session in (a, b):
+        for topic in ("positions", "open_orders", "trade_history"):
+            send(session, {"topic": topic, "address": A})
+        session.take()
+    sink_a, sink_b = ByteSink(), ByteSink()
+    a.sink, b.sink = sink_a, sink_b
+    pushes = [("positions", 1), ("open_orders", 2), ("trade_history", 3)]
+    world.hub.hold()
+    for topic, seq in pushes:
+        world.hub.publish_state((topic, A), data(topic, [], seq))
+    assert sink_a.written == sink_b.written == []  # held until released
+    sink_b.closing = True  # gone meanwhile: what was held for it is dropped
+    world.hub.release()
+    expected = b"".join(framed(data(topic, [], seq)) for topic, seq in pushes)
+    assert sink_a.written == [expected]
+    assert sink_b.written == []
+    assert world.hub.direct_writes == 6
+    # Released: the next push is written at once again, and one push is not joined.
+    world.hub.publish_state(("positions", A), data("positions", [], 4))
+    assert sink_a.written[1:] == [framed(data("positions", [], 4))]
+    world.hub.hold()
+    world.hub.publish_state(("positions", A), data("positions", [], 5))
+    world.hub.release()
+    world.hub.release()  # releasing twice writes nothing more
+    assert sink_a.written[2:] == [framed(data("positions", [], 5))]
+
+
+def test_a_held_sink_that_falls_behind_gets_the_rest_through_its_outbox() -> None:
+    world = World()
+    world.hub.framer = framed
+    world.hub.write_limit = 1_000
+    session, sink = world.session(), ByteSink()
+    for topic in ("positions", "open_orders"):
+        send(session, {"topic": topic, "address": A})
+    session.take()
+    session.sink = sink
+    world.hub.hold()
+    world.hub.publish_state(("positions", A), data("positions", [], 1))
+    sink.buffered = 1_001  # the peer stopped reading: the fast path stops for it
+    world.hub.publish_state(("open_orders", A), data("open_orders", [], 2))
+    world.hub.release()
+    # The held frame goes first, the queued one after it: order is kept.
+    assert sink.seqs() == [1]
+    assert seqs(session) == [2]
+
+
 def test_the_fast_path_is_off_without_a_framer() -> None:
     world, sessions, sinks = sink_world(2)
     world.hub.framer = None

@@ -135,3 +135,68 @@ def test_a_snapshot_that_does_not_fit_is_ignored(tmp_path: Path) -> None:
         store.save_snapshot(store.last_seq(), "projections", b"\x00garbage")
     with SQLiteStore(path) as store:
         assert every_message(Venue(default_markets(), store, clock=lambda: 1_000)) == expected
+
+
+class RecordingSink:
+    """A transport as the hub sees it (:class:`perps_indexer.session.Sink`), keeping writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def length_framed(message: bytes) -> bytes:
+    return len(message).to_bytes(4, "big") + message
+
+
+def unframe(data: bytes) -> list[dict[str, object]]:
+    out = []
+    while data:
+        size = int.from_bytes(data[:4], "big")
+        out.append(json.loads(data[4 : 4 + size]))
+        data = data[4 + size :]
+    return out
+
+
+def test_a_command_reaches_each_connection_in_one_write(tmp_path: Path) -> None:
+    from perps_indexer.session import Session
+
+    B = "0x" + "b" * 64
+    topics = ("positions", "open_orders", "order_history", "trade_history")
+    with SQLiteStore(tmp_path / "w.db") as store:
+        venue = Venue(default_markets(), store, clock=lambda: 1_000)
+        venue.hub.framer = length_framed
+        venue.hub.write_limit = 1 << 20
+        sinks = {}
+        for address in (A, B):
+            venue.execute(commands.Deposit(address=address, amount=100_000_000))
+            session = Session(venue.hub, venue, venue.markets, now=0.0)
+            for topic in topics:
+                session.subscribe(topic, address)
+            session.take()
+            session.sink = sinks[address] = RecordingSink()
+        venue.execute(order(6000, size=1000))  # A's bid rests
+        venue.execute(
+            commands.PlaceMarketOrder(
+                address=B, market_id=396, is_long=False, is_close=False, size=500, leverage=2
+            )
+        )  # B sells into it: both accounts change on all four topics
+        # The bid changed A's open_orders and order_history. The fill changed all four of
+        # A's streams (its bid is half filled) and three of B's (a market order never
+        # rests): one write per connection, holding every changed stream.
+        assert [len(s.writes) for s in sinks.values()] == [2, 1]
+        changed = {A: set(topics), B: set(topics) - {"open_orders"}}
+        for address, sink in sinks.items():
+            messages = unframe(sink.writes[-1])
+            assert sorted(m["message"] for m in messages) == sorted(changed[address])
+            assert all(m["seq"] == venue.engine.seq for m in messages)
+            for m in messages:  # each is the stream's current state, byte for byte
+                assert json.dumps(m) == json.dumps(json.loads(venue.message(m["message"], address)))

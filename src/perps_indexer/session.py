@@ -502,6 +502,7 @@ class Hub:
     __slots__ = (
         "_frame",
         "_framed",
+        "_held",
         "_rounds",
         "_turns",
         "direct_writes",
@@ -543,6 +544,7 @@ class Hub:
         self._turns: deque[Stream] = deque()  # the streams of _rounds, in the order they run
         self._framed: bytes | None = None  # one-entry cache: the last message and its frame
         self._frame = b""
+        self._held: dict[Sink, bytes | list[bytes]] | None = None  # see hold()
 
     def frame(self, message: bytes) -> bytes:
         """``message``'s frame, built once however many sinks it is written to."""
@@ -553,16 +555,48 @@ class Hub:
         return self._frame
 
     def write_now(self, sink: Sink, message: bytes) -> bool:
-        """Write ``message`` to ``sink`` if the fast path is on and the sink keeps up."""
+        """Write ``message`` to ``sink`` if the fast path is on and the sink keeps up (while
+        :meth:`hold` is in effect, the frame waits for :meth:`release`)."""
         if (
             self.framer is None
             or sink.is_closing()
             or sink.get_write_buffer_size() > self.write_limit
         ):
             return False
-        sink.write(self.frame(message))
+        held = self._held
+        if held is None:
+            sink.write(self.frame(message))
+        else:
+            frames = held.get(sink)
+            if frames is None:
+                held[sink] = self.frame(message)
+            elif isinstance(frames, bytes):
+                held[sink] = [frames, self.frame(message)]
+            else:
+                frames.append(self.frame(message))
         self.direct_writes += 1
         return True
+
+    def hold(self) -> None:
+        """Collect the direct writes from now until :meth:`release`, per sink.
+
+        One command changes several streams of the same connection (an address's positions,
+        open orders, order and trade history): held, they leave in one write, one system call
+        and one wake-up of the reader instead of one each. The bytes and their order are the
+        same. Nothing else may write to a held sink meanwhile; the venue holds only while it
+        publishes one batch, which runs without yielding to the event loop."""
+        if self._held is None:
+            self._held = {}
+
+    def release(self) -> None:
+        """Write what :meth:`hold` collected: each sink's frames in one write, in order."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        for sink, frames in held.items():
+            if sink.is_closing():
+                continue  # the connection went away meanwhile; its writer forgets it
+            sink.write(frames if isinstance(frames, bytes) else b"".join(frames))
 
     def connect(self, session: Session) -> None:
         self.sessions[session] = None

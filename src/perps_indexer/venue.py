@@ -238,12 +238,18 @@ class Venue:
         self.events_applied += len(events)
         self.last_event_ms = events[-1].ts
         hub = self.hub
-        for stream in changed:
-            if hub.watched(stream):
-                hub.publish_state(stream, self.projections.message(*stream))
-        # Live streams: every row its own message, in event order (sessions never coalesce them).
-        for stream, message in self.projections.live_messages(hub.watched):
-            hub.publish(stream, message)
+        message = self.projections.message
+        hub.hold()  # a connection's streams changed by this batch leave in one write
+        try:
+            for stream in changed:
+                if hub.watched(stream):
+                    hub.publish_state(stream, message(*stream))
+            # Live streams: every row its own message, in event order (sessions never
+            # coalesce them).
+            for stream, live in self.projections.live_messages(hub.watched):
+                hub.publish(stream, live)
+        finally:
+            hub.release()
 
     # -- what sessions read (the MessageSource protocol)
 

@@ -110,6 +110,7 @@ _SEGMENTS_AFTER: Final = (
 _SEGMENT: Final = "SELECT last_seq, ends FROM segments WHERE first_seq = ?"
 _KEY_ID: Final = "SELECT id FROM index_keys WHERE key = ?"
 _ADD_KEY: Final = "INSERT INTO index_keys (key) VALUES (?) RETURNING id"
+_NEWEST_KEYS: Final = "SELECT key, id FROM index_keys ORDER BY id DESC LIMIT ?"
 # The segments holding seqs >= ?: from the one that starts at or before it, when that one
 # reaches it (both ? are the same seq).
 _READ: Final = (
@@ -195,6 +196,10 @@ class SQLiteStore(EventStore):
             with self._translated():
                 self._configure(conn, mode)
                 self._check_schema(conn)
+                # Interned ids never change once committed. Known up front, the first index
+                # write after a start needs no look-up per key: with 10,000 addresses that
+                # was a 10-20 ms pause at each of the first few writes (BENCHMARKS.md).
+                self._key_ids = dict(conn.execute(_NEWEST_KEYS, (KEY_ID_CACHE,)).fetchall())
         except BaseException:
             self.close()
             raise
