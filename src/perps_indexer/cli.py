@@ -96,6 +96,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "round at once)",
     )
     p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=0.25,
+        help="seconds between checkpoints of the SQLite file, made on a thread of their own "
+        "(default 0.25; 0: inside the append that fills the WAL, pausing the server)",
+    )
+    p.add_argument(
         "--gc-freeze-every",
         type=float,
         default=1.0,
@@ -210,8 +217,9 @@ async def _serve(args: argparse.Namespace) -> int:
         max_connections_per_ip=args.max_connections_per_ip,
         slow_reader_timeout=args.slow_reader_timeout,
         fanout_slice=args.fanout_slice,
+        checkpoint_every=args.checkpoint_every,
     )
-    for flag in ("fanout_slice", "gc_freeze_every", "gc_full_every"):
+    for flag in ("fanout_slice", "checkpoint_every", "gc_freeze_every", "gc_full_every"):
         if getattr(args, flag) < 0:
             option = "--" + flag.replace("_", "-")
             raise ConfigurationError(f"{option} takes 0 or more, got {getattr(args, flag)}")

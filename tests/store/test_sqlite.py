@@ -486,3 +486,71 @@ def test_an_unknown_body_format_is_refused(db_path: Path) -> None:
     raw_write(db_path, "UPDATE meta SET value = ? WHERE key = ?", ("msgpack", "body_format"))
     with pytest.raises(errors.StoreError, match="stored as 'msgpack'; this perps-indexer reads"):
         SQLiteStore(db_path)
+
+
+# ---------------------------------------------------------------------- background checkpoints
+
+
+def append_in_batches(store: SQLiteStore, events: list[AnyEvent], size: int = 1_000) -> None:
+    for i in range(0, len(events), size):
+        store.append(events[i : i + size])
+
+
+def events_in_main_file(db: Path, tmp_path: Path) -> int:
+    """Events in the database file alone, as if the WAL were lost: what checkpoints copied."""
+    alone = tmp_path / "alone.db"
+    alone.write_bytes(db.read_bytes())
+    with closing(sqlite3.connect(alone)) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'segments'").fetchall():
+            return 0  # not even the schema was copied yet
+        return int(conn.execute("SELECT COALESCE(MAX(last_seq), 0) FROM segments").fetchone()[0])
+
+
+def test_appends_checkpoint_inline_by_default(tmp_path: Path) -> None:
+    db = tmp_path / "inline.db"
+    with SQLiteStore(db, synchronous="NORMAL") as store:
+        append_in_batches(store, deposits(100_000))  # past SQLite's 1,000-page WAL threshold
+        assert events_in_main_file(db, tmp_path) > 0
+        assert store.checkpoints == 0
+
+
+def test_in_background_no_append_checkpoints_and_close_leaves_everything_in_the_file(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "bg.db"
+    store = SQLiteStore(db, synchronous="NORMAL")
+    store.checkpoint_in_background(every=3_600)  # the thread will not get to run a pass
+    store.checkpoint_in_background(every=3_600)  # again: nothing more
+    events = deposits(100_000)
+    append_in_batches(store, events)
+    assert events_in_main_file(db, tmp_path) == 0  # all of it still in the WAL only
+    store.close()
+    assert events_in_main_file(db, tmp_path) == len(events)
+    with SQLiteStore(db) as reopened:
+        assert [e.seq for e in reopened.read()] == list(range(1, len(events) + 1))
+
+
+def test_background_checkpoints_copy_the_wal_while_appends_go_on(tmp_path: Path) -> None:
+    db = tmp_path / "live.db"
+    events = deposits(30_000)
+    with SQLiteStore(db, synchronous="NORMAL") as store:
+        store.checkpoint_in_background(every=0.01)
+        for i in range(0, len(events), 100):
+            store.append(events[i : i + 100])
+            if i % 3_000 == 0:
+                time.sleep(0.02)  # let the checkpointer in now and then
+        deadline = time.monotonic() + 10
+        while events_in_main_file(db, tmp_path) < len(events) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert events_in_main_file(db, tmp_path) == len(events)
+        assert store.checkpoints > 0
+        assert [e.seq for e in store.read()] == list(range(1, len(events) + 1))
+        assert len(store.read_for_key(TRADER)) == len(events)
+
+
+def test_background_checkpoints_refuse_a_bad_interval_and_skip_memory() -> None:
+    with SQLiteStore(":memory:") as store:
+        with pytest.raises(ValueError, match="every must be positive"):
+            store.checkpoint_in_background(every=0)
+        store.checkpoint_in_background()  # an in-memory database has no WAL: nothing to do
+        assert store.checkpoints == 0

@@ -31,7 +31,7 @@ from perps_indexer.session import (
     Sink,
     error_message,
 )
-from perps_indexer.store import open_store
+from perps_indexer.store import SQLiteStore, open_store
 from perps_indexer.venue import MAX_RESUME_ROWS, Venue, VenueHalted, wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,9 @@ class ServerConfig:
     max_outbox_bytes: int = 8 * 1024 * 1024
     slow_reader_timeout: float = 10.0
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
+    checkpoint_every: float = 0.25
+    """Seconds between checkpoints of a SQLite store, run on a thread of their own so that no
+    command waits for one (0: SQLite's own, inside the append that fills the WAL)."""
     snapshot_interval: float = 300.0
     """Seconds between saves of the read models (also saved at a clean stop); 0: only then."""
     fanout_slice: int = 100
@@ -192,6 +195,8 @@ class Server:
         if "://" not in url and url != ":memory:":
             url = f"sqlite:///{url}?synchronous={self.config.sync}"
         store = open_store(url)
+        if isinstance(store, SQLiteStore) and self.config.checkpoint_every > 0:
+            store.checkpoint_in_background(self.config.checkpoint_every)
         self.venue = Venue(
             self.markets,
             store,
@@ -567,6 +572,12 @@ class Server:
                 "counter",
                 "Messages written straight to the socket (the fan-out fast path).",
                 hub.direct_writes,
+            ),
+            (
+                "store_checkpoints_total",
+                "counter",
+                "Checkpoints of the SQLite file made by the background checkpointer.",
+                venue.store.checkpoints if isinstance(venue.store, SQLiteStore) else 0,
             ),
             (
                 "slow_readers_total",
