@@ -1,0 +1,171 @@
+"""Cost per command of the server's in-process path, deterministically (scenario 2's shape).
+
+    python bench/command_cost.py [--commands 2000] [--accounts 10000] [--group 5] [--db FILE]
+
+The path is what the server runs for every REST order: the engine, then :meth:`Venue.flush`
+every ``--group`` commands (the server's group commit): ``store.append`` into SQLite
+(``synchronous=NORMAL``), ``projections.apply_batch`` and, for every changed stream that has a
+subscriber, ``projections.message``. Every address is taken as subscribed to its four account
+topics (positions, trade_history, open_orders, order_history), as in scenario 2; the hub here
+only counts the messages and their bytes (no sessions, no transport), so what is measured is
+the venue's own work.
+
+Commands: market buys of 2,500 lots (leverage 10), each filling 5 resting asks of 500 lots of
+5 consecutive accounts (:func:`benchlib.prefill`), the taker an account half the range away, as
+``loadgen.py --mode fills --sweep 5`` sends them; each command changes the 4 account streams of
+6 addresses. Timestamps come from a counter, not the clock.
+
+The prefilled log is written once to ``--db`` (default: a file in the system's temporary
+directory, reused when it exists) and copied for each run, so runs start from the same file.
+
+Instructions per command, repeatable on a busy machine: run under callgrind with ``--commands
+0`` and with ``--commands N`` and divide the difference by N (opening the venue replays the
+prefilled log, which the difference removes):
+
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cg0 .venv/bin/python \\
+        bench/command_cost.py --commands 0
+    valgrind --tool=callgrind --callgrind-out-file=/tmp/cgN .venv/bin/python \\
+        bench/command_cost.py --commands 2000
+
+Prints one JSON object (wall-clock and CPU seconds of the commands, messages and bytes made,
+and a digest of every message and stored event, to check that a change kept every byte).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib as b
+from perps_indexer import commands
+from perps_indexer.events import to_json
+from perps_indexer.markets import default_markets
+from perps_indexer.store.sqlite import SQLiteStore
+from perps_indexer.venue import Venue
+
+ACCOUNT_TOPICS = frozenset({"positions", "trade_history", "open_orders", "order_history"})
+SWEEP = 5
+START_MS = 1_800_000_000_000
+
+
+class CountingHub:
+    """A hub on which every address watches its 4 account topics; it counts what it is given
+    and hashes it (no sessions). A batch's streams come in set order, which changes with the
+    process's string hashing, so each batch's messages are hashed sorted."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.bytes = 0
+        self.digest = hashlib.sha256()
+        self._batch: list[bytes] = []
+
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
+        for message in sorted(self._batch):
+            self.digest.update(message)
+        self._batch.clear()
+
+    def watched(self, stream: tuple[str, Any]) -> bool:
+        return stream[0] in ACCOUNT_TOPICS
+
+    def publish_state(self, stream: tuple[str, Any], message: bytes) -> None:
+        self.messages += 1
+        self.bytes += len(message)
+        self._batch.append(message)
+
+    def publish(self, stream: tuple[str, Any], message: bytes) -> int:
+        self.publish_state(stream, message)
+        return 1
+
+
+def prefilled(db: Path, accounts: int, commands_: int) -> Path:
+    """A prefilled log with enough asks for ``commands_`` (kept at ``db``; rebuilt when it
+    has too few)."""
+    rounds = max(1, math.ceil(commands_ * SWEEP / accounts))
+    meta = db.with_suffix(".json")
+    want = {"accounts": accounts, "rounds": rounds}
+    if not db.exists() or not meta.exists() or json.loads(meta.read_text()) != want:
+        for stale in (db, *(db.with_name(db.name + s) for s in ("-wal", "-shm"))):
+            stale.unlink(missing_ok=True)
+        b.prefill(db, accounts=accounts, asks_per_account=rounds)
+        with SQLiteStore(db) as store:  # folds the WAL into the file, so one file is copied
+            store.last_seq()
+        meta.write_text(json.dumps(want))
+    return db
+
+
+def run(db: Path, work: Path, accounts: int, count: int, group: int) -> dict[str, Any]:
+    path = work / "run.db"
+    shutil.copyfile(db, path)
+    ticks = iter(range(START_MS, START_MS + 10**9))
+    hub = CountingHub()
+    venue = Venue(
+        default_markets(),
+        SQLiteStore(path, synchronous="NORMAL"),
+        clock=lambda: next(ticks),
+        hub=hub,  # type: ignore[arg-type]
+    )
+    first_seq = venue.engine.seq + 1
+    orders = [
+        commands.PlaceMarketOrder(
+            address=b.address((j * SWEEP % accounts + accounts // 2) % accounts),
+            market_id=b.MARKET,
+            is_long=True,
+            is_close=False,
+            size=500 * SWEEP,
+            leverage=10,
+        )
+        for j in range(count)
+    ]
+    wall = time.perf_counter()
+    cpu = time.process_time()
+    for n, order in enumerate(orders, 1):
+        venue._run(order)
+        if n % group == 0 or n == count:
+            venue.flush()
+    wall = time.perf_counter() - wall
+    cpu = time.process_time() - cpu
+    events = hashlib.sha256()
+    for event in venue.store.read(after=first_seq - 1):
+        events.update(to_json(event))
+    venue.store.close()
+    return {
+        "commands": count,
+        "events": venue.engine.seq - first_seq + 1,
+        "messages": hub.messages,
+        "message_bytes": hub.bytes,
+        "seconds": wall,
+        "cpu_s": cpu,
+        "us_per_command": cpu / count * 1e6 if count else 0.0,
+        "messages_sha256": hub.digest.hexdigest()[:16],
+        "events_sha256": events.hexdigest()[:16],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commands", type=int, default=2_000)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--group", type=int, default=5, help="commands per flush")
+    parser.add_argument("--db", default=None, help="the prefilled log (kept between runs)")
+    parser.add_argument(
+        "--prefill-for", type=int, default=2_000, help="commands the prefilled log must supply"
+    )
+    args = parser.parse_args()
+    db = Path(args.db or Path(tempfile.gettempdir()) / "perps-command-cost.db")
+    prefilled(db, args.accounts, max(args.commands, args.prefill_for))
+    with tempfile.TemporaryDirectory(prefix="bench-command-cost-") as tmp:
+        print(json.dumps(run(db, Path(tmp), args.accounts, args.commands, args.group)))
+
+
+if __name__ == "__main__":
+    main()
