@@ -6,10 +6,12 @@ In one process (the suite pins it to the server's CPU), a deterministic order st
 through the same path as the server's, without the network: ``commands.execute`` on the
 engine, then :meth:`Venue.record`, which appends the events to the SQLite store in one
 transaction (``SQLiteStore.append``: one ``BEGIN IMMEDIATE`` ... ``COMMIT``; the events go in
-segment rows of up to 128, the key index with every ~2,048 events), folds them into
-the projections and publishes the changed streams (to a hub with no subscribers, so the
-messages themselves are not encoded). ``batch`` is how many commands share one append; batch 1
-is exactly what the server does for each REST command (``Venue.execute``).
+segment rows of up to 128, the key index with every ~2,048 events), folds them into the
+projections and publishes the changed streams (to a hub with no subscribers, so the messages
+themselves are not encoded). ``batch`` is how many commands share one append; batch 1 is
+exactly what the server does for each REST command (``Venue.execute``). Checkpoints run on the
+store's own thread, as in the server; ``--checkpoints inline`` leaves them to SQLite, inside
+the append that fills the WAL, and ``both`` runs each figure both ways.
 
 Durable means: when ``record`` returns, the batch is committed in SQLite's WAL. With
 ``synchronous=FULL`` the WAL is fsynced at every commit (survives power loss); with
@@ -112,12 +114,21 @@ class NullStore:
 
 
 def run(
-    items: list[tuple[Any, ...]], sync: str, batch: int, directory: Path, part: str = "all"
+    items: list[tuple[Any, ...]],
+    sync: str,
+    batch: int,
+    directory: Path,
+    part: str = "all",
+    checkpoints: str = "background",
 ) -> dict[str, Any]:
     """One run; ``part`` "engine" runs the engine only, "projections" engine and projections
-    (no store), "all" the whole path."""
-    path = directory / f"ingest-{sync}-{batch}-{part}.db"
+    (no store), "all" the whole path. ``checkpoints`` "background" checkpoints the SQLite
+    file on a thread of the store's own, as the server does; "inline" leaves them to SQLite,
+    inside the append that fills the WAL."""
+    path = directory / f"ingest-{sync}-{batch}-{part}-{checkpoints}.db"
     store: Any = SQLiteStore(path, synchronous=sync) if part == "all" else NullStore()
+    if part == "all" and checkpoints == "background":
+        store.checkpoint_in_background()
     venue = Venue(default_markets(), store)
     engine = venue.engine
     ts = venue.clock()
@@ -159,6 +170,7 @@ def run(
     return {
         "part": part,
         "sync": sync,
+        "checkpoints": checkpoints if part == "all" else "-",
         "batch": batch,
         "commands": len(items),
         "rejected": rejected,
@@ -179,6 +191,11 @@ def main() -> None:
     parser.add_argument("--batches", default="1,100,1000")
     parser.add_argument("--dir", default=None, help="where the temporary databases go")
     parser.add_argument(
+        "--checkpoints",
+        default="background",
+        help="background (as the server), inline (SQLite's own, in the append), or both",
+    )
+    parser.add_argument(
         "--breakdown",
         action="store_true",
         help="also time the engine alone and engine + projections (batch 100, no store)",
@@ -187,9 +204,11 @@ def main() -> None:
     items = stream(args.commands)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.dir) as tmp:
+        modes = ["background", "inline"] if args.checkpoints == "both" else [args.checkpoints]
         for sync in args.sync.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
-                results.append(run(items, sync, batch, Path(tmp)))
+                for mode in modes:
+                    results.append(run(items, sync, batch, Path(tmp), checkpoints=mode))
         if args.breakdown:
             for part in ("engine", "projections"):
                 results.append(run(items, "-", 100, Path(tmp), part))
