@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
@@ -554,3 +555,21 @@ def test_background_checkpoints_refuse_a_bad_interval_and_skip_memory() -> None:
             store.checkpoint_in_background(every=0)
         store.checkpoint_in_background()  # an in-memory database has no WAL: nothing to do
         assert store.checkpoints == 0
+
+
+def test_a_wal_past_the_bound_is_restarted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    events = deposits(20_000)
+    with SQLiteStore(tmp_path / "r.db", synchronous="NORMAL") as store:
+        store.checkpoint_in_background(every=0.01, restart_frames=2)
+        deadline = time.monotonic() + 10
+        i = 0
+        while "restarted it" not in caplog.text:
+            assert time.monotonic() < deadline, "the WAL was never restarted"
+            if i < len(events):
+                store.append(events[i : i + 500])
+                i += 500
+            time.sleep(0.005)
+        assert [e.seq for e in store.read()] == list(range(1, i + 1))

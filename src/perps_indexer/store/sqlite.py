@@ -594,7 +594,9 @@ class SQLiteStore(EventStore):
         with self._using(write=True) as conn:
             conn.execute(_SET_META, (key, value))
 
-    def checkpoint_in_background(self, every: float = CHECKPOINT_EVERY) -> None:
+    def checkpoint_in_background(
+        self, every: float = CHECKPOINT_EVERY, *, restart_frames: int = CHECKPOINT_RESTART_FRAMES
+    ) -> None:
         """Move checkpoints off the appending thread: from now on a thread of the store's own
         copies the WAL into the database file every ``every`` seconds, and :meth:`append`
         never does.
@@ -606,14 +608,15 @@ class SQLiteStore(EventStore):
         take the write lock, so appends go on meanwhile (SQLite releases the GIL while it
         works). What an append survives is unchanged (see the class docstring): with NORMAL
         the WAL is still fsynced at each checkpoint, and FULL fsyncs it at every commit.
-        :meth:`close` stops the thread. A file store only; calling it again does nothing."""
+        :meth:`close` stops the thread. A file store only; calling it again does nothing.
+        ``restart_frames``: see :data:`CHECKPOINT_RESTART_FRAMES`."""
         if every <= 0:
             raise ValueError(f"every must be positive, got {every}")
         if self._checkpointer is not None or self.path == ":memory:":
             return
         with self._using() as conn:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-        self._checkpointer = _Checkpointer(self.path, every, self._busy_timeout)
+        self._checkpointer = _Checkpointer(self.path, every, self._busy_timeout, restart_frames)
         self._checkpointer.start()
 
     @property
@@ -634,11 +637,12 @@ class SQLiteStore(EventStore):
 class _Checkpointer(threading.Thread):
     """Runs PASSIVE checkpoints of one database file on a connection of its own."""
 
-    def __init__(self, path: str, every: float, busy_timeout: float) -> None:
+    def __init__(self, path: str, every: float, busy_timeout: float, restart_frames: int) -> None:
         super().__init__(name=f"checkpoint {os.path.basename(path)}", daemon=True)
         self.path = path
         self.every = every
         self.busy_timeout = busy_timeout
+        self.restart_frames = restart_frames
         self.passes = 0
         self._stopping = threading.Event()
 
@@ -661,7 +665,7 @@ class _Checkpointer(threading.Thread):
     def _pass(self, conn: sqlite3.Connection) -> None:
         try:
             busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if frames >= CHECKPOINT_RESTART_FRAMES and copied == frames:
+            if frames >= self.restart_frames and copied == frames:
                 # Everything is copied, yet no append found it so at its start: a writer that
                 # never pauses keeps adding to the WAL. RESTART waits for the write lock once,
                 # so that the next append writes the WAL from its start again.
