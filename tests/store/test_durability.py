@@ -24,9 +24,11 @@ WRITER = textwrap.dedent(
     from perps_indexer.markets import default_markets
     from perps_indexer.store.sqlite import SQLiteStore
 
-    path, synchronous = sys.argv[1], sys.argv[2]
+    path, synchronous, checkpoints = sys.argv[1], sys.argv[2], sys.argv[3]
     engine = Engine(default_markets())
     store = SQLiteStore(path, synchronous=synchronous)
+    if checkpoints == "background":  # as the server: killed in the middle of some, too
+        store.checkpoint_in_background(every=0.005)
     n = 0
     while True:
         batch = []
@@ -40,14 +42,17 @@ WRITER = textwrap.dedent(
 ACKS_BEFORE_KILL = 30
 
 
+@pytest.mark.parametrize("checkpoints", ["inline", "background"])
 @pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
-def test_acknowledged_appends_survive_sigkill(tmp_path: Path, synchronous: str) -> None:
+def test_acknowledged_appends_survive_sigkill(
+    tmp_path: Path, synchronous: str, checkpoints: str
+) -> None:
     path = tmp_path / "events.db"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     acks: list[int] = []
     with subprocess.Popen(
-        [sys.executable, str(script), str(path), synchronous],
+        [sys.executable, str(script), str(path), synchronous, checkpoints],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
