@@ -47,32 +47,39 @@ SEGMENT_EVENTS: Final = 128
 this many events: one row per event cost more than encoding the event, and one row per batch
 would make a random read (a key's history) fetch up to a whole batch's bytes."""
 
-_market_keys: dict[int, str] = {}
+
+class _MarketKeys(dict[int, str]):
+    """market_id -> ``"market:<id>"``, each made once. The key functions below index it
+    directly (``_MARKET_KEYS[id]``, no Python call once made): they run for every event."""
+
+    def __missing__(self, market_id: int) -> str:
+        key = self[market_id] = f"{MARKET_KEY_PREFIX}{market_id}"
+        return key
+
+
+_MARKET_KEYS: Final = _MarketKeys()
 
 
 def market_key(market_id: int) -> str:
     """The index key of a market: ``"market:<id>"``."""
-    key = _market_keys.get(market_id)
-    if key is None:
-        key = _market_keys[market_id] = f"{MARKET_KEY_PREFIX}{market_id}"
-    return key
+    return _MARKET_KEYS[market_id]
 
 
 def _funding_keys(event: FundingSettled) -> tuple[str, ...]:
     addresses = dict.fromkeys(p.position.address for p in event.payments)
-    return (*addresses, market_key(event.market_id))
+    return (*addresses, _MARKET_KEYS[event.market_id])
 
 
 def _fill_keys(event: Fill) -> tuple[str, ...]:
     taker, maker = event.taker.order.address, event.maker.order.address
-    market = market_key(event.market_id)
+    market = _MARKET_KEYS[event.market_id]
     # A self-trade never fills (it cancels the resting order), but the index must not hold a
     # key twice for one event, so do not rely on that here.
     return (taker, market) if taker == maker else (taker, maker, market)
 
 
 def _order_keys(event: OrderPlaced | OrderRested | OrderCancelled) -> tuple[str, ...]:
-    return (event.order.address, market_key(event.order.market_id))
+    return (event.order.address, _MARKET_KEYS[event.order.market_id])
 
 
 def _address_keys(event: Deposited | Withdrew) -> tuple[str, ...]:
@@ -80,15 +87,15 @@ def _address_keys(event: Deposited | Withdrew) -> tuple[str, ...]:
 
 
 def _market_only_keys(event: MarkPriceSet | IndexPriceSet) -> tuple[str, ...]:
-    return (market_key(event.market_id),)
+    return (_MARKET_KEYS[event.market_id],)
 
 
 def _slot_keys(event: PositionReleased | LiquidationSettled) -> tuple[str, ...]:
-    return (event.address, market_key(event.market_id))
+    return (event.address, _MARKET_KEYS[event.market_id])
 
 
 def _position_keys(event: PositionUpdated) -> tuple[str, ...]:
-    return (event.position.address, market_key(event.position.market_id))
+    return (event.position.address, _MARKET_KEYS[event.position.market_id])
 
 
 # A lookup by class rather than a ``match``: this runs for every appended event, and the match
