@@ -13,7 +13,7 @@ Builders take the post-states that events carry; event timestamps are unix milli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -264,9 +264,9 @@ def encode_message(topic: str, rows: Sequence[Row], seq: int | None = None) -> b
     return _encoder.encode(_SeqEnvelope(rows, topic, seq))
 
 
-def encode_row(row: Row) -> bytes:
-    """One row's JSON, exactly as :func:`encode_message` writes it inside ``"data"``."""
-    return _encoder.encode(row)
+encode_row: Final[Callable[[Row], bytes]] = _encoder.encode
+"""One row's JSON, exactly as :func:`encode_message` writes it inside ``"data"``. The encoder's
+own method, not a function around it: one Python call less for every pushed row."""
 
 
 def _tail(topic: str) -> bytes:
@@ -394,24 +394,23 @@ def order_history_row(order: OrderState) -> OrderHistoryRow:
 
 def same_order_history_row(a: OrderState, b: OrderState) -> bool:
     """``order_history_row(a) == order_history_row(b)``, without building the rows."""
-    return a.status == b.status and _history_key(a) == _history_key(b)
-
-
-def _history_key(order: OrderState) -> tuple[object, ...]:
-    # Every field order_history_row shows, each shown injectively (times in whole seconds).
+    # Every field order_history_row shows, each shown injectively (times in whole seconds),
+    # compared one by one, those a fill or a cancel changes first: this runs for every order
+    # event, and two tuples of the fields built to compare cost about twice as much.
     return (
-        order.value,
-        order.price,
-        order.updated // 1000,
-        order.size,
-        order.leverage,
-        order.order_type,
-        order.is_market,
-        order.created // 1000,
-        order.trade_id,
-        order.market_id,
-        order.order_id,
-        order.address,
+        a.status == b.status
+        and a.value == b.value
+        and a.price == b.price
+        and a.updated // 1000 == b.updated // 1000
+        and a.size == b.size
+        and a.leverage == b.leverage
+        and a.order_type == b.order_type
+        and a.is_market == b.is_market
+        and a.created // 1000 == b.created // 1000
+        and a.trade_id == b.trade_id
+        and a.market_id == b.market_id
+        and a.order_id == b.order_id
+        and a.address == b.address
     )
 
 
