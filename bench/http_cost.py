@@ -1,0 +1,167 @@
+"""What one REST request costs the server in aiohttp, beside a bare HTTP/1.1 protocol.
+
+    python bench/http_cost.py [--seconds 5] [--connections 8]
+
+The server's REST writes go through aiohttp (the transport of its WebSocket API too). This
+measures what that costs per request, to decide whether a leaner HTTP path for the writes would
+pay: three servers in turn, each pinned to CPU 0, answer the same keep-alive POST (a 120-byte
+JSON body, a 48-byte JSON answer) from a closed-loop client of ``--connections`` connections
+pinned to CPU 1:
+
+- ``app``: an aiohttp ``Application`` with a route and two pass-through middlewares (the
+  server's shape: ``error_middleware`` and ``cors_middleware``);
+- ``lowlevel``: aiohttp's low-level ``web.Server`` (no router, no middlewares);
+- ``raw``: an ``asyncio.Protocol`` that finds the headers' end and ``Content-Length`` and
+  writes a fixed answer (no parser worth the name: the floor, not a server).
+
+Prints one line per server: requests/s, its CPU share, and CPU microseconds per request. When
+the client's core is full (``raw``), the per-request figure is still right; the rate is the
+client's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import cpu_seconds
+
+PORT = 18_123
+BODY = b'{"success":true,"message":"ok","data":{"seq":1}}'
+REQUEST = (
+    b"POST /placeLimitOrder HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    b"x-api-key: k\r\nContent-Length: 120\r\n\r\n{" + b" " * 118 + b"}"
+)
+
+
+def serve(kind: str, seconds: float) -> None:
+    import uvloop
+    from aiohttp import web
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        await request.read()
+        return web.Response(body=BODY, content_type="application/json")
+
+    @web.middleware
+    async def first(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+        return await handler(request)
+
+    @web.middleware
+    async def second(request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+        return await handler(request)
+
+    class Raw(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: Any = transport  # uvloop's is not an asyncio.Transport subclass
+            self.buffer = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+                head = self.buffer[:end].lower()
+                at = head.find(b"content-length:")
+                length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+                if len(self.buffer) < end + 4 + length:
+                    return
+                self.buffer = self.buffer[end + 4 + length :]
+                self.transport.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
+                )
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if kind == "app":
+            app = web.Application(middlewares=[first, second])
+            app.router.add_post("/placeLimitOrder", handle)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", PORT).start()
+        elif kind == "lowlevel":
+            await loop.create_server(web.Server(handle, access_log=None), "127.0.0.1", PORT)
+        else:
+            await loop.create_server(Raw, "127.0.0.1", PORT)
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        await asyncio.sleep(seconds)
+
+    uvloop.run(main())
+
+
+def client(connections: int, seconds: float) -> None:
+    import uvloop
+
+    done = [0]
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+        while True:
+            writer.write(REQUEST)
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            at = head.find(b"content-length:")
+            await reader.readexactly(int(head[at + 15 :].split(b"\r\n", 1)[0]))
+            done[0] += 1
+
+    async def main() -> None:
+        tasks = [asyncio.ensure_future(one()) for _ in range(connections)]
+        await asyncio.sleep(0.5)  # warm up
+        sys.stdout.write("start\n")
+        sys.stdout.flush()
+        start, count = time.monotonic(), done[0]
+        await asyncio.sleep(seconds)
+        sys.stdout.write(f"rate {(done[0] - count) / (time.monotonic() - start)}\n")
+        sys.stdout.flush()
+        for task in tasks:
+            task.cancel()
+
+    uvloop.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--role", choices=["app", "lowlevel", "raw", "client"], help="internal")
+    args = parser.parse_args()
+    if args.role == "client":
+        client(args.connections, args.seconds)
+        return
+    if args.role is not None:
+        serve(args.role, args.seconds + 3.0)
+        return
+    me = [sys.executable, str(Path(__file__).resolve())]
+    print("| server | requests/s | server CPU | CPU µs per request |")
+    print("| --- | ---: | ---: | ---: |")
+    for kind in ("app", "lowlevel", "raw"):
+        server = subprocess.Popen(
+            [*me, "--role", kind, "--seconds", str(args.seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {0}),  # noqa: PLW1509
+        )
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "ready"
+        load = subprocess.Popen(
+            [*me, "--role", "client", "--seconds", str(args.seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {1}),  # noqa: PLW1509
+        )
+        assert load.stdout is not None
+        assert load.stdout.readline().strip() == "start"
+        cpu, started = cpu_seconds(server.pid), time.monotonic()
+        rate = float(load.stdout.readline().split()[-1])
+        share = (cpu_seconds(server.pid) - cpu) / (time.monotonic() - started)
+        load.wait(30)
+        server.wait(30)
+        print(f"| {kind} | {rate:,.0f} | {share:.0%} | {share / rate * 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
