@@ -55,7 +55,13 @@ def test_read_only_and_limit_flags(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("flag", "shown"),
-    [("--gc-full-every", "-1.0"), ("--gc-freeze-every", "-0.5"), ("--fanout-slice", "-3")],
+    [
+        ("--gc-full-every", "-1.0"),
+        ("--gc-freeze-every", "-0.5"),
+        ("--fanout-slice", "-3"),
+        ("--commit-batch", "-1"),
+        ("--checkpoint-every", "-0.25"),
+    ],
 )
 def test_refuses_negative_settings(tmp_path: Path, flag: str, shown: str) -> None:
     value = shown.removesuffix(".0")

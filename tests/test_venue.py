@@ -49,7 +49,7 @@ async def test_one_loop_turn_is_one_commit_and_one_push_per_stream(tmp_path: Pat
     from perps_indexer.session import Session
 
     with SQLiteStore(tmp_path / "g.db") as store:
-        venue = Venue(default_markets(), store, clock=lambda: 1_000)
+        venue = Venue(default_markets(), store, clock=lambda: 1_000, commit_batch=0)
         venue.execute(commands.Deposit(address=A, amount=100_000_000))
         watcher = Session(venue.hub, venue, venue.markets, now=0.0)
         watcher.subscribe("orderbook", 396)
@@ -66,6 +66,64 @@ async def test_one_loop_turn_is_one_commit_and_one_push_per_stream(tmp_path: Pat
         # One push for the whole burst, holding all ten levels.
         (pushed,) = watcher.take()
         assert len(json.loads(pushed)["data"]) == 10
+
+
+async def test_a_burst_is_committed_in_groups_of_commit_batch_in_order(tmp_path: Path) -> None:
+    import asyncio
+
+    from perps_indexer.session import Session
+
+    with SQLiteStore(tmp_path / "b.db") as store:
+        venue = Venue(default_markets(), store, clock=lambda: 1_000, commit_batch=4)
+        venue.execute(commands.Deposit(address=A, amount=100_000_000))
+        watcher = Session(venue.hub, venue, venue.markets, now=0.0)
+        watcher.subscribe("orderbook", 396)
+        watcher.take()
+        commits = venue.commits
+        appended: list[tuple[int, int]] = []
+        append = store.append
+
+        def spy(events: list[object]) -> None:
+            append(events)  # type: ignore[arg-type]
+            appended.append((events[0].seq, events[-1].seq))  # type: ignore[attr-defined]
+
+        store.append = spy  # type: ignore[method-assign]
+        futures = [venue.submit(order(5000 + i)) for i in range(10)]
+        await asyncio.sleep(0)  # one turn: the first group only
+        assert [f.done() for f in futures] == [True] * 4 + [False] * 6
+        assert store.last_seq() == 1 + 4 * 2
+        late = venue.submit(order(4000))  # arrives while the burst is being committed
+        outcomes = [await f for f in [*futures, late]]
+        # Groups of 4 in submission order, the late one after the burst: 4 + 4 + 3.
+        assert venue.commits == commits + 3
+        assert appended == [(2, 9), (10, 17), (18, 23)]
+        assert [o.events[0].seq for o in outcomes] == list(range(2, 24, 2))
+        assert store.last_seq() == venue.engine.seq == venue.projections.seq == 23
+        # The subscriber's pending state was replaced by each newer one: it holds all 11.
+        (pushed,) = watcher.take()
+        assert len(json.loads(pushed)["data"]) == 11
+
+
+async def test_execute_commits_what_a_burst_left_pending_first(tmp_path: Path) -> None:
+    import asyncio
+
+    with SQLiteStore(tmp_path / "e.db") as store:
+        venue = Venue(default_markets(), store, clock=lambda: 1_000, commit_batch=2)
+        venue.execute(commands.Deposit(address=A, amount=100_000_000))
+        futures = [venue.submit(order(5000 + i)) for i in range(5)]
+        await asyncio.sleep(0)
+        assert sum(f.done() for f in futures) == 2
+        venue.execute(order(4000))  # synchronous: everything before it is committed with it
+        assert all(f.done() for f in futures)
+        assert store.last_seq() == venue.engine.seq == 1 + 6 * 2
+        await asyncio.sleep(0)  # the scheduled turn finds nothing left
+        assert store.last_seq() == 13
+        assert [e.seq for e in store.read()] == list(range(1, 14))
+
+
+def test_commit_batch_must_not_be_negative(tmp_path: Path) -> None:
+    with SQLiteStore(tmp_path / "n.db") as store, pytest.raises(ValueError, match="commit_batch"):
+        Venue(default_markets(), store, commit_batch=-1)
 
 
 async def test_a_failed_commit_halts_and_fails_every_waiting_submission(tmp_path: Path) -> None:

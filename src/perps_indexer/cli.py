@@ -96,6 +96,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "round at once)",
     )
     p.add_argument(
+        "--commit-batch",
+        type=int,
+        default=8,
+        help="submitted commands committed and published together at most; a burst beyond it "
+        "takes several event-loop turns, in order (default 8; 0: all of one turn)",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=float,
         default=0.25,
@@ -218,8 +225,15 @@ async def _serve(args: argparse.Namespace) -> int:
         slow_reader_timeout=args.slow_reader_timeout,
         fanout_slice=args.fanout_slice,
         checkpoint_every=args.checkpoint_every,
+        commit_batch=args.commit_batch,
     )
-    for flag in ("fanout_slice", "checkpoint_every", "gc_freeze_every", "gc_full_every"):
+    for flag in (
+        "fanout_slice",
+        "commit_batch",
+        "checkpoint_every",
+        "gc_freeze_every",
+        "gc_full_every",
+    ):
         if getattr(args, flag) < 0:
             option = "--" + flag.replace("_", "-")
             raise ConfigurationError(f"{option} takes 0 or more, got {getattr(args, flag)}")

@@ -105,6 +105,9 @@ class ServerConfig:
     max_outbox_bytes: int = 8 * 1024 * 1024
     slow_reader_timeout: float = 10.0
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
+    commit_batch: int = 8
+    """Submitted commands committed and published together at most; a burst beyond it is
+    committed over several event-loop turns, in order (0: everything of one turn)."""
     checkpoint_every: float = 0.25
     """Seconds between checkpoints of a SQLite store, run on a thread of their own so that no
     command waits for one (0: SQLite's own, inside the append that fills the WAL)."""
@@ -203,6 +206,7 @@ class Server:
             history_limit=self.config.history_limit,
             clock=self.clock,
             max_resume_rows=self.config.max_resume_rows,
+            commit_batch=self.config.commit_batch,
         )
         app = web.Application(
             middlewares=[cors_middleware, error_middleware], client_max_size=MAX_BODY
@@ -506,7 +510,7 @@ class Server:
             submitted = []
             for command in pending:
                 try:
-                    submitted.append(venue.submit(command))  # one commit for the whole step
+                    submitted.append(venue.submit(command))  # committed in groups (commit_batch)
                 except CommandRejected as exc:
                     log.debug("demo command rejected: %s", exc)
                 except VenueHalted:
