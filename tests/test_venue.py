@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from perps_indexer import commands
 from perps_indexer.markets import default_markets
+from perps_indexer.session import Session
 from perps_indexer.store import SQLiteStore
 from perps_indexer.venue import Venue
 
@@ -45,15 +49,20 @@ def order(price: int, *, size: int = 500, long: bool = True) -> commands.PlaceLi
     )
 
 
-async def test_one_loop_turn_is_one_commit_and_one_push_per_stream(tmp_path: Path) -> None:
-    from perps_indexer.session import Session
-
-    with SQLiteStore(tmp_path / "g.db") as store:
-        venue = Venue(default_markets(), store, clock=lambda: 1_000, commit_batch=0)
+@contextmanager
+def book_watched(path: Path, commit_batch: int) -> Iterator[tuple[SQLiteStore, Venue, Session]]:
+    """A venue on a fresh store, A funded, and a session watching market 396's book."""
+    with SQLiteStore(path) as store:
+        venue = Venue(default_markets(), store, clock=lambda: 1_000, commit_batch=commit_batch)
         venue.execute(commands.Deposit(address=A, amount=100_000_000))
         watcher = Session(venue.hub, venue, venue.markets, now=0.0)
         watcher.subscribe("orderbook", 396)
         watcher.take()
+        yield store, venue, watcher
+
+
+async def test_one_loop_turn_is_one_commit_and_one_push_per_stream(tmp_path: Path) -> None:
+    with book_watched(tmp_path / "g.db", commit_batch=0) as (store, venue, watcher):
         commits = venue.commits
         futures = [venue.submit(order(5000 + i)) for i in range(10)]
         # Not yet durable, so not yet visible: the read models still show the old book.
@@ -69,16 +78,7 @@ async def test_one_loop_turn_is_one_commit_and_one_push_per_stream(tmp_path: Pat
 
 
 async def test_a_burst_is_committed_in_groups_of_commit_batch_in_order(tmp_path: Path) -> None:
-    import asyncio
-
-    from perps_indexer.session import Session
-
-    with SQLiteStore(tmp_path / "b.db") as store:
-        venue = Venue(default_markets(), store, clock=lambda: 1_000, commit_batch=4)
-        venue.execute(commands.Deposit(address=A, amount=100_000_000))
-        watcher = Session(venue.hub, venue, venue.markets, now=0.0)
-        watcher.subscribe("orderbook", 396)
-        watcher.take()
+    with book_watched(tmp_path / "b.db", commit_batch=4) as (store, venue, watcher):
         commits = venue.commits
         appended: list[tuple[int, int]] = []
         append = store.append
@@ -105,8 +105,6 @@ async def test_a_burst_is_committed_in_groups_of_commit_batch_in_order(tmp_path:
 
 
 async def test_execute_commits_what_a_burst_left_pending_first(tmp_path: Path) -> None:
-    import asyncio
-
     with SQLiteStore(tmp_path / "e.db") as store:
         venue = Venue(default_markets(), store, clock=lambda: 1_000, commit_batch=2)
         venue.execute(commands.Deposit(address=A, amount=100_000_000))
@@ -225,7 +223,6 @@ def unframe(data: bytes) -> list[dict[str, object]]:
 
 
 def test_a_command_reaches_each_connection_in_one_write(tmp_path: Path) -> None:
-    from perps_indexer.session import Session
 
     B = "0x" + "b" * 64
     topics = ("positions", "open_orders", "order_history", "trade_history")
