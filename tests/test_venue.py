@@ -223,7 +223,6 @@ def unframe(data: bytes) -> list[dict[str, object]]:
 
 
 def test_a_command_reaches_each_connection_in_one_write(tmp_path: Path) -> None:
-
     B = "0x" + "b" * 64
     topics = ("positions", "open_orders", "order_history", "trade_history")
     with SQLiteStore(tmp_path / "w.db") as store:
