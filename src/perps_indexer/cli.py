@@ -105,9 +105,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument(
         "--checkpoint-every",
         type=float,
-        default=0.25,
+        default=0.05,
         help="seconds between checkpoints of the SQLite file, made on a thread of their own "
-        "(default 0.25; 0: inside the append that fills the WAL, pausing the server)",
+        "(default 0.05; 0: inside the append that fills the WAL, pausing the server)",
     )
     p.add_argument(
         "--gc-freeze-every",

@@ -108,7 +108,7 @@ class ServerConfig:
     commit_batch: int = 8
     """Submitted commands committed and published together at most; a burst beyond it is
     committed over several event-loop turns, in order (0: everything of one turn)."""
-    checkpoint_every: float = 0.25
+    checkpoint_every: float = 0.05
     """Seconds between checkpoints of a SQLite store, run on a thread of their own so that no
     command waits for one (0: SQLite's own, inside the append that fills the WAL)."""
     snapshot_interval: float = 300.0
