@@ -34,10 +34,7 @@ from benchlib import cpu_seconds
 
 PORT = 18_123
 BODY = b'{"success":true,"message":"ok","data":{"seq":1}}'
-REQUEST = (
-    b"POST /placeLimitOrder HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-    b"x-api-key: k\r\nContent-Length: 120\r\n\r\n{" + b" " * 118 + b"}"
-)
+BODY_IN = b"{" + b" " * 118 + b"}"
 
 
 def serve(kind: str, seconds: float) -> None:
@@ -97,15 +94,14 @@ def serve(kind: str, seconds: float) -> None:
 def client(connections: int, seconds: float) -> None:
     import uvloop
 
+    from loadgen import Http  # the suite's REST driver
+
     done = [0]
 
     async def one() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+        http = await Http.open(f"http://127.0.0.1:{PORT}")
         while True:
-            writer.write(REQUEST)
-            head = (await reader.readuntil(b"\r\n\r\n")).lower()
-            at = head.find(b"content-length:")
-            await reader.readexactly(int(head[at + 15 :].split(b"\r\n", 1)[0]))
+            await http.post("/placeLimitOrder", BODY_IN)
             done[0] += 1
 
     async def main() -> None:

@@ -439,7 +439,7 @@ class Projections:
 
     def _fill(self, ev: Fill, changed: dict[Key, int]) -> None:
         # The hottest applier (every fill, both sides): the maps and the fill's fields are
-        # looked up once, and the maker's open-order removal is inline.
+        # looked up once.
         seq = ev.seq
         live = self._live
         all_trades = self._trades
@@ -474,10 +474,8 @@ class Projections:
                     )
                 if order.remaining:
                     resting[order_id] = _Open(order)  # keeps its place
-                else:  # _drop_open
-                    del resting[order_id]
-                    if not resting:
-                        del self._open[address]
+                else:
+                    self._drop_open(order)
                 changed[(OPEN_ORDERS, address)] = seq
                 self._move_level(order, -size, ts, seq, changed)
             self._set_position(side.position, seq, changed)
@@ -622,7 +620,7 @@ class Projections:
         self, order: OrderState, delta: int, ts: int, seq: int, changed: dict[Key, int]
     ) -> None:
         market_id = order.market_id
-        is_ask = order.is_long == order.is_close  # order.is_ask without the property's call
+        is_ask = order.is_ask
         price = order.price
         side = self._asks[market_id] if is_ask else self._bids[market_id]
         level: _Level | None = side.get(price)
@@ -812,10 +810,8 @@ class Projections:
             if entries is None:
                 data = encode_message(topic, self.view(topic, key), seq)
             else:
-                # A changed view's key has the topic's type (changed_at holds no other). The
-                # rows' JSON is gathered here, not by _encoded: a call less on every push.
-                parts = [entry.data or _encode(entry) for entry in entries(self, key)]
-                data = join_message(topic, parts, seq)
+                # A changed view's key has the topic's type (changed_at holds no other).
+                data = join_message(topic, _encoded(entries(self, key)), seq)
             self._messages[cache_key] = data
         return data
 

@@ -544,7 +544,7 @@ class Hub:
         self._turns: deque[Stream] = deque()  # the streams of _rounds, in the order they run
         self._framed: bytes | None = None  # one-entry cache: the last message and its frame
         self._frame = b""
-        self._held: dict[Sink, bytes | list[bytes]] | None = None  # see hold()
+        self._held: dict[Sink, list[bytes]] | None = None  # see hold()
 
     def frame(self, message: bytes) -> bytes:
         """``message``'s frame, built once however many sinks it is written to."""
@@ -566,15 +566,9 @@ class Hub:
         held = self._held
         if held is None:
             sink.write(self.frame(message))
+            self.direct_writes += 1
         else:
-            frames = held.get(sink)
-            if frames is None:
-                held[sink] = self.frame(message)
-            elif isinstance(frames, bytes):
-                held[sink] = [frames, self.frame(message)]
-            else:
-                frames.append(self.frame(message))
-        self.direct_writes += 1
+            held.setdefault(sink, []).append(self.frame(message))  # counted when written
         return True
 
     def hold(self) -> None:
@@ -596,7 +590,8 @@ class Hub:
         for sink, frames in held.items():
             if sink.is_closing():
                 continue  # the connection went away meanwhile; its writer forgets it
-            sink.write(frames if isinstance(frames, bytes) else b"".join(frames))
+            sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            self.direct_writes += len(frames)
 
     def connect(self, session: Session) -> None:
         self.sessions[session] = None

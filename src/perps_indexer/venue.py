@@ -98,10 +98,10 @@ class Venue:
             raise ValueError(f"commit_batch must be 0 (no limit) or positive, got {commit_batch}")
         self.markets = dict(markets)
         self.max_resume_rows = max_resume_rows
+        """Rows one ``since`` answer may hold; further behind is answered ``since_too_old``."""
         self.commit_batch = commit_batch
         """Submitted commands committed, folded and published together at most (0: all of one
         event-loop turn)."""
-        """Rows one ``since`` answer may hold; further behind is answered ``since_too_old``."""
         self.store = store
         self.clock = clock
         self.hub = hub if hub is not None else Hub()

@@ -310,14 +310,14 @@ def position_row(pos: PositionState, spec: MarketSpec) -> PositionRow:
         address=pos.address,
         entry_price=format_ratio(pos.value, pos.size),
         is_long=pos.is_long,
-        last_updated=str(pos.updated // 1000),  # seconds(), inline: it runs for every push
+        last_updated=seconds(pos.updated),
         leverage=pos.leverage,
         liq_price=format_float(liq),
         margin=str(pos.margin),
         market_id=str(pos.market_id),
         size=str(pos.size),
-        sl=None if pos.sl is None else str(pos.sl),
-        tp=None if pos.tp is None else str(pos.tp),
+        sl=_opt(pos.sl),
+        tp=_opt(pos.tp),
         trade_id=str(pos.trade_id),
         value=str(pos.value),
     )
@@ -373,22 +373,11 @@ def open_order_row(order: OrderState) -> OpenOrderRow:
 
 def order_history_row(order: OrderState) -> OrderHistoryRow:
     """The history row of an order in any status."""
-    # The fields of _order_fields, spelled out (and seconds() inline): this runs for every
-    # order change that is pushed, and building a dict to splat in cost twice as much.
     return OrderHistoryRow(
-        address=order.address,
         is_market_order=order.is_market,
-        last_updated=str(order.updated // 1000),
-        leverage=order.leverage,
-        market_id=str(order.market_id),
-        order_id=str(order.order_id),
-        order_type=order.order_type,
-        order_value=str(order.value),
-        price=str(order.price),
         size=str(order.size),
         status=order.status,
-        timestamp=str(order.created // 1000),
-        trade_id=str(order.trade_id),
+        **_order_fields(order),
     )
 
 
@@ -442,7 +431,7 @@ def trade_row_of(
     trade_id: int,
 ) -> TradeRow:
     """:func:`trade_row` from the values it shows (what the projections keep of a fill)."""
-    ts = str(ts_ms // 1000)  # seconds(), inline: it runs for every push
+    ts = seconds(ts_ms)
     return TradeRow(
         address=address,
         fee=str(fee),

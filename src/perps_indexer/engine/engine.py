@@ -345,9 +345,7 @@ class Engine:
             order = side.order
             if side.is_maker:
                 book = self.books[order.market_id]
-                # order.is_ask inline (a property: a call more, five times a command)
-                is_ask = order.is_long == order.is_close
-                book.set_remaining(order.order_id, is_ask, order.price, order.remaining)
+                book.set_remaining(order.order_id, order.is_ask, order.price, order.remaining)
                 if order.remaining:
                     self.orders[order.order_id] = order
                 else:
