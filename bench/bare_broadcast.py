@@ -1,6 +1,7 @@
 """Bare broadcast servers: the limit of a Python WebSocket transport on this machine (scenario 7).
 
-    python bench/bare_broadcast.py picows|picows-asyncio|aiohttp|aiohttp-direct --clients N
+    python bench/bare_broadcast.py picows|picows-asyncio|aiohttp|aiohttp-direct|aiohttp-batch
+        --clients N
         [--message FILE | --size BYTES] [--port 0]
 
 No routing, no state, no protocol: once ``--clients`` clients are connected (whatever they send
@@ -16,8 +17,13 @@ JSON-looking filler.
 * ``picows-asyncio``: picows on the standard asyncio loop;
 * ``aiohttp``: aiohttp's WebSocket on the standard loop, with ``send_frame`` as a server
   written the usual way calls it;
-* ``aiohttp-direct``: aiohttp on uvloop as the real server uses it: the frame built once and
-  written straight to every connection's transport (``transport.write``), the fast path.
+* ``aiohttp-direct``: aiohttp on uvloop, the frame built once and written straight to every
+  connection's transport (``transport.write``): the server's fast path without batches
+  (``serve --no-batch-write``);
+* ``aiohttp-batch``: the same, but a round's writes made by the server's batch writer
+  (:class:`perps_indexer.server.batch_write.BatchWriter`: one call into C for the round, one
+  ``send`` per client) to the clients whose transports hold nothing unsent, and
+  ``transport.write`` for the others: the server's own write path.
 
 It prints ``ws://127.0.0.1:PORT/ws`` when it listens, and on SIGTERM the rounds and
 messages written.
@@ -33,8 +39,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from perps_indexer.server.app import text_frame
+from perps_indexer.server.batch_write import BatchWriter
 
 HIGH_WATER = 64 * 1024
+KINDS = ("picows", "picows-asyncio", "aiohttp", "aiohttp-direct", "aiohttp-batch")
 
 
 def message_of(args: argparse.Namespace) -> bytes:
@@ -104,6 +112,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     enough = asyncio.Event()
 
     frame = text_frame(message)  # the server's own framing, once for every client
+    writer = BatchWriter()  # aiohttp-batch: the server's batch writer
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True, compress=False)
@@ -111,6 +120,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
         transport = request.transport
         assert transport is not None  # uvloop's transports do not subclass asyncio.Transport
         peers[ws] = transport  # type: ignore[assignment]
+        writer.add(transport)
         if len(peers) >= args.clients:
             enough.set()
         try:
@@ -118,6 +128,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
                 pass
         finally:
             peers.pop(ws, None)
+            writer.discard(transport)
         return ws
 
     app = web.Application()
@@ -151,8 +162,28 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
                 sent += 1
         return sent
 
-    direct = args.kind == "aiohttp-direct"
-    counts = await broadcast(stop, enough, direct_round if direct else send_frame_round)
+    async def batch_round() -> int:
+        sent = 0
+        batch = []
+        for i, transport in enumerate(list(peers.values()), 1):
+            if not transport.is_closing():
+                buffered = transport.get_write_buffer_size()
+                if buffered == 0:
+                    batch.append(transport)
+                    sent += 1
+                elif buffered <= HIGH_WATER:
+                    transport.write(frame)
+                    sent += 1
+            if args.slice and not i % args.slice:
+                writer(batch, frame)
+                batch = []
+                await asyncio.sleep(0)
+        if batch:
+            writer(batch, frame)
+        return sent
+
+    rounds = {"aiohttp-direct": direct_round, "aiohttp-batch": batch_round}
+    counts = await broadcast(stop, enough, rounds.get(args.kind, send_frame_round))
     await runner.cleanup()
     return counts
 
@@ -175,7 +206,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["picows", "picows-asyncio", "aiohttp", "aiohttp-direct"])
+    parser.add_argument("kind", choices=list(KINDS))
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--message", help="file holding the message to broadcast")
     parser.add_argument("--size", type=int, default=3000, help="message size without --message")
@@ -184,11 +215,11 @@ def main() -> None:
         "--slice",
         type=int,
         default=0,
-        help="aiohttp-direct: yield to the loop after this many writes, as the server's "
+        help="aiohttp-direct/-batch: yield to the loop after this many writes, as the server's "
         "fan-out does (0: once a round)",
     )
     args = parser.parse_args()
-    if args.kind in ("picows", "aiohttp-direct"):
+    if args.kind in ("picows", "aiohttp-direct", "aiohttp-batch"):
         try:
             import uvloop
         except ImportError:

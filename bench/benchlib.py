@@ -239,7 +239,8 @@ def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float 
     """Start a server pinned to the server CPU and parse its port from its banner.
 
     ``kind``: "ours" (``python -m perps_indexer serve``), "naive" (bench/naive_server.py),
-    "bare-picows", "bare-picows-asyncio", "bare-aiohttp" or "bare-aiohttp-direct"
+    "bare-picows", "bare-picows-asyncio", "bare-aiohttp", "bare-aiohttp-direct" or
+    "bare-aiohttp-batch"
     (bench/bare_broadcast.py)."""
     if kind == "ours":
         assert db is not None

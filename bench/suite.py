@@ -32,7 +32,8 @@ runs and produces its figures, never how fast):
    the server takes them (from 4 and from 32 REST connections), against the real server and
    against bench/naive_server.py on the same load; then the real server paced at 10 x the
    naive server's best rate.
-7. the bare limit: bench/bare_broadcast.py (picows on uvloop, picows on asyncio, aiohttp)
+7. the bare limit: bench/bare_broadcast.py (picows on uvloop, picows on asyncio, aiohttp,
+   and aiohttp with the server's own write paths, per transport write and batched in C)
    broadcasting scenario 1's real orderbook message to 100 / 1,000 / 5,000 clients; scenario
    1's figure as a ratio of each.
 
@@ -79,6 +80,8 @@ class Context:
     """Scenario 1's real orderbook message (the bare servers broadcast it)."""
     counts: list[int] | None = None
     """Subscriber counts of scenarios 1 and 7 (``--subscribers``), instead of the defaults."""
+    bare: list[str] | None = None
+    """Scenario 7's loops to run, by label (``--bare``); None: all of them."""
 
     def subscriber_counts(self) -> list[int]:
         if self.counts:
@@ -629,8 +632,9 @@ BARE_LOOPS: list[tuple[str, str, list[str]]] = [
     ("picows-asyncio", "picows-asyncio", []),
     ("aiohttp", "aiohttp", []),
     ("aiohttp-direct", "aiohttp-direct", []),
+    ("aiohttp-batch", "aiohttp-batch", []),
     # The server's own write path with its fan-out slices (yield every 100 writes).
-    ("aiohttp-direct", "aiohttp-direct/100", ["--slice", "100"]),
+    ("aiohttp-batch", "aiohttp-batch/100", ["--slice", "100"]),
 ]
 """(bare_broadcast.py kind, label, extra arguments) of scenario 7."""
 
@@ -645,6 +649,8 @@ def scenario_7(ctx: Context) -> dict[str, Any]:
     size = len(ctx.payload.read_bytes().strip())
     results: dict[str, Any] = {"message_bytes": size}
     for kind, label, extra in BARE_LOOPS:
+        if ctx.bare is not None and label not in ctx.bare:
+            continue
         for n in counts:
             server = b.start_server(
                 f"bare-{kind}", None, "--clients", str(n), "--message", str(ctx.payload), *extra
@@ -985,6 +991,12 @@ def main() -> int:
         help="comma-separated subscriber counts for scenarios 1 and 7 (default 100,1000,5000)",
     )
     parser.add_argument(
+        "--bare",
+        help="comma-separated scenario 7 loops to run, by label (default all: "
+        + ", ".join(label for _, label, _ in BARE_LOOPS)
+        + ")",
+    )
+    parser.add_argument(
         "--server-args",
         default="",
         help="extra arguments for every run of the real server, e.g. '--fanout-slice 50'",
@@ -1012,6 +1024,11 @@ def main() -> int:
         ctx = Context(args.quick, Path(tmp), Path(args.profile) if args.profile else None)
         if args.subscribers:
             ctx.counts = [int(x) for x in args.subscribers.split(",")]
+        if args.bare:
+            ctx.bare = args.bare.split(",")
+            unknown = set(ctx.bare) - {label for _, label, _ in BARE_LOOPS}
+            if unknown:
+                parser.error(f"--bare: no such loop {', '.join(sorted(unknown))}")
         errors: dict[str, str] = {}
         for number in chosen:
             name, scenario = SCENARIOS[number]

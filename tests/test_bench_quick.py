@@ -64,7 +64,8 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         "picows-asyncio",
         "aiohttp",
         "aiohttp-direct",
-        "aiohttp-direct/100",
+        "aiohttp-batch",
+        "aiohttp-batch/100",
     }
     assert all(r["messages_per_s"] > 0 for r in bare)
     assert "Targets:" in proc.stdout

@@ -855,6 +855,35 @@ def test_a_round_writes_one_shared_frame_to_every_sink_that_keeps_up() -> None:
     assert seqs(sessions[1]) == [2]  # the newest state replaced the pending one
 
 
+def test_a_round_gives_write_each_the_sinks_holding_nothing_in_one_call_per_slice() -> None:
+    world, sessions, sinks = sink_world(5)
+    calls: list[tuple[list[ByteSink], bytes]] = []
+
+    def write_each(batch: list[Any], frame: bytes) -> None:
+        calls.append((list(batch), frame))
+        for sink in batch:
+            sink.write(frame)
+
+    world.hub.write_each = write_each
+    sinks[1].buffered = 10  # under the limit but holding bytes: a write behind them, not a batch
+    sinks[2].buffered = 1_001  # over the limit: coalesced in its outbox
+    message = data("orderbook", [], 1)
+    world.hub.publish_state(("orderbook", 396), message)
+    assert world.hub.drain(3) is True  # a slice of three: one call for it
+    assert calls == [([sinks[0]], framed(message))]
+    assert world.hub.drain(10) is False
+    assert calls[1] == ([sinks[3], sinks[4]], framed(message))
+    assert sinks[1].written == [framed(message)]
+    assert sinks[2].written == [] and seqs(sessions[2]) == [1]
+    assert [s.seqs() for s in (sinks[0], sinks[3], sinks[4])] == [[1], [1], [1]]
+    assert world.hub.direct_writes == 4 and world.hub.messages_queued == 5
+    sinks[1].buffered = 0  # drained: from now on in the batch
+    world.hub.publish_state(("orderbook", 396), data("orderbook", [], 2))
+    world.hub.drain(10)
+    assert calls[2][0] == [sinks[0], sinks[1], sinks[3], sinks[4]]
+    assert sinks[1].seqs() == [1, 2]
+
+
 def test_a_session_with_something_queued_never_gets_a_frame_ahead_of_it() -> None:
     world, sessions, sinks = sink_world(1)
     session, sink = sessions[0], sinks[0]

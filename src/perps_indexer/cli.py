@@ -96,6 +96,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "round at once)",
     )
     p.add_argument(
+        "--batch-write",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write a fan-out round's frame to many connections in one call into C (the "
+        "_sendeach extension, built at install; default on; --no-batch-write: one "
+        "transport write per connection)",
+    )
+    p.add_argument(
         "--commit-batch",
         type=int,
         default=8,
@@ -226,6 +234,7 @@ async def _serve(args: argparse.Namespace) -> int:
         fanout_slice=args.fanout_slice,
         checkpoint_every=args.checkpoint_every,
         commit_batch=args.commit_batch,
+        batch_write=args.batch_write,
     )
     for flag in (
         "fanout_slice",

@@ -514,6 +514,7 @@ class Hub:
         "small_stream",
         "streams",
         "wake",
+        "write_each",
         "write_limit",
     )
 
@@ -538,6 +539,9 @@ class Hub:
         self.write_limit = 0
         """Bytes a sink may hold for the fast path to add to it (a reader falling behind gets
         its messages coalesced in the outbox instead)."""
+        self.write_each: Callable[[list[Sink], bytes], None] | None = None
+        """Writes one frame to many sinks in one call (the transport's batch writer); a
+        fan-out round gives it the sinks that hold nothing unsent. None: one write each."""
         self.small_stream = SMALL_STREAM
         """Watchers up to which a sliced state change is pushed at once."""
         self._rounds: dict[Stream, _Round] = {}
@@ -709,11 +713,14 @@ class _Round:
             turn += order[: count - len(turn)]  # wrap around
         # The hot loop of a fan-out: a watcher with a sink, a v1 subscription (no id to
         # splice in: ``get`` gives None) and nothing queued gets the shared frame written
-        # straight away; everyone else goes through push() and the outbox. These are
-        # push()'s and write_now()'s checks inlined: two calls per watcher would be most of
-        # the Python work left beside the send.
+        # straight away (by write_each, in one call for the slice, if its sink holds nothing
+        # unsent); everyone else goes through push() and the outbox. These are push()'s and
+        # write_now()'s checks inlined: two calls per watcher would be most of the Python
+        # work left beside the send.
         frame = hub.frame(message) if hub.framer is not None else None
         limit = hub.write_limit
+        write_each = hub.write_each
+        batch: list[Sink] = []  # for write_each: sinks holding nothing unsent
         wrote = 0
         for session in turn:
             sink = session.sink
@@ -724,12 +731,21 @@ class _Round:
                 and subscriptions.get(stream, 0) is None
                 and not session.outbox
                 and not sink.is_closing()
-                and sink.get_write_buffer_size() <= limit
             ):
-                sink.write(frame)
-                wrote += 1
-            elif stream in subscriptions:  # not if it unsubscribed or left meanwhile
+                buffered = sink.get_write_buffer_size()
+                if buffered == 0 and write_each is not None:
+                    batch.append(sink)
+                    wrote += 1
+                    continue
+                if buffered <= limit:
+                    sink.write(frame)
+                    wrote += 1
+                    continue
+            if stream in subscriptions:  # not if it unsubscribed or left meanwhile
                 session.push(stream, message)
+        if batch:
+            assert write_each is not None and frame is not None
+            write_each(batch, frame)
         hub.direct_writes += wrote
         self.remaining -= count
         self.cursor = (start + count) % len(order) if order else 0

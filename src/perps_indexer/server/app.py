@@ -21,6 +21,8 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from perps_indexer.commands import SettleFunding
 from perps_indexer.errors import CommandRejected, ConfigurationError
 from perps_indexer.markets import MarketSpec, load_markets
+from perps_indexer.server.batch_write import AVAILABLE as BATCH_WRITE
+from perps_indexer.server.batch_write import BatchWriter
 from perps_indexer.server.rest import RestApi, cors_middleware, error_middleware, ok
 from perps_indexer.session import (
     CLOSE_POLICY_VIOLATION,
@@ -119,6 +121,9 @@ class ServerConfig:
     keepalive_slice: int = 500
     """Connections the keepalive ticker checks before yielding to the event loop (a pass over
     10,000 at once would hold every push up for about 10 ms)."""
+    batch_write: bool = True
+    """Fan-out rounds write one frame to many connections in one call into C
+    (:mod:`perps_indexer.server.batch_write`), when the extension is built."""
     direct_write_limit: int = 256 * 1024
     """Fan-out fast path: a push is written straight to a connection's socket while it has
     nothing queued and fewer bytes than this buffered; 0 sends everything through the outbox."""
@@ -176,6 +181,7 @@ class Server:
         self.venue: Venue | None = None
         self.simulator: object | None = None
         self.port = config.port
+        self.batch_writer: BatchWriter | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -230,6 +236,13 @@ class Server:
         if self.config.direct_write_limit > 0:
             self.venue.hub.framer = text_frame
             self.venue.hub.write_limit = self.config.direct_write_limit
+            if self.config.batch_write and BATCH_WRITE:
+                self.batch_writer = self.venue.hub.write_each = BatchWriter()
+            elif self.config.batch_write:
+                log.warning(
+                    "the C extension perps_indexer.server._sendeach is not built (no C compiler "
+                    "at install time?): fan-out writes go one connection at a time"
+                )
         if self.config.fanout_slice > 0:
             self.venue.hub.sliced = True
             self._spawn(self._fanout_loop(self.venue.hub))
@@ -322,6 +335,8 @@ class Server:
         transport = request_transport(ws)
         if transport is not None and self.config.direct_write_limit > 0:
             session.sink = transport
+            if self.batch_writer is not None:
+                self.batch_writer.add(transport)
         self.venue.hub.connect(session)
         self.connections[session] = ws
         self.metrics.connections_total += 1
@@ -348,6 +363,8 @@ class Server:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(writer), 2)
             session.closed()
+            if self.batch_writer is not None and transport is not None:
+                self.batch_writer.discard(transport)
             self.connections.pop(session, None)
             self.writing_since.pop(session, None)
             self.closing.discard(session)
@@ -576,6 +593,18 @@ class Server:
                 "counter",
                 "Messages written straight to the socket (the fan-out fast path).",
                 hub.direct_writes,
+            ),
+            (
+                "fanout_batches_total",
+                "counter",
+                "Calls of the fan-out's batch writer, each one frame to many connections.",
+                self.batch_writer.batches if self.batch_writer is not None else 0,
+            ),
+            (
+                "fanout_short_writes_total",
+                "counter",
+                "Batch writes a socket did not take whole (its transport buffered the rest).",
+                self.batch_writer.short_writes if self.batch_writer is not None else 0,
             ),
             (
                 "store_checkpoints_total",

@@ -1,0 +1,239 @@
+"""The fan-out's batch writer: ``send_each`` on real sockets, :class:`BatchWriter` on real
+transports (asyncio's and uvloop's, plain and TLS), and a real server with it on and off."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import socket
+import ssl
+import threading
+import urllib.request
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+from websockets.sync.client import connect as ws_connect
+
+from perps_indexer.server.batch_write import AVAILABLE, BatchWriter
+from perps_indexer.server.batch_write import send_each as maybe_send_each
+from tests.server.conftest import limit_order, start_threaded
+
+# The extension is part of the package: a build that lost it must fail here, not skip.
+assert AVAILABLE and maybe_send_each is not None, "perps_indexer.server._sendeach is not built"
+send_each = maybe_send_each
+
+
+def pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
+    return [socket.socketpair() for _ in range(n)]
+
+
+def test_send_each_writes_the_whole_frame_to_every_socket() -> None:
+    socks = pairs(3)
+    try:
+        assert send_each([a.fileno() for a, _ in socks], b"frame") == []
+        assert [b.recv(100) for _, b in socks] == [b"frame"] * 3
+    finally:
+        for a, b in socks:
+            a.close()
+            b.close()
+
+
+def test_send_each_reports_a_full_socket_a_gone_peer_and_what_is_not_a_socket() -> None:
+    (full, reader), (orphan, gone) = pairs(2)
+    gone.close()
+    read_end, write_end = os.pipe()
+    full.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    full.setblocking(False)
+    data = bytes(range(256)) * 64  # 16 KiB
+    try:
+        taken: list[int] = []
+        for _ in range(1000):  # until the socket stops taking whole frames
+            short = send_each([full.fileno()], data)
+            if short:
+                assert short[0][0] == 0
+                taken.append(short[0][1])
+                break
+        assert taken and 0 <= taken[0] < len(data)
+        result = send_each([full.fileno(), -1, orphan.fileno(), write_end], b"x")
+        assert result == [
+            (0, 0),  # would block: nothing taken
+            (1, 0),  # not a socket of ours: nothing taken
+            (2, -errno.EPIPE),
+            (3, -errno.ENOTSOCK),
+        ]
+    finally:
+        for s in (full, reader, orphan):
+            s.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_send_each_says_what_is_wrong_with_its_arguments() -> None:
+    with pytest.raises(TypeError, match="list of ints"):
+        send_each((1, 2), b"x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        send_each(["3"], b"x")  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="not a file descriptor"):
+        send_each([2**40], b"x")
+    with pytest.raises(TypeError):
+        send_each([1], "text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="exactly 2 arguments"):
+        send_each([1])  # type: ignore[call-arg]
+    assert send_each([], b"x") == []
+
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def run_on(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(main)
+
+
+class Accepting(asyncio.Protocol):
+    def __init__(self, accepted: asyncio.Future[asyncio.BaseTransport]) -> None:
+        self.accepted = accepted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.accepted.done():
+            self.accepted.set_result(transport)
+
+
+async def read_all(client: socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < size:
+        chunk = await asyncio.wait_for(loop.sock_recv(client, 65536), 10)
+        assert chunk, "the connection closed early"
+        got += chunk
+    return bytes(got)
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_every_byte_arrives_in_order_when_sockets_fill_up(loop: str) -> None:
+    """The hub's rule (a batch only to a transport holding nothing unsent, a transport write
+    otherwise) on a reader that does not read: the short writes go to the transport, and the
+    stream that finally arrives is every frame, whole, in order."""
+
+    async def main() -> None:
+        ev = asyncio.get_running_loop()
+        accepted: asyncio.Future[asyncio.BaseTransport] = ev.create_future()
+        server = await ev.create_server(lambda: Accepting(accepted), "127.0.0.1", 0)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        await ev.sock_connect(client, server.sockets[0].getsockname())
+        transport: Any = await accepted
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer = BatchWriter()
+        assert writer.add(transport) and len(writer) == 1
+        frames = [b"%06d" % i * 1024 for i in range(120)]  # 6 KiB each, told apart by number
+        batched = 0
+        for frame in frames:
+            if transport.get_write_buffer_size() == 0:
+                writer([transport], frame)
+                batched += 1
+            else:
+                transport.write(frame)
+        assert writer.short_writes > 0, "the socket should have filled up"
+        assert batched > 1 and writer.batches == batched
+        assert await read_all(client, sum(map(len, frames))) == b"".join(frames)
+        writer.discard(transport)
+        assert len(writer) == 0
+        transport.close()
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+    run_on(loop, main())
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_a_tls_connection_is_never_written_behind_its_back(loop: str) -> None:
+    """Its socket carries TLS records: the writer refuses it and writes through the transport."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def main() -> None:
+        ev = asyncio.get_running_loop()
+        accepted: asyncio.Future[asyncio.BaseTransport] = ev.create_future()
+        server = await ev.create_server(lambda: Accepting(accepted), "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        reader, client = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        transport: Any = await accepted
+        writer = BatchWriter()
+        assert writer.add(transport) is False and len(writer) == 0
+        writer([transport], b"through the TLS layer")
+        assert await asyncio.wait_for(reader.readexactly(21), 10) == b"through the TLS layer"
+        client.close()
+        transport.close()
+        server.close()
+        await server.wait_closed()
+
+    run_on(loop, main())
+
+
+def watch_book(url: str, until: Callable[[], bool], out: list[list[Any]]) -> None:
+    with ws_connect(url) as ws:
+        ws.send(json.dumps({"topic": "orderbook", "market_id": 396}))
+        while True:
+            try:
+                raw = ws.recv(timeout=0.5)
+            except TimeoutError:
+                if until():
+                    return
+                continue
+            out.append(json.loads(raw)["data"])  # every frame whole: it parses
+
+
+@pytest.mark.parametrize("batch_write", [True, False])
+def test_a_server_fans_a_busy_book_out_with_and_without_batches(
+    tmp_path: Path, batch_write: bool
+) -> None:
+    running, stop = start_threaded(tmp_path, batch_write=batch_write)
+    try:
+        rest = running.rest
+        trader = "0x" + "ab" * 32
+        rest.ok("/deposit", {"userAddress": trader, "amount": 10_000_000_000})
+        done = threading.Event()
+        books: list[list[list[Any]]] = [[] for _ in range(12)]  # more than a small stream
+        threads = [
+            threading.Thread(target=watch_book, args=(running.ws_url, done.is_set, out))
+            for out in books
+        ]
+        for thread in threads:
+            thread.start()
+        while running.call(lambda: running.server.venue.hub.subscription_count) < len(books):
+            threading.Event().wait(0.01)
+        for i in range(40):
+            rest.ok(
+                "/placeLimitOrder",
+                limit_order(trader, long=i % 2 == 0, size=500, price=5900 + 5 * i, leverage=2),
+            )
+        final = rest.get("/getOrderBook?marketId=396")[1]["data"]
+        done.set()
+        for thread in threads:
+            thread.join(20)
+        assert all(out and out[-1] == final for out in books), "a subscriber ended stale"
+        with urllib.request.urlopen(rest.url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        (batches,) = (
+            int(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("perps_indexer_fanout_batches_total ")
+        )
+        assert (batches > 0) is batch_write
+    finally:
+        stop()
