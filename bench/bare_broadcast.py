@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from perps_indexer.server.app import text_frame
+from perps_indexer.server.batch_write import AVAILABLE as BATCH_WRITE
 from perps_indexer.server.batch_write import BatchWriter
 
 HIGH_WATER = 64 * 1024
@@ -194,6 +195,8 @@ async def main_async(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     message = message_of(args)
+    if args.kind == "aiohttp-batch" and not BATCH_WRITE:
+        sys.exit("aiohttp-batch needs the C extension perps_indexer.server._sendeach (not built)")
     run = run_aiohttp if args.kind.startswith("aiohttp") else run_picows
     task = asyncio.ensure_future(run(args, message, stop))
     await stop.wait()

@@ -1009,6 +1009,27 @@ def machine(commit: str | None) -> dict[str, Any]:
     }
 
 
+def export_commit(commit: str, into: Path) -> str:
+    """Export ``commit``'s package source into ``into`` and build its C extension there (the
+    fan-out's batch writer), as ``pip install`` would; returns the ``src`` path."""
+    names = subprocess.run(
+        ["git", "ls-tree", "--name-only", commit], cwd=b.ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    paths = ["src"] + [p for p in ("setup.py", "pyproject.toml", "README.md") if p in names.split()]
+    archive = subprocess.run(
+        ["git", "archive", commit, *paths], cwd=b.ROOT, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    if "setup.py" in paths:  # older commits have no extension
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=into,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return str(into / "src")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for CI (< 1 min)")
@@ -1050,11 +1071,7 @@ def main() -> int:
     export = None
     if args.commit:
         export = tempfile.TemporaryDirectory(prefix="perps-src-")
-        archive = subprocess.run(
-            ["git", "archive", args.commit, "src"], cwd=b.ROOT, capture_output=True, check=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", export.name], input=archive, check=True)
-        args.src = str(Path(export.name) / "src")
+        args.src = export_commit(args.commit, Path(export.name))
     if args.src:
         b.SRC[0] = Path(args.src).resolve()
         sys.path.insert(0, str(b.SRC[0]))  # the prefilled logs must be that code's events
