@@ -58,6 +58,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     for name in ("naive", "naive_32", "ours", "ours_32", "ours_at_10x_naive"):  # freshness
         run = figures["6"][name]
         assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
+        assert finite(run["probe_freshness_ms"]["p99"]) and run["probe_clients"] > 0
     bare = [v for k, v in figures["7"].items() if k != "message_bytes"]  # bare limit
     assert {r["transport"] for r in bare} == {
         "picows",
