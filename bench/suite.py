@@ -998,6 +998,38 @@ def targets(ctx: Context) -> list[str]:
     return out
 
 
+CALIBRATION = """
+import json, time
+def work():
+    d = {}
+    for i in range(20000):
+        d[i % 1000] = json.dumps({"i": i, "s": str(i)})
+    return sum(len(v) for v in d.values())
+best = 0.0
+for _ in range(5):
+    t = time.process_time()
+    work()
+    best = max(best, 20000 / (time.process_time() - t))
+print(round(best))
+"""
+"""A fixed pure-Python workload (dict inserts, small JSON encodes): the host's speed varies
+from hour to hour, and figures of different runs compare only beside it."""
+
+
+def calibrate() -> int:
+    """Operations per second of :data:`CALIBRATION` on the server's CPU (best of five)."""
+    proc = subprocess.run(
+        ["taskset", "-c", str(b.SERVER_CPU), b.PYTHON, "-c", CALIBRATION],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return int(proc.stdout.strip())
+    except ValueError:
+        return 0
+
+
 def machine(commit: str | None) -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -1115,6 +1147,7 @@ def main() -> int:
     b.pin(b.LOAD_CPU)  # the orchestrator is load, not server
     started = time.monotonic()
     info = machine(args.commit)
+    info["calibration_start"] = calibrate()
     with tempfile.TemporaryDirectory(prefix="perps-bench-") as tmp:
         ctx = Context(args.quick, Path(tmp), Path(args.profile) if args.profile else None)
         if args.subscribers:
@@ -1137,6 +1170,7 @@ def main() -> int:
                 ctx.failures.append(f"scenario {number} failed: {exc}")
             print(f"scenario {number}: done in {time.monotonic() - t:.1f} s", flush=True)
         info["loadavg_end"] = b.loadavg()
+        info["calibration_end"] = calibrate()
         info["server_args"] = args.server_args
         info["seconds"] = round(time.monotonic() - started, 1)
         lines = report(ctx)
@@ -1155,7 +1189,8 @@ def main() -> int:
         f"\n{info['date']}, {info['cpus']} CPUs ({info['model']}), Python {info['python']}, "
         f"commit {info['commit']} (perps_indexer from {info['src']}: {info['src_state']}), "
         f"load average {info['loadavg_start']} -> "
-        f"{info['loadavg_end']}, {info['seconds']} s"
+        f"{info['loadavg_end']}, {info['seconds']} s; host speed (a fixed Python loop on the "
+        f"server's CPU) {info['calibration_start']:,} -> {info['calibration_end']:,} ops/s"
     )
     print("\n".join(lines))
     print(f"\nfigures: {out}")
