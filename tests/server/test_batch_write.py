@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import trustme
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.sync.client import connect as ws_connect
 
 from perps_indexer.server.batch_write import AVAILABLE, BatchWriter
@@ -108,13 +110,17 @@ class Accepting(asyncio.Protocol):
             self.accepted.set_result(transport)
 
 
-async def read_all(client: socket.socket, size: int) -> bytes:
+async def read_all(client: socket.socket, size: int, exact: bool = True) -> bytes:
+    """``size`` bytes from ``client`` (``exact=False``: what has arrived, up to ``size``,
+    at least one byte)."""
     loop = asyncio.get_running_loop()
     got = bytearray()
     while len(got) < size:
-        chunk = await asyncio.wait_for(loop.sock_recv(client, 65536), 10)
+        chunk = await asyncio.wait_for(loop.sock_recv(client, size - len(got)), 10)
         assert chunk, "the connection closed early"
         got += chunk
+        if not exact:
+            break
     return bytes(got)
 
 
@@ -155,6 +161,82 @@ def test_every_byte_arrives_in_order_when_sockets_fill_up(loop: str) -> None:
         await server.wait_closed()
 
     run_on(loop, main())
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(1, 40_000), st.integers(0, 60_000), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    loop=st.sampled_from(sorted(LOOPS)),
+)
+def test_any_mix_of_batches_transport_writes_and_reads_keeps_the_stream_exact(
+    steps: list[tuple[int, int, bool]], loop: str
+) -> None:
+    """Frames of any size to two connections, each step a batch or (the hub's rule when the
+    transport holds bytes) a transport write, with the readers reading any amount between
+    steps: each reader gets exactly its frames, in order."""
+
+    async def main() -> None:
+        ev = asyncio.get_running_loop()
+        transports: list[Any] = []
+        clients: list[socket.socket] = []
+        server = await ev.create_server(lambda: Collect(transports), "127.0.0.1", 0)
+        for _ in range(2):
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            client.setblocking(False)
+            await ev.sock_connect(client, server.sockets[0].getsockname())
+            clients.append(client)
+        while len(transports) < 2:
+            await asyncio.sleep(0.001)
+        for transport in transports:
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        # Which client is which transport: the transports' peer ports are the clients' ports.
+        by_port = {t.get_extra_info("peername")[1]: t for t in transports}
+        ordered = [by_port[c.getsockname()[1]] for c in clients]
+        writer = BatchWriter()
+        for transport in ordered:
+            assert writer.add(transport)
+        sent: list[bytearray] = [bytearray(), bytearray()]
+        got: list[bytearray] = [bytearray(), bytearray()]
+        for i, (size, read, second_only) in enumerate(steps):
+            frame = bytes([i % 251]) * size
+            targets = [1] if second_only else [0, 1]
+            idle = [ordered[k] for k in targets if ordered[k].get_write_buffer_size() == 0]
+            if idle:
+                writer(idle, frame)
+            for k in targets:
+                if ordered[k] not in idle:
+                    ordered[k].write(frame)
+                sent[k] += frame
+            for k, client in enumerate(clients):
+                want = min(read, len(sent[k]) - len(got[k]))
+                if want:
+                    got[k] += await read_all(client, want, exact=False)
+        for k, client in enumerate(clients):
+            rest = len(sent[k]) - len(got[k])
+            if rest:
+                got[k] += await read_all(client, rest)
+            assert got[k] == sent[k]
+        for transport in ordered:
+            transport.close()
+        for client in clients:
+            client.close()
+        server.close()
+        await server.wait_closed()
+
+    run_on(loop, main())
+
+
+class Collect(asyncio.Protocol):
+    def __init__(self, into: list[Any]) -> None:
+        self.into = into
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.into.append(transport)
 
 
 @pytest.mark.parametrize("loop", sorted(LOOPS))
