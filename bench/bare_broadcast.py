@@ -142,16 +142,6 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     print(f"bare {args.kind} ws://127.0.0.1:{port}/ws", flush=True)
     text = WSMsgType.TEXT
 
-    async def direct_round() -> int:
-        sent = 0
-        for i, transport in enumerate(list(peers.values()), 1):
-            if transport.get_write_buffer_size() <= HIGH_WATER and not transport.is_closing():
-                transport.write(frame)
-                sent += 1
-            if args.slice and not i % args.slice:
-                await asyncio.sleep(0)
-        return sent
-
     async def send_frame_round() -> int:
         sent = 0
         for ws, transport in list(peers.items()):
@@ -163,28 +153,33 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
                 sent += 1
         return sent
 
-    async def batch_round() -> int:
+    batched = args.kind == "aiohttp-batch"
+
+    async def direct_round() -> int:
+        """aiohttp-direct and aiohttp-batch: the frame straight to each transport, or (batched)
+        to those holding nothing unsent in one call per slice, as the server's hub does."""
         sent = 0
         batch = []
         for i, transport in enumerate(list(peers.values()), 1):
             if not transport.is_closing():
                 buffered = transport.get_write_buffer_size()
-                if buffered == 0:
+                if buffered == 0 and batched:
                     batch.append(transport)
                     sent += 1
                 elif buffered <= HIGH_WATER:
                     transport.write(frame)
                     sent += 1
             if args.slice and not i % args.slice:
-                writer(batch, frame)
-                batch = []
+                if batch:
+                    writer(batch, frame)
+                    batch = []
                 await asyncio.sleep(0)
         if batch:
             writer(batch, frame)
         return sent
 
-    rounds = {"aiohttp-direct": direct_round, "aiohttp-batch": batch_round}
-    counts = await broadcast(stop, enough, rounds.get(args.kind, send_frame_round))
+    direct = args.kind in ("aiohttp-direct", "aiohttp-batch")
+    counts = await broadcast(stop, enough, direct_round if direct else send_frame_round)
     await runner.cleanup()
     return counts
 

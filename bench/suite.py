@@ -343,12 +343,16 @@ def delivered(run: Run) -> float:
     return rate(subs["messages_at_mark"], (subs["t_mark"] - subs["t_start"]) / 1e9)
 
 
-def segment_rates(t_start: int, marks: list[list[int]]) -> list[float]:
-    """Messages/s in each window between marks ([t_ns, messages so far, ...] each)."""
-    out, t, m = [], t_start, 0
-    for t_mark, messages, *_ in marks:
-        out.append(rate(messages - m, (t_mark - t) / 1e9))
-        t, m = t_mark, messages
+def segment_rates(
+    t_start: int, marks: list[list[Any]], column: int = 1, start: float = 0
+) -> list[float]:
+    """Per second, in each window between a subscriber process's marks ([t_ns, messages so
+    far, CPU seconds so far] each): the growth of ``column`` (1: messages, 2: CPU seconds,
+    which were ``start`` at ``t_start``)."""
+    out, t, v = [], t_start, start
+    for mark in marks:
+        out.append(rate(mark[column] - v, (mark[0] - t) / 1e9))
+        t, v = mark[0], mark[column]
     return out
 
 
@@ -721,26 +725,24 @@ def scenario_7(ctx: Context) -> dict[str, Any]:
                         subs.send("mark")
                         cpu.append(b.cpu_seconds(server.proc.pid))
                     data = finish(subs, out)
-            # Segments: (seconds, messages, load CPU s, server CPU s); the best one is the
-            # limit (interference from other work on the machine only ever lowers a figure).
-            t, m, c = data["t_start"], 0, data["cpu_start"]
-            parts = []
-            for i, (t_mark, messages, cpu_mark) in enumerate(data["marks"]):
-                window = (t_mark - t) / 1e9
-                parts.append(
-                    (
-                        rate(messages - m, window),
-                        (cpu[i + 1] - cpu[i]) / window,
-                        (cpu_mark - c) / window,
-                    )
+            # Per segment: messages/s, server CPU, load CPU; the best segment is the limit
+            # (interference from other work on the machine only ever lowers a figure).
+            t0, marks = data["t_start"], data["marks"]
+            server_marks = [[m[0], c] for m, c in zip(marks, cpu[1:], strict=True)]
+            parts = list(
+                zip(
+                    segment_rates(t0, marks),
+                    segment_rates(t0, server_marks, 1, cpu[0]),
+                    segment_rates(t0, marks, 2, data["cpu_start"]),
+                    strict=True,
                 )
-                t, m, c = t_mark, messages, cpu_mark
+            )
             best = max(parts)
             results[f"{label}/{n}"] = {
                 "transport": label,
                 "clients": n,
                 "messages_per_s": best[0],
-                "mean_per_s": rate(m, (t - data["t_start"]) / 1e9),
+                "mean_per_s": rate(marks[-1][1], (marks[-1][0] - t0) / 1e9),
                 "segments_per_s": [round(p[0]) for p in parts],
                 "server_cpu": best[1],
                 "load_cpu": best[2],
@@ -788,15 +790,11 @@ def windows(rates: list[float]) -> str:
 
 
 def fanout_ratios(ours: dict[str, Any] | None, bare: dict[str, Any]) -> tuple[float, float]:
-    """Scenario 1 over a bare loop: best window over best window, and mean over mean (a run
-    of an older suite, with one window for scenario 1: its mean over the bare loop's best)."""
-    nan = float("nan")
+    """Scenario 1 over a bare loop: best window over best window, and mean over mean."""
     if not ours:
-        return nan, nan
-    ours_windows = ours.get("segments_per_s") or [ours["messages_per_s"]]
-    best = max(ours_windows) / bare["messages_per_s"]
-    mean = ours["messages_per_s"] / bare["mean_per_s"] if bare.get("mean_per_s") else nan
-    return best, mean
+        return float("nan"), float("nan")
+    best = rate(max(ours["segments_per_s"]), bare["messages_per_s"])
+    return best, rate(ours["messages_per_s"], bare["mean_per_s"])
 
 
 def report(ctx: Context) -> list[str]:
@@ -817,7 +815,7 @@ def report(ctx: Context) -> list[str]:
             lat = r["latency_ms"]
             lines.append(
                 f"| {r['subscribers']:,} | {fmt(r['messages_per_s'])} "
-                f"| {windows(r.get('segments_per_s', []))} "
+                f"| {windows(r['segments_per_s'])} "
                 f"| {fmt(r['book_changes_per_s'])} "
                 f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
                 f"| {fmt(r['message_bytes_mean'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
@@ -839,7 +837,7 @@ def report(ctx: Context) -> list[str]:
             best, mean = fanout_ratios((s1 or {}).get(str(r["clients"])), r)
             lines.append(
                 f"| {r['transport']} | {r['clients']:,} | {fmt(r['messages_per_s'])} "
-                f"| {fmt(r.get('mean_per_s'))} | {windows(r['segments_per_s'])} "
+                f"| {fmt(r['mean_per_s'])} | {windows(r['segments_per_s'])} "
                 f"| {r['server_cpu']:.0%} | {r['load_cpu']:.0%} "
                 f"| {fmt(best, 2)}, {fmt(mean, 2)} |"
             )
@@ -872,7 +870,7 @@ def report(ctx: Context) -> list[str]:
         ]
         for r in f["3"]["runs"]:
             lines.append(
-                f"| {r.get('part', 'all')} | {r['sync']} | {r.get('checkpoints', '-')} "
+                f"| {r.get('part', 'all')} | {r['sync']} | {r['checkpoints']} "
                 f"| {r['batch']:,} | {fmt(r['events_per_s'])} | {fmt(r['commands_per_s'])} |"
             )
     if f.get("4"):
@@ -914,7 +912,7 @@ def report(ctx: Context) -> list[str]:
         ]
         for name, r in f["6"].items():
             fr = r["freshness_ms"]
-            pr = r.get("probe_freshness_ms") or {"p50": None, "p99": None}
+            pr = r["probe_freshness_ms"]
             lines.append(
                 f"| {name} | {r['subscribers']:,} | {fmt(r['orders_per_s'])} "
                 f"| {fmt(fr['p50'], 1)} / {fmt(fr['p99'], 1)} / {fmt(fr['max'], 1)} "
@@ -978,7 +976,7 @@ def targets(ctx: Context) -> list[str]:
         server_path = [r for r in s3["runs"] if r.get("part", "all") == "all" and r["batch"] == 1]
         out.append(
             f"- ingest >= 50,000 events/s durable: best {best['events_per_s']:,.0f} "
-            f"({best['sync']}, {best['batch']} commands per commit, {best.get('checkpoints')} "
+            f"({best['sync']}, {best['batch']} commands per commit, {best['checkpoints']} "
             "checkpoints); the server's path "
             f"(one commit per command): "
             + ", ".join(f"{r['sync']} {r['events_per_s']:,.0f}" for r in server_path)
@@ -1019,10 +1017,11 @@ from hour to hour, and figures of different runs compare only beside it."""
 def calibrate() -> int:
     """Operations per second of :data:`CALIBRATION` on the server's CPU (best of five)."""
     proc = subprocess.run(
-        ["taskset", "-c", str(b.SERVER_CPU), b.PYTHON, "-c", CALIBRATION],
+        [b.PYTHON, "-c", CALIBRATION],
         capture_output=True,
         text=True,
         check=False,
+        preexec_fn=lambda: b.pin(b.SERVER_CPU),  # as b.spawn pins the servers
     )
     try:
         return int(proc.stdout.strip())

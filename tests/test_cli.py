@@ -67,3 +67,14 @@ def test_refuses_negative_settings(tmp_path: Path, flag: str, shown: str) -> Non
     value = shown.removesuffix(".0")
     done = refused_serve(tmp_path, flag, value)
     assert f"{flag} takes 0 or more, got {shown}" in done.stderr
+
+
+def test_serve_defaults_are_the_servers_own() -> None:
+    """The flags' defaults and ServerConfig's (the documented ones) are the same values."""
+    from perps_indexer.cli import build_parser
+    from perps_indexer.server.app import ServerConfig
+
+    args = build_parser().parse_args(["serve"])
+    config = ServerConfig()
+    for name in ("fanout_slice", "commit_batch", "checkpoint_every", "batch_write", "sync"):
+        assert getattr(args, name) == getattr(config, name), name

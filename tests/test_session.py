@@ -32,6 +32,7 @@ from perps_indexer.session import (
     error_message,
     parse_request,
 )
+from tests.sinks import ByteSink, framed
 
 A = "0x" + "a" * 64
 B = "0x" + "b" * 64
@@ -788,32 +789,6 @@ def test_a_never_ending_round_stays_bounded() -> None:
 
 
 # ---------------------------------------------------------------------- the sink fast path
-
-
-class ByteSink:
-    """An in-memory :class:`~perps_indexer.session.Sink`: it keeps what was written and
-    reports as buffered whatever the test says the peer has not read yet."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.buffered = 0
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def seqs(self) -> list[int]:
-        return [json.loads(frame[4:])["seq"] for frame in self.written]
-
-
-def framed(message: bytes) -> bytes:
-    return b"F" + len(message).to_bytes(3, "big") + message
 
 
 def sink_world(watchers: int, limit: int = 1_000) -> tuple[World, list[Session], list[ByteSink]]:

@@ -15,6 +15,7 @@ from perps_indexer.markets import default_markets
 from perps_indexer.session import Session
 from perps_indexer.store import SQLiteStore
 from perps_indexer.venue import Venue
+from tests.sinks import ByteSink, framed, unframe
 
 A = "0x" + "a" * 64
 
@@ -193,41 +194,12 @@ def test_a_snapshot_that_does_not_fit_is_ignored(tmp_path: Path) -> None:
         assert every_message(Venue(default_markets(), store, clock=lambda: 1_000)) == expected
 
 
-class RecordingSink:
-    """A transport as the hub sees it (:class:`perps_indexer.session.Sink`), keeping writes."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-
-def length_framed(message: bytes) -> bytes:
-    return len(message).to_bytes(4, "big") + message
-
-
-def unframe(data: bytes) -> list[dict[str, object]]:
-    out = []
-    while data:
-        size = int.from_bytes(data[:4], "big")
-        out.append(json.loads(data[4 : 4 + size]))
-        data = data[4 + size :]
-    return out
-
-
 def test_a_command_reaches_each_connection_in_one_write(tmp_path: Path) -> None:
     B = "0x" + "b" * 64
     topics = ("positions", "open_orders", "order_history", "trade_history")
     with SQLiteStore(tmp_path / "w.db") as store:
         venue = Venue(default_markets(), store, clock=lambda: 1_000)
-        venue.hub.framer = length_framed
+        venue.hub.framer = framed
         venue.hub.write_limit = 1 << 20
         sinks = {}
         for address in (A, B):
@@ -236,7 +208,7 @@ def test_a_command_reaches_each_connection_in_one_write(tmp_path: Path) -> None:
             for topic in topics:
                 session.subscribe(topic, address)
             session.take()
-            session.sink = sinks[address] = RecordingSink()
+            session.sink = sinks[address] = ByteSink()
         venue.execute(order(6000, size=1000))  # A's bid rests
         venue.execute(
             commands.PlaceMarketOrder(
@@ -246,10 +218,10 @@ def test_a_command_reaches_each_connection_in_one_write(tmp_path: Path) -> None:
         # The bid changed A's open_orders and order_history. The fill changed all four of
         # A's streams (its bid is half filled) and three of B's (a market order never
         # rests): one write per connection, holding every changed stream.
-        assert [len(s.writes) for s in sinks.values()] == [2, 1]
+        assert [len(s.written) for s in sinks.values()] == [2, 1]
         changed = {A: set(topics), B: set(topics) - {"open_orders"}}
         for address, sink in sinks.items():
-            messages = unframe(sink.writes[-1])
+            messages = unframe(sink.written[-1])
             assert sorted(m["message"] for m in messages) == sorted(changed[address])
             assert all(m["seq"] == venue.engine.seq for m in messages)
             for m in messages:  # each is the stream's current state, byte for byte

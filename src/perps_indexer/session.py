@@ -721,7 +721,7 @@ class _Round:
         limit = hub.write_limit
         write_each = hub.write_each
         batch: list[Sink] = []  # for write_each: sinks holding nothing unsent
-        wrote = 0
+        wrote = 0  # one at a time
         for session in turn:
             sink = session.sink
             subscriptions = session.subscriptions
@@ -735,7 +735,6 @@ class _Round:
                 buffered = sink.get_write_buffer_size()
                 if buffered == 0 and write_each is not None:
                     batch.append(sink)
-                    wrote += 1
                     continue
                 if buffered <= limit:
                     sink.write(frame)
@@ -746,7 +745,7 @@ class _Round:
         if batch:
             assert write_each is not None and frame is not None
             write_each(batch, frame)
-        hub.direct_writes += wrote
+        hub.direct_writes += wrote + len(batch)
         self.remaining -= count
         self.cursor = (start + count) % len(order) if order else 0
         return count

@@ -120,6 +120,17 @@ class ThreadedServer:
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
 
+def metrics_value(server: ThreadedServer, name: str) -> float:
+    """One sample of ``GET /metrics`` (the Prometheus text format), by name with or without
+    the ``perps_indexer_`` prefix."""
+    with urllib.request.urlopen(server.rest.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.split(" ")[0] in (name, f"perps_indexer_{name}"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
 def start_threaded(tmp_path: Path, **overrides: Any) -> tuple[ThreadedServer, Callable[[], None]]:
     clock = overrides.pop("clock", None) or FakeClock()
     config = ServerConfig(

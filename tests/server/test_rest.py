@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.server.conftest import ThreadedServer, limit_order, market_order, start_threaded
+from tests.server.conftest import (
+    ThreadedServer,
+    limit_order,
+    market_order,
+    metrics_value,
+    start_threaded,
+)
 
 A = "0x" + "a1" * 32
 B = "0x" + "b2" * 32
@@ -127,18 +133,6 @@ def test_write_errors_are_clear_and_change_nothing(server: ThreadedServer) -> No
     status, reply = rest.get("/nowhere")
     assert (status, reply["code"]) == (404, "not_found")
     assert rest.get("/health")[1]["data"]["seq"] == before  # nothing changed
-
-
-def metrics_value(server: ThreadedServer, name: str) -> float:
-    """One sample of ``GET /metrics`` (the Prometheus text format)."""
-    import urllib.request
-
-    with urllib.request.urlopen(server.rest.url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    for line in text.splitlines():
-        if line.split(" ")[0] in (name, f"perps_indexer_{name}"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics:\n{text}")
 
 
 def test_the_store_is_checkpointed_in_the_background(tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ from perps_indexer.session import (
     error_message,
 )
 from perps_indexer.store import SQLiteStore, open_store
-from perps_indexer.venue import MAX_RESUME_ROWS, Venue, VenueHalted, wall_clock_ms
+from perps_indexer.store.sqlite import CHECKPOINT_EVERY
+from perps_indexer.venue import COMMIT_BATCH, MAX_RESUME_ROWS, Venue, VenueHalted, wall_clock_ms
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,10 @@ class ServerConfig:
     max_outbox_bytes: int = 8 * 1024 * 1024
     slow_reader_timeout: float = 10.0
     """Seconds one send may wait on a peer that does not read before it is closed with 1013."""
-    commit_batch: int = 8
+    commit_batch: int = COMMIT_BATCH
     """Submitted commands committed and published together at most; a burst beyond it is
     committed over several event-loop turns, in order (0: everything of one turn)."""
-    checkpoint_every: float = 0.05
+    checkpoint_every: float = CHECKPOINT_EVERY
     """Seconds between checkpoints of a SQLite store, run on a thread of their own so that no
     command waits for one (0: SQLite's own, inside the append that fills the WAL)."""
     snapshot_interval: float = 300.0
