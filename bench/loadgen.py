@@ -17,7 +17,8 @@ times compare with the driver's.
 
 ``drive`` posts commands over REST on raw HTTP/1.1 keep-alive connections and logs, for each
 accepted command, ``time.monotonic_ns()`` taken just before the request was written and the
-``seq`` of the command's last event (from the response). ``book`` mode keeps one market's book
+``seq`` of the command's last event (from the response), and the time its response was read.
+``book`` mode keeps one market's book
 at a few dozen levels (each connection is a maker that places a resting order 1-20 ticks off
 6000 on either side, and cancels its oldest once it has ``--depth`` resting: every command
 changes the book); ``fills`` mode sends market buys that each fill ``--sweep`` resting asks of
@@ -342,7 +343,8 @@ async def drive_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     control = stdin_lines(loop)
     conns = [await Http.open(args.url) for _ in range(args.concurrency)]
-    log: list[tuple[int, int, int]] = []  # (t_post_ns, seq of the command's last event, fills)
+    # (t_post_ns, seq of the command's last event, fills, t_reply_ns)
+    log: list[tuple[int, int, int, int]] = []
     rejected: dict[str, int] = {}
     running = True
     schedule = {"next": 0, "t0": 0}
@@ -369,7 +371,7 @@ async def drive_main(args: argparse.Namespace) -> None:
             rejected[code] = rejected.get(code, 0) + 1
             return None
         data = reply["data"]
-        log.append((t, data["seq"], len(data.get("fills") or ())))
+        log.append((t, data["seq"], len(data.get("fills") or ()), now_ns()))
         return data  # type: ignore[no-any-return]
 
     async def book_worker(k: int, http: Http) -> None:

@@ -362,6 +362,11 @@ def load_cpu(run: Run) -> float:
     return (subs["cpu_mark"] - subs["cpu_start"] + run.drive["cpu_s"]) / window
 
 
+def reply_times(drive: dict[str, Any]) -> list[int]:
+    """Each command's REST round trip: from its post to its response (ns)."""
+    return [row[3] - row[0] for row in drive["log"]]
+
+
 def order_rate(run: Run) -> float:
     drive = run.drive
     return rate(drive["commands"], (drive["t_stop"] - drive["t_start"]) / 1e9)
@@ -650,6 +655,7 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
             "rejected": run.drive["rejected"],
             "freshness_ms": b.summary_ms(freshness(run.drive, run.subs["logs"])),
             "probe_freshness_ms": b.summary_ms(freshness(run.drive, run.probe["logs"])),
+            "reply_ms": b.summary_ms(reply_times(run.drive)),
             "probe_clients": probes,
             "messages_per_s": delivered(run),
             "server_cpu": run.server_cpu,
@@ -907,16 +913,19 @@ def report(ctx: Context) -> list[str]:
             "it), orderbook subscribers of one market:",
             "",
             "| server | subscribers | orders/s | freshness p50 / p99 / max (ms) "
-            "| in a probe process: p50 / p99 | messages/s | server CPU | load CPU |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| in a probe process: p50 / p99 | REST reply p50 / p99 | messages/s | server CPU "
+            "| load CPU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, r in f["6"].items():
             fr = r["freshness_ms"]
             pr = r["probe_freshness_ms"]
+            rt = r.get("reply_ms", {})  # not in figures from before it was measured
             lines.append(
                 f"| {name} | {r['subscribers']:,} | {fmt(r['orders_per_s'])} "
                 f"| {fmt(fr['p50'], 1)} / {fmt(fr['p99'], 1)} / {fmt(fr['max'], 1)} "
                 f"| {fmt(pr['p50'], 1)} / {fmt(pr['p99'], 1)} "
+                f"| {fmt(rt.get('p50'), 1)} / {fmt(rt.get('p99'), 1)} "
                 f"| {fmt(r['messages_per_s'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
             )
     lines += ["", "Targets:", "", *targets(ctx)]

@@ -120,6 +120,27 @@ async def test_execute_commits_what_a_burst_left_pending_first(tmp_path: Path) -
         assert [e.seq for e in store.read()] == list(range(1, 14))
 
 
+async def test_flush_due_commits_the_scheduled_group_at_once(tmp_path: Path) -> None:
+    with book_watched(tmp_path / "d.db", commit_batch=2) as (store, venue, watcher):
+        commits = venue.commits
+        venue.flush_due()  # nothing scheduled: nothing happens
+        assert venue.commits == commits
+        futures = [venue.submit(order(5000 + i)) for i in range(3)]
+        venue.flush_due()  # the fan-out's call, before its slice: the first group, now
+        assert store.last_seq() == 1 + 2 * 2
+        assert venue.commits == commits + 1
+        assert len(json.loads(watcher.take()[0])["data"]) == 2  # published with it
+        venue.flush_due()
+        assert store.last_seq() == venue.engine.seq == 1 + 3 * 2
+        outcomes = [await f for f in futures]
+        assert [o.events[0].seq for o in outcomes] == [2, 4, 6]
+        # The turns scheduled by submit() find nothing left: no empty commit, no new push.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert venue.commits == commits + 2
+        assert [e.seq for e in store.read()] == list(range(1, 8))
+
+
 def test_commit_batch_must_not_be_negative(tmp_path: Path) -> None:
     with SQLiteStore(tmp_path / "n.db") as store, pytest.raises(ValueError, match="commit_batch"):
         Venue(default_markets(), store, commit_batch=-1)

@@ -215,9 +215,20 @@ class Venue:
             loop.call_soon(self._flush_turn)
         return future
 
+    def flush_due(self) -> None:
+        """Run the scheduled flush now, if one is scheduled (see :meth:`submit`).
+
+        The fan-out calls this before each slice of pushes: what was submitted meanwhile is
+        committed and published first, so the slice already carries it, instead of the flush
+        waiting behind the slice for its turn of the loop."""
+        if self._flush_scheduled:
+            self._flush_turn()
+
     def _flush_turn(self) -> None:
         """The scheduled flush: up to :attr:`commit_batch` submissions, and another turn for
         the rest."""
+        if not self._flush_scheduled:
+            return  # flush_due() or flush() ran it already
         limit, waiters = self.commit_batch, self._waiters
         if not limit or len(waiters) <= limit:
             self.flush()

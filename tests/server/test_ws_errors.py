@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import websocket
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from perps_indexer.server.app import keepalive_plan
 from tests.server.conftest import ThreadedServer, limit_order, start_threaded
 
 A = "0x" + "a" * 64
@@ -150,15 +153,49 @@ def read_until_close(sock: socket.socket) -> bytes:
     return data.split(b"\r\n\r\n", 1)[1]
 
 
-def test_the_keepalive_ticker_reaches_every_connection_in_slices(tmp_path: Path) -> None:
-    running, stop = start_threaded(tmp_path, ping_interval=0.3, ping_timeout=0.4, keepalive_slice=1)
+@given(count=st.integers(0, 3_000), ticks=st.integers(1, 50), step=st.integers(1, 600))
+def test_the_keepalive_plan_checks_every_connection_once_per_period(
+    count: int, ticks: int, step: int
+) -> None:
+    plan = keepalive_plan(count, ticks, step)
+    assert len(plan) == ticks
+    ranges = [r for tick in plan for r in tick]
+    assert [i for start, stop in ranges for i in range(start, stop)] == list(range(count))
+    share = -(-count // ticks)
+    for tick in plan:
+        assert sum(stop - start for start, stop in tick) <= share  # spread over the period
+        assert all(0 < stop - start <= step for start, stop in tick)
+
+
+@pytest.mark.parametrize(
+    ("ticks", "step", "count"),
+    [(1, 1, 3), (4, 1, 11), (4, 2, 11), (4, 500, 11), (20, 500, 3)],
+    ids=[
+        "one-tick-slices-of-1",
+        "shares-of-3-slices-of-1",
+        "shares-of-3-slices-of-2",
+        "shares-of-3-one-slice",
+        "more-ticks-than-connections",
+    ],
+)
+def test_the_keepalive_ticker_reaches_every_connection(
+    tmp_path: Path, ticks: int, step: int, count: int
+) -> None:
+    """Every connection is checked, whatever the share per tick and the slice per share."""
+    running, stop = start_threaded(
+        tmp_path,
+        ping_interval=0.3,
+        ping_timeout=0.4,
+        keepalive_ticks=ticks,
+        keepalive_slice=step,
+    )
     try:
-        silent = [silent_handshake(running.server.port) for _ in range(3)]
+        silent = [silent_handshake(running.server.port) for _ in range(count)]
         for sock in silent:
             frames = read_until_close(sock)
             assert frames[:1] == b"\x89" and b"keepalive ping timeout" in frames
             sock.close()
-        assert running.call(lambda: running.server.metrics.keepalive_timeouts) == 3
+        assert running.call(lambda: running.server.metrics.keepalive_timeouts) == count
     finally:
         stop()
 

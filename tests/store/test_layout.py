@@ -54,6 +54,7 @@ def for_key(
     segment_events=st.integers(1, 9),
     read_chunk=st.integers(1, 4),
     index_lag=st.integers(1, 30),
+    index_chunk=st.integers(1, 30),
     limit=st.none() | st.integers(0, 12),
     newest_first=st.booleans(),
     data=st.data(),
@@ -64,6 +65,7 @@ def test_any_stream_round_trips_through_any_batching(
     segment_events: int,
     read_chunk: int,
     index_lag: int,
+    index_chunk: int,
     limit: int | None,
     newest_first: bool,
     data: st.DataObject,
@@ -78,6 +80,7 @@ def test_any_stream_round_trips_through_any_batching(
             store.segment_events = segment_events
             store.read_chunk = read_chunk
             store.index_lag = index_lag  # the index lags, wholly or partly, or is complete
+            store.index_chunk = index_chunk  # and catches up in steps of any size
             for batch in split(events, cuts):
                 store.append(batch)
             assert list(store.read()) == events

@@ -339,6 +339,24 @@ def test_two_stores_appending_to_one_file_keep_the_index_whole(
         assert seqs(reopened.read_for_key(MAKER)) == MAKER_SEQS
 
 
+def test_a_lagging_index_is_written_a_chunk_at_a_time(db_path: Path) -> None:
+    with SQLiteStore(db_path) as store:
+        store.index_lag, store.index_chunk = 20, 4
+        lags = []
+        for event in deposits(60):
+            store.append([event])
+            lags.append(event.seq - int(store.get_meta("indexed_through") or 0))
+        # Up to 19 behind; at 20, the oldest 4 events' rows are written (never all 20).
+        assert lags[:19] == list(range(1, 20))
+        assert set(lags[19:]) == {16, 17, 18, 19}
+        # A batch larger than the chunk is indexed up to the same distance behind its end.
+        store.append(deposits(50, start_seq=61))
+        assert 110 - int(store.get_meta("indexed_through") or 0) <= 16
+        assert seqs(store.read_for_key(TRADER)) == list(range(1, 111))
+    with SQLiteStore(db_path) as reopened:  # the lagging rows rebuilt from the file
+        assert seqs(reopened.read_for_key(TRADER, newest_first=True)) == list(range(110, 0, -1))
+
+
 # ---------------------------------------------------------------------- reopening & replay
 
 

@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -83,6 +84,31 @@ class WebSocket(web.WebSocketResponse):
         return await super().close(code=code, message=message, drain=drain)
 
 
+YIELDS: Final = 4
+"""Turns of the event loop the fan-out gives other work between two slices, at most."""
+
+OTHER_WORK_SHARE: Final = 0.2
+"""Other work between two slices gets more turns only while it has taken less than this share
+of the time the slice took (the first turn it always gets): orders posted as fast as the
+server answers must not starve the fan-out. Scenarios 1 and 6 at 0, 0.2, 0.5 and unbounded:
+BENCHMARKS.md."""
+
+IDLE_TURN: Final = 40e-6
+"""A turn of the loop back within this many seconds ran nothing else (between two slices with
+nothing else to run, ~25 us pass on uvloop here): the fan-out goes on."""
+
+
+def keepalive_plan(count: int, ticks: int, step: int) -> list[list[tuple[int, int]]]:
+    """The keepalive's plan for one period over ``count`` connections: per tick, the index
+    ranges it checks, in slices of at most ``step``; every index once, in ``ticks`` ticks."""
+    share = -(-count // ticks)  # ceil
+    plan = []
+    for t in range(ticks):
+        first, last = min(t * share, count), min((t + 1) * share, count)
+        plan.append([(i, min(i + step, last)) for i in range(first, last, step)])
+    return plan
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything ``perps-indexer serve`` can be told."""
@@ -119,9 +145,11 @@ class ServerConfig:
     fanout_slice: int = 100
     """Pushes made before yielding to the event loop while fanning a change out (0: all at
     once). Small slices let new orders in between, which keeps updates fresh under load."""
+    keepalive_ticks: int = 20
+    """Ticks per keepalive period; each checks its share of the connections, so that no tick
+    holds the loop for long (10,000 connections at once: about 30 ms)."""
     keepalive_slice: int = 500
-    """Connections the keepalive ticker checks before yielding to the event loop (a pass over
-    10,000 at once would hold every push up for about 10 ms)."""
+    """Connections one keepalive tick checks before yielding to the event loop."""
     batch_write: bool = True
     """Fan-out rounds write one frame to many connections in one call into C
     (:mod:`perps_indexer.server.batch_write`), when the extension is built."""
@@ -438,33 +466,65 @@ class Server:
                 transport.abort()
 
     async def _fanout_loop(self, hub: Hub) -> None:
-        """Deliver deferred state pushes in slices, yielding to the loop between them."""
+        """Deliver deferred state pushes in slices, yielding to the loop between them.
+
+        The fan-out gives way to the commands it publishes, within limits. A REST command takes
+        four turns of the loop (read, handler task, commit, reply: aiohttp on Python 3.11
+        starts a task per request), and with one turn between slices, a slice ran before each.
+        So after a slice the loop gets more turns, until one comes back at once (nothing else
+        was ready: asyncio cannot be asked), other work has had :data:`OTHER_WORK_SHARE` of
+        the slice's time, or :data:`YIELDS` turns have passed. A commit still pending is made
+        before the next slice (:meth:`Venue.flush_due`), which then carries it."""
         wake = asyncio.Event()
         hub.wake = wake.set
         budget = self.config.fanout_slice
+        venue = self.venue
+        assert venue is not None
+        clock = time.perf_counter
         while True:
             await wake.wait()
             wake.clear()
-            while hub.drain(budget):
-                await asyncio.sleep(0)
+            venue.flush_due()
+            while True:
+                started = clock()
+                if not hub.drain(budget):
+                    break
+                allowance = (clock() - started) * OTHER_WORK_SHARE
+                spent = 0.0
+                for _ in range(YIELDS):
+                    started = clock()
+                    await asyncio.sleep(0)
+                    turn = clock() - started
+                    spent += turn
+                    if turn < IDLE_TURN or spent >= allowance:
+                        break
+                venue.flush_due()
 
     async def _ping(self, ws: web.WebSocketResponse) -> None:
         with contextlib.suppress(ConnectionError):
             await ws.ping()
 
     async def _keepalive_loop(self) -> None:
+        """Check every connection once per period, a share of them at each tick.
+
+        The whole pass at once, even in slices with a yield between them, came back to back:
+        every fan-out round and command running meanwhile waited for all of it. Spread over
+        ``keepalive_ticks`` ticks, each share is small and ticks are far apart."""
         period = max(0.05, min(1.0, self.config.ping_interval / 4, self.config.ping_timeout / 4))
+        ticks = max(1, self.config.keepalive_ticks)
+        step = max(1, self.config.keepalive_slice)
         clock = asyncio.get_running_loop().time
+        # Sessions only, not (session, ws) pairs: 10,000 fresh tuples a second would be
+        # garbage-collector work of their own. Connections opened during a period are checked
+        # from the next; those closed meanwhile are skipped by _keepalive.
         while True:
-            await asyncio.sleep(period)
-            # Sessions only, not (session, ws) pairs: 10,000 fresh tuples a second would be
-            # garbage-collector work of their own.
-            connections = list(self.connections)
-            step = max(1, self.config.keepalive_slice)
-            for start in range(0, len(connections), step):
-                if start:
-                    await asyncio.sleep(0)  # thousands of connections: never hold the loop long
-                self._keepalive(connections[start : start + step], clock())
+            todo = list(self.connections)
+            for tick in keepalive_plan(len(todo), ticks, step):
+                await asyncio.sleep(period / ticks)
+                for k, (start, stop) in enumerate(tick):
+                    if k:
+                        await asyncio.sleep(0)  # a share larger than a slice: never hold the loop
+                    self._keepalive(todo[start:stop], clock())
 
     def _keepalive(self, sessions: list[Session], now: float) -> None:
         """Pings, ping timeouts and stuck sends of some connections."""

@@ -14,6 +14,7 @@ converted to version 2 when it is opened (in one transaction; the events are unc
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import sqlite3
@@ -85,6 +86,11 @@ KEY_ID_CACHE: Final = 100_000
 
 INDEX_LAG: Final = 2_048
 """How many events the key index may lag the log by before an append writes it."""
+
+INDEX_CHUNK: Final = 256
+"""Events whose key rows an append writes, at least, once the index lags by INDEX_LAG: the
+oldest, leaving it that much less behind. All 2,048 at once held a small append for 3-4 ms
+(a stall of every stream, once a second at 1,400 orders/s; BENCHMARKS.md, scenario 6)."""
 
 MIGRATE_CHUNK: Final = 4_096
 """Version 1 events converted per step (the whole conversion is one transaction)."""
@@ -183,6 +189,10 @@ class SQLiteStore(EventStore):
 
     index_lag: int = INDEX_LAG
     """How many events the key index may lag the log by (see :meth:`append`)."""
+
+    index_chunk: int = INDEX_CHUNK
+    """Events whose key rows one append writes once the index lags by :attr:`index_lag`: the
+    oldest, so that it lags by that many fewer (see :meth:`append`)."""
 
     def __init__(
         self, path: str | os.PathLike[str], *, synchronous: str = "FULL", busy_timeout: float = 5.0
@@ -354,6 +364,9 @@ class SQLiteStore(EventStore):
         append: each write of it rewrites one B-tree page per key touched, which cost more
         than the events themselves in batches of 100. The index is a function of the events,
         so what it lacks is rebuilt from them (see :meth:`_lagging_rows`); nothing is lost.
+        Once it lags that far, an append writes the rows of its oldest :attr:`index_chunk`
+        events (or more, to keep up with a large batch): the work comes in small pieces, never
+        a whole lag's worth in one append.
         """
         if not events:
             return
@@ -368,14 +381,18 @@ class SQLiteStore(EventStore):
                     lagging, indexed = self._lagging_rows(conn, last)
                     lagging += key_rows
                     flushed = through - indexed >= self.index_lag
-                    added = self._write_index(conn, lagging, through) if flushed else {}
+                    if flushed:
+                        split, indexed = self._index_part(lagging, through)
+                        added = self._write_index(conn, lagging[:split], indexed)
+                    else:
+                        added = {}
                     conn.executemany(_INSERT_SEGMENT, segments)
             except BaseException:
                 self._seen = -1  # the lagging rows may hold this batch's: rebuild them later
                 raise
             # Committed: the in-memory state follows, still under the lock.
             if flushed:
-                self._lagging, self._indexed = [], through
+                self._lagging, self._indexed = lagging[split:], indexed
             self._seen = through
             self._remember(added)  # only now: a rolled-back key id must not be remembered
         logger.debug("%s: appended events %d..%d", self.path, events[0].seq, events[-1].seq)
@@ -394,6 +411,15 @@ class SQLiteStore(EventStore):
             lagging += segment_key_rows(first, decode_segment(first, seg_last, ends, body))
         self._lagging, self._indexed, self._seen = lagging, indexed, last
         return lagging, indexed
+
+    def _index_part(self, lagging: list[KeyRow], through: int) -> tuple[int, int]:
+        """How many of the lagging key rows (oldest first) to write now, so that the index
+        lags by about ``index_lag - index_chunk`` events after, and the seq it is then
+        complete through: just before the first segment left out (segments are contiguous),
+        or ``through`` if none is."""
+        cutoff = through - self.index_lag + self.index_chunk
+        split = bisect.bisect_right(lagging, cutoff, key=_segment_first)
+        return split, (lagging[split][2] - 1 if split < len(lagging) else through)
 
     def _write_index(
         self, conn: sqlite3.Connection, key_rows: list[KeyRow], through: int
@@ -635,6 +661,10 @@ class SQLiteStore(EventStore):
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()  # the last connection to close checkpoints what the WAL holds
+
+
+def _segment_first(row: KeyRow) -> int:
+    return row[2]
 
 
 class _Checkpointer(threading.Thread):
