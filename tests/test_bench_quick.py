@@ -35,7 +35,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert result["errors"] == {}
     assert result["failures"] == []
     figures = result["figures"]
-    assert sorted(figures) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert sorted(figures) == ["1", "2", "3", "4", "5", "6", "7", "8"]
 
     for run in figures["1"].values():  # fan-out
         assert run["messages_per_s"] > 0
@@ -59,6 +59,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         run = figures["6"][name]
         assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
         assert finite(run["probe_freshness_ms"]["p99"]) and run["probe_clients"] > 0
+        assert finite(run["reply_ms"]["p99"])
     bare = [v for k, v in figures["7"].items() if k != "message_bytes"]  # bare limit
     assert {r["transport"] for r in bare} == {
         "picows",
@@ -69,4 +70,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         "aiohttp-batch/100",
     }
     assert all(r["messages_per_s"] > 0 for r in bare)
-    assert "Targets:" in proc.stdout
+    pairs = figures["8"]["pairs"]  # fan-out and bare picows in turns
+    assert pairs and all(p["ours_per_s"] > 0 and p["picows_per_s"] > 0 for p in pairs)
+    assert finite(figures["8"]["median_ratio_best"])
+    assert "Targets:" in proc.stdout and "pairs in turns (scenario 8)" in proc.stdout
