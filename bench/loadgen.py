@@ -36,6 +36,7 @@ import contextlib
 import gc
 import json
 import random
+import resource
 import sys
 import threading
 import time
@@ -243,13 +244,14 @@ async def subscribe_main(args: argparse.Namespace) -> None:
             stats.counting = stats.recording = True
             result["t_start"] = now_ns()
             result["cpu_start"] = cpu_seconds_self()
+            result["sleeps_start"] = sleeps_self()
         elif line == "mark":  # the last mark ends the counting window; all are kept
             result["t_mark"] = now_ns()
             result["cpu_mark"] = cpu_seconds_self()
             result["messages_at_mark"] = stats.messages
             result["bytes_at_mark"] = stats.bytes
             result.setdefault("marks", []).append(
-                [result["t_mark"], stats.messages, result["cpu_mark"]]
+                [result["t_mark"], stats.messages, result["cpu_mark"], sleeps_self()]
             )
         elif line in ("stop", ""):
             stats.recording = False
@@ -290,6 +292,13 @@ def hold_collector(held: bool) -> None:
         gc.disable()
     else:
         gc.enable()
+
+
+def sleeps_self() -> int:
+    """Times this process went to sleep waiting (voluntary context switches): each time it
+    ran out of messages to read, so each wake-up that followed was started by a server's
+    send, on the server's core (on loopback, in a VM, not free)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
 def cpu_seconds_self() -> float:

@@ -371,6 +371,13 @@ def reply_times(drive: dict[str, Any]) -> list[int]:
     return [row[3] - row[0] for row in drive["log"]]
 
 
+def client_sleeps(subs: dict[str, Any]) -> float:
+    """How often a subscriber process went to sleep for want of messages, per second of the
+    counted window (see loadgen.sleeps_self)."""
+    last = subs["marks"][-1]
+    return rate(last[3] - subs["sleeps_start"], (last[0] - subs["t_start"]) / 1e9)
+
+
 def order_rate(run: Run) -> float:
     drive = run.drive
     return rate(drive["commands"], (drive["t_stop"] - drive["t_start"]) / 1e9)
@@ -454,6 +461,7 @@ def fanout_run(ctx: Context, n: int, profile: bool = False) -> dict[str, Any]:
         "segments_per_s": segment_rates(run.subs["t_start"], run.subs["marks"]),
         "message_bytes_mean": run.subs["bytes_at_mark"] / messages if messages else 0,
         "book_changes_per_s": order_rate(run),
+        "client_sleeps_per_s": client_sleeps(run.subs),
         "commands": run.drive["commands"],
         "rejected": run.drive["rejected"],
         "latency_ms": lat,
@@ -660,6 +668,7 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
             "freshness_ms": b.summary_ms(freshness(run.drive, run.subs["logs"])),
             "probe_freshness_ms": b.summary_ms(freshness(run.drive, run.probe["logs"])),
             "reply_ms": b.summary_ms(reply_times(run.drive)),
+            "client_sleeps_per_s": client_sleeps(run.subs),
             "probe_clients": probes,
             "messages_per_s": delivered(run),
             "server_cpu": run.server_cpu,
@@ -765,6 +774,7 @@ def bare_run(ctx: Context, kind: str, label: str, extra: list[str], n: int) -> d
         "segments_per_s": [round(p[0]) for p in parts],
         "server_cpu": best[1],
         "load_cpu": best[2],
+        "client_sleeps_per_s": client_sleeps(data),
         "loadavg": load,
     }
 
@@ -784,6 +794,8 @@ def scenario_8(ctx: Context) -> dict[str, Any]:
                 "book_changes_per_s": ours["book_changes_per_s"],
                 "picows_per_s": bare["messages_per_s"],
                 "picows_mean_per_s": bare["mean_per_s"],
+                "ours_client_sleeps_per_s": ours["client_sleeps_per_s"],
+                "picows_client_sleeps_per_s": bare["client_sleeps_per_s"],
                 "ratio_best": best,
                 "ratio_mean": mean,
             }
@@ -981,15 +993,17 @@ def report(ctx: Context) -> list[str]:
             f"Scenario 8, scenario 1 at {s8['subscribers']:,} subscribers and bare picows at as "
             "many clients, in turns (messages/s, best window and mean):",
             "",
-            "| pair | ours: best, mean | book changes/s | picows: best, mean | ratio: best, mean |",
-            "| ---: | ---: | ---: | ---: | ---: |",
+            "| pair | ours: best, mean | book changes/s | picows: best, mean | ratio: best, mean "
+            "| client sleeps/s: ours, picows |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for i, p in enumerate(s8["pairs"], 1):
             lines.append(
                 f"| {i} | {fmt(p['ours_per_s'])}, {fmt(p['ours_mean_per_s'])} "
                 f"| {fmt(p['book_changes_per_s'])} "
                 f"| {fmt(p['picows_per_s'])}, {fmt(p['picows_mean_per_s'])} "
-                f"| {fmt(p['ratio_best'], 2)}, {fmt(p['ratio_mean'], 2)} |"
+                f"| {fmt(p['ratio_best'], 2)}, {fmt(p['ratio_mean'], 2)} "
+                f"| {fmt(p['ours_client_sleeps_per_s'])}, {fmt(p['picows_client_sleeps_per_s'])} |"
             )
     lines += ["", "Targets:", "", *targets(ctx)]
     return lines

@@ -72,5 +72,6 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert all(r["messages_per_s"] > 0 for r in bare)
     pairs = figures["8"]["pairs"]  # fan-out and bare picows in turns
     assert pairs and all(p["ours_per_s"] > 0 and p["picows_per_s"] > 0 for p in pairs)
+    assert all(finite(p["ours_client_sleeps_per_s"]) for p in pairs)
     assert finite(figures["8"]["median_ratio_best"])
     assert "Targets:" in proc.stdout and "pairs in turns (scenario 8)" in proc.stdout
