@@ -18,12 +18,12 @@ times compare with the driver's.
 ``drive`` posts commands over REST on raw HTTP/1.1 keep-alive connections and logs, for each
 accepted command, ``time.monotonic_ns()`` taken just before the request was written and the
 ``seq`` of the command's last event (from the response), and the time its response was read.
-``book`` mode keeps one market's book
-at a few dozen levels (each connection is a maker that places a resting order 1-20 ticks off
-6000 on either side, and cancels its oldest once it has ``--depth`` resting: every command
-changes the book); ``fills`` mode sends market buys that each fill ``--sweep`` resting asks of
-the prefilled accounts (see :func:`benchlib.prefill`). ``--rate 0`` is closed loop (as fast as
-the server answers), else commands are scheduled at that rate across the connections.
+``book`` mode keeps one market's book at a few dozen levels (each connection is a maker that
+places a resting order 1-20 ticks off 6000 on either side, and cancels its oldest once it has
+``--depth`` resting: every command changes the book); ``fills`` mode sends market buys that
+each fill ``--sweep`` resting asks of the prefilled accounts (see :func:`benchlib.prefill`).
+``--rate 0`` is closed loop (as fast as the server answers), else commands are scheduled at
+that rate across the connections.
 
 ``sublat`` measures the time from sending a subscription to its first data message.
 """
@@ -295,9 +295,10 @@ def hold_collector(held: bool) -> None:
 
 
 def sleeps_self() -> int:
-    """Times this process went to sleep waiting (voluntary context switches): each time it
-    ran out of messages to read, so each wake-up that followed was started by a server's
-    send, on the server's core (on loopback, in a VM, not free)."""
+    """Times this process went to sleep waiting (voluntary context switches; the stdin
+    thread adds one per command): each time its loop ran out of messages to read, so each
+    wake-up that followed was started by a server's send, on the server's core (on loopback,
+    in a VM, not free)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
