@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -154,6 +155,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
         return sent
 
     batched = args.kind == "aiohttp-batch"
+    work = args.work_us / 1e6
 
     async def direct_round() -> int:
         """aiohttp-direct and aiohttp-batch: the frame straight to each transport, or (batched)
@@ -173,6 +175,8 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
                 if batch:
                     writer(batch, frame)
                     batch = []
+                if work:
+                    busy(work)
                 await asyncio.sleep(0)
         if batch:
             writer(batch, frame)
@@ -182,6 +186,13 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     counts = await broadcast(stop, enough, direct_round if direct else send_frame_round)
     await runner.cleanup()
     return counts
+
+
+def busy(seconds: float) -> None:
+    """Spin on the CPU for ``seconds``."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -215,6 +226,14 @@ def main() -> None:
         default=0,
         help="aiohttp-direct/-batch: yield to the loop after this many writes, as the server's "
         "fan-out does (0: once a round)",
+    )
+    parser.add_argument(
+        "--work-us",
+        type=float,
+        default=0.0,
+        help="aiohttp-direct/-batch with --slice: spin this many microseconds of CPU after each "
+        "slice, as the server's order work comes between its slices (the sends' cost with gaps "
+        "between them, without the orders' own effects on the caches)",
     )
     args = parser.parse_args()
     if args.kind in ("picows", "aiohttp-direct", "aiohttp-batch"):
