@@ -87,12 +87,6 @@ class WebSocket(web.WebSocketResponse):
 YIELDS: Final = 4
 """Turns of the event loop the fan-out gives other work between two slices, at most."""
 
-OTHER_WORK_SHARE: Final = 0.2
-"""Other work between two slices gets more turns only while it has taken less than this share
-of the time the slice took (the first turn it always gets): orders posted as fast as the
-server answers must not starve the fan-out. Scenarios 1 and 6 at 0, 0.2, 0.5 and unbounded:
-BENCHMARKS.md."""
-
 IDLE_TURN: Final = 40e-6
 """A turn of the loop back within this many seconds ran nothing else (between two slices with
 nothing else to run, ~25 us pass on uvloop here): the fan-out goes on."""
@@ -145,6 +139,12 @@ class ServerConfig:
     fanout_slice: int = 100
     """Pushes made before yielding to the event loop while fanning a change out (0: all at
     once). Small slices let new orders in between, which keeps updates fresh under load."""
+    fanout_share: float = 0.2
+    """Between two fan-out slices, other work (orders first) gets more turns of the loop only
+    while it has taken less than this share of the time the slice took; the first turn it
+    always gets. Larger: lower order latency and fresher books under order flow; smaller: more
+    of the core for the fan-out when orders come as fast as the server answers. Scenarios 1
+    and 6 at 0, 0.2, 0.5 and unbounded: BENCHMARKS.md."""
     keepalive_ticks: int = 20
     """Ticks per keepalive period; each checks its share of the connections, so that no tick
     holds the loop for long."""
@@ -472,12 +472,14 @@ class Server:
         four turns of the loop (read, handler task, commit, reply: aiohttp on Python 3.11
         starts a task per request), and with one turn between slices, a slice ran before each.
         So after a slice the loop gets more turns, until one comes back at once (nothing else
-        was ready: asyncio cannot be asked), other work has had :data:`OTHER_WORK_SHARE` of
-        the slice's time, or :data:`YIELDS` turns have passed. A commit still pending is made
-        before the next slice (:meth:`Venue.flush_due`), which then carries it."""
+        was ready: asyncio cannot be asked), other work has had its share of the slice's time
+        (:attr:`ServerConfig.fanout_share`), or :data:`YIELDS` turns have passed. A commit
+        still pending is made before the next slice (:meth:`Venue.flush_due`), which then
+        carries it."""
         wake = asyncio.Event()
         hub.wake = wake.set
         budget = self.config.fanout_slice
+        share = self.config.fanout_share
         venue = self.venue
         assert venue is not None
         clock = time.perf_counter
@@ -489,7 +491,7 @@ class Server:
                 started = clock()
                 if not hub.drain(budget):
                     break
-                allowance = (clock() - started) * OTHER_WORK_SHARE
+                allowance = (clock() - started) * share
                 spent = 0.0
                 for _ in range(YIELDS):
                     started = clock()
