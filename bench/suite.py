@@ -351,8 +351,8 @@ def segment_rates(
     t_start: int, marks: list[list[Any]], column: int = 1, start: float = 0
 ) -> list[float]:
     """Per second, in each window between a subscriber process's marks ([t_ns, messages so
-    far, CPU seconds so far] each): the growth of ``column`` (1: messages, 2: CPU seconds,
-    which were ``start`` at ``t_start``)."""
+    far, CPU seconds so far, sleeps so far] each): the growth of ``column`` (1: messages,
+    2: CPU seconds, which were ``start`` at ``t_start``)."""
     out, t, v = [], t_start, start
     for mark in marks:
         out.append(rate(mark[column] - v, (mark[0] - t) / 1e9))
@@ -978,12 +978,12 @@ def report(ctx: Context) -> list[str]:
         for name, r in f["6"].items():
             fr = r["freshness_ms"]
             pr = r["probe_freshness_ms"]
-            rt = r.get("reply_ms", {})  # not in figures from before it was measured
+            rt = r["reply_ms"]
             lines.append(
                 f"| {name} | {r['subscribers']:,} | {fmt(r['orders_per_s'])} "
                 f"| {fmt(fr['p50'], 1)} / {fmt(fr['p99'], 1)} / {fmt(fr['max'], 1)} "
                 f"| {fmt(pr['p50'], 1)} / {fmt(pr['p99'], 1)} "
-                f"| {fmt(rt.get('p50'), 1)} / {fmt(rt.get('p99'), 1)} "
+                f"| {fmt(rt['p50'], 1)} / {fmt(rt['p99'], 1)} "
                 f"| {fmt(r['messages_per_s'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
             )
     s8 = f.get("8")

@@ -132,12 +132,14 @@ async def test_flush_due_commits_the_scheduled_group_at_once(tmp_path: Path) -> 
         assert len(json.loads(watcher.take()[0])["data"]) == 2  # published with it
         venue.flush_due()
         assert store.last_seq() == venue.engine.seq == 1 + 3 * 2
+        assert len(json.loads(watcher.take()[0])["data"]) == 3
         outcomes = [await f for f in futures]
         assert [o.events[0].seq for o in outcomes] == [2, 4, 6]
         # The turns scheduled by submit() find nothing left: no empty commit, no new push.
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert venue.commits == commits + 2
+        assert watcher.take() == []
         assert [e.seq for e in store.read()] == list(range(1, 8))
 
 

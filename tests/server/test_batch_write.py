@@ -259,6 +259,7 @@ def test_a_tls_connection_is_never_written_behind_its_back(loop: str) -> None:
         assert writer.add(transport) is False and len(writer) == 0
         writer([transport], b"through the TLS layer")
         assert await asyncio.wait_for(reader.readexactly(21), 10) == b"through the TLS layer"
+        assert writer.short_writes == 0  # never sent to its socket: nothing was cut short
         client.close()
         transport.close()
         server.close()

@@ -488,15 +488,15 @@ class Server:
             wake.clear()
             self._flush_due(venue)
             while True:
-                started = clock()
+                sliced = clock()
                 if not hub.drain(budget):
                     break
-                allowance = (clock() - started) * share
+                allowance = (clock() - sliced) * share
                 spent = 0.0
                 for _ in range(YIELDS):
-                    started = clock()
+                    yielded = clock()
                     await asyncio.sleep(0)
-                    turn = clock() - started
+                    turn = clock() - yielded
                     spent += turn
                     if turn < IDLE_TURN or spent >= allowance:
                         break

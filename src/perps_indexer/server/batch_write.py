@@ -68,9 +68,11 @@ class BatchWriter:
         self.batches += 1
         fds = self._fds
         short = send_each([fds.get(sink, -1) for sink in sinks], frame)
-        if short:
-            self.short_writes += len(short)
-            for index, taken in short:
-                # The rest, or on an error the whole frame: the transport retries the send and
-                # handles a broken connection as it does for its own writes.
-                sinks[index].write(frame[taken:] if taken > 0 else frame)
+        for index, taken in short:
+            # The rest, or on an error the whole frame: the transport retries the send and
+            # handles a broken connection as it does for its own writes. A sink it does not
+            # know (fd -1: nothing was sent) is written whole, and is no short write.
+            sink = sinks[index]
+            sink.write(frame[taken:] if taken > 0 else frame)
+            if sink in fds:
+                self.short_writes += 1

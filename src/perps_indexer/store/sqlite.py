@@ -21,6 +21,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from typing import Final
 
 from perps_indexer import errors
@@ -418,7 +419,7 @@ class SQLiteStore(EventStore):
         complete through: just before the first segment left out (segments are contiguous),
         or ``through`` if none is."""
         cutoff = through - self.index_lag + self.index_chunk
-        split = bisect.bisect_right(lagging, cutoff, key=_segment_first)
+        split = bisect.bisect_right(lagging, cutoff, key=itemgetter(2))  # segments' first seqs
         return split, (lagging[split][2] - 1 if split < len(lagging) else through)
 
     def _write_index(
@@ -661,10 +662,6 @@ class SQLiteStore(EventStore):
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()  # the last connection to close checkpoints what the WAL holds
-
-
-def _segment_first(row: KeyRow) -> int:
-    return row[2]
 
 
 class _Checkpointer(threading.Thread):
