@@ -1,6 +1,6 @@
 """What one REST request costs the server in aiohttp, beside a bare HTTP/1.1 protocol.
 
-    python bench/http_cost.py [--seconds 5] [--connections 8]
+    python bench/http_cost.py [--seconds 5] [--connections 8] [--kinds app,...,server-lane]
 
 The server's REST writes go through aiohttp (the transport of its WebSocket API too). This
 measures what that costs per request, to decide whether a leaner HTTP path for the writes would
@@ -12,7 +12,10 @@ pinned to CPU 1:
   server's shape: ``error_middleware`` and ``cors_middleware``);
 - ``lowlevel``: aiohttp's low-level ``web.Server`` (no router, no middlewares);
 - ``raw``: an ``asyncio.Protocol`` that finds the headers' end and ``Content-Length`` and
-  writes a fixed answer (no parser worth the name: the floor, not a server).
+  writes a fixed answer (no parser worth the name: the floor, not a server);
+- ``server``, ``server-lane``: the real server (``perps-indexer serve --sync NORMAL``) taking
+  ``POST /deposit`` commands, through aiohttp (``--no-write-lane``) and through its write lane
+  (``server/lane.py``): what the lane saves on a real write, engine, commit and fold included.
 
 Prints one line per server: requests/s, its CPU share, and CPU microseconds per request. When
 the client's core is full (``raw``), the per-request figure is still right; the rate is the
@@ -24,13 +27,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_seconds
+from benchlib import API_KEY, cpu_seconds
 
 PORT = 18_123
 BODY = b'{"success":true,"message":"ok","data":{"seq":1}}'
@@ -91,17 +97,42 @@ def serve(kind: str, seconds: float) -> None:
     uvloop.run(main())
 
 
-def client(connections: int, seconds: float) -> None:
+def real_server(kind: str, db: str) -> subprocess.Popen[str]:
+    """The real server, on PORT, ready to serve."""
+    lane = "--write-lane" if kind == "server-lane" else "--no-write-lane"
+    args = ["--port", str(PORT), "--db", db, "--api-key", API_KEY, "--sync", "NORMAL", lane]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "perps_indexer", "serve", *args, "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {0}),  # noqa: PLW1509
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise SystemExit("the server did not start")
+
+
+def client(connections: int, seconds: float, real: bool) -> None:
     import uvloop
 
     from loadgen import Http  # the suite's REST driver
 
     done = [0]
+    path, body = "/placeLimitOrder", BODY_IN
+    if real:
+        path, body = "/deposit", b'{"userAddress": "0x' + b"a1" * 32 + b'", "amount": 1}'
 
     async def one() -> None:
         http = await Http.open(f"http://127.0.0.1:{PORT}")
         while True:
-            await http.post("/placeLimitOrder", BODY_IN)
+            status, _ = await http.post(path, body)
+            assert status == 200, status
             done[0] += 1
 
     async def main() -> None:
@@ -123,10 +154,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--role", choices=["app", "lowlevel", "raw", "client"], help="internal")
+    parser.add_argument(
+        "--kinds",
+        default="app,lowlevel,raw,server,server-lane",
+        help="which servers to measure, in this order (default all)",
+    )
+    parser.add_argument("--role", choices=["app", "lowlevel", "raw", "client", "real-client"])
     args = parser.parse_args()
-    if args.role == "client":
-        client(args.connections, args.seconds)
+    if args.role in ("client", "real-client"):
+        client(args.connections, args.seconds, args.role == "real-client")
         return
     if args.role is not None:
         serve(args.role, args.seconds + 3.0)
@@ -134,17 +170,22 @@ def main() -> None:
     me = [sys.executable, str(Path(__file__).resolve())]
     print("| server | requests/s | server CPU | CPU µs per request |")
     print("| --- | ---: | ---: | ---: |")
-    for kind in ("app", "lowlevel", "raw"):
-        server = subprocess.Popen(
-            [*me, "--role", kind, "--seconds", str(args.seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, {0}),  # noqa: PLW1509
-        )
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
+    for kind in args.kinds.split(","):
+        real = kind.startswith("server")
+        tmp = tempfile.mkdtemp()
+        if real:
+            server = real_server(kind, os.path.join(tmp, "perps.db"))
+        else:
+            server = subprocess.Popen(
+                [*me, "--role", kind, "--seconds", str(args.seconds)],
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, {0}),  # noqa: PLW1509
+            )
+            assert server.stdout is not None
+            assert server.stdout.readline().strip() == "ready"
         load = subprocess.Popen(
-            [*me, "--role", "client", "--seconds", str(args.seconds)],
+            [*me, "--role", "real-client" if real else "client", "--seconds", str(args.seconds)],
             stdout=subprocess.PIPE,
             text=True,
             preexec_fn=lambda: os.sched_setaffinity(0, {1}),  # noqa: PLW1509
@@ -155,7 +196,10 @@ def main() -> None:
         rate = float(load.stdout.readline().split()[-1])
         share = (cpu_seconds(server.pid) - cpu) / (time.monotonic() - started)
         load.wait(30)
+        if real:
+            server.terminate()
         server.wait(30)
+        shutil.rmtree(tmp, ignore_errors=True)
         print(f"| {kind} | {rate:,.0f} | {share:.0%} | {share / rate * 1e6:.1f} |")
 
 

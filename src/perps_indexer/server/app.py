@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import socket
@@ -24,6 +25,7 @@ from perps_indexer.errors import CommandRejected, ConfigurationError
 from perps_indexer.markets import MarketSpec, load_markets
 from perps_indexer.server.batch_write import AVAILABLE as BATCH_WRITE
 from perps_indexer.server.batch_write import BatchWriter
+from perps_indexer.server.lane import WriteLane
 from perps_indexer.server.rest import RestApi, cors_middleware, error_middleware, ok
 from perps_indexer.session import (
     CLOSE_POLICY_VIOLATION,
@@ -150,6 +152,12 @@ class ServerConfig:
     holds the loop for long."""
     keepalive_slice: int = 500
     """Connections one keepalive tick checks before yielding to the event loop."""
+    write_lane: bool = True
+    """Answer plain HTTP/1.1 REST writes without aiohttp (:mod:`perps_indexer.server.lane`);
+    every other request, and every connection after one, is aiohttp's. False: aiohttp serves
+    every request."""
+    idle_timeout: float = 75.0
+    """Seconds a keep-alive HTTP connection may stay idle (aiohttp's default too)."""
     batch_write: bool = True
     """Fan-out rounds write one frame to many connections in one call into C
     (:mod:`perps_indexer.server.batch_write`), when the extension is built."""
@@ -212,6 +220,9 @@ class Server:
         self.port = config.port
         self.batch_writer: BatchWriter | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.lanes: set[WriteLane] = set()
+        """Connections the write lane serves (see :mod:`perps_indexer.server.lane`)."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
@@ -249,16 +260,25 @@ class Server:
         app.router.add_get("/ws", self.ws_handler)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_handler)
-        app.router.add_routes(
-            RestApi(self.venue, None if self.config.read_only else self.api_key).routes()
+        api = RestApi(self.venue, None if self.config.read_only else self.api_key)
+        app.router.add_routes(api.routes())
+        self._runner = runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=self.config.idle_timeout
         )
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None)  # the real port when given port 0
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        await runner.setup()
+        assert runner.server is not None
+        factory: Callable[[], asyncio.Protocol] = runner.server
+        if self.config.write_lane and api.api_key is not None:
+            factory = functools.partial(
+                WriteLane, api, runner.server, self.lanes, self.config.idle_timeout, MAX_BODY
+            )
+
+        # Listening ourselves, not through an aiohttp site: a connection starts in the write
+        # lane, which hands it to aiohttp's protocol (runner.server) at its first other request.
+        self._listener = await asyncio.get_running_loop().create_server(
+            factory, self.config.host, self.config.port
+        )
+        self.port = self._listener.sockets[0].getsockname()[1]  # the real one if given 0
         self._spawn(self._keepalive_loop())
         if self.config.snapshot_interval > 0:
             self._spawn(self._snapshot_loop())
@@ -286,6 +306,10 @@ class Server:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._listener is not None:
+            self._listener.close()
+        for lane in list(self.lanes):
+            lane.close()
         for ws in list(self.connections.values()):
             with contextlib.suppress(Exception):
                 await ws.close(code=1001, message=b"server shutting down")

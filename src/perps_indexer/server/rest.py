@@ -23,6 +23,7 @@ from perps_indexer.units import normalize_address
 from perps_indexer.venue import Venue, VenueHalted
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Parser = Callable[[dict[str, Any]], commands.AnyCommand]
 
 _encoder = msgspec.json.Encoder()
 _INT = re.compile(r"-?\d{1,40}")
@@ -32,6 +33,7 @@ class BadRequest(PerpsIndexerError):
     """A REST request is malformed (missing field, wrong type); ``code`` as on the WebSocket."""
 
     code = "invalid_request"
+    status = 400
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -39,14 +41,44 @@ class BadRequest(PerpsIndexerError):
             self.code = code
 
 
+class Unauthorized(BadRequest):
+    """A write without the server's API key."""
+
+    code = "unauthorized"
+    status = 401
+
+
+def ok_body(message: str, data: Any) -> bytes:
+    return _encoder.encode({"success": True, "message": message, "data": data})
+
+
+def fail_body(code: str, message: str) -> bytes:
+    return _encoder.encode({"success": False, "message": message, "code": code})
+
+
+def json_response(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
 def ok(message: str, data: Any) -> web.Response:
-    body = _encoder.encode({"success": True, "message": message, "data": data})
-    return web.Response(body=body, content_type="application/json")
+    return json_response(ok_body(message, data))
 
 
 def fail(status: int, code: str, message: str) -> web.Response:
-    body = _encoder.encode({"success": False, "message": message, "code": code})
-    return web.Response(status=status, body=body, content_type="application/json")
+    return json_response(fail_body(code, message), status)
+
+
+REFUSED = (BadRequest, CommandRejected, VenueHalted)
+"""What a request can be refused with (an answer, not a failure of the server)."""
+
+
+def refusal(exc: BadRequest | CommandRejected | VenueHalted) -> tuple[int, bytes]:
+    """The HTTP status and JSON body that refuse a request with ``exc``."""
+    if isinstance(exc, BadRequest):
+        status = exc.status
+    else:
+        status = 503 if isinstance(exc, VenueHalted) else 400
+    return status, fail_body(exc.code, exc.message)
 
 
 def field_int(body: Mapping[str, Any], name: str, *, optional: bool = False) -> Any:
@@ -142,7 +174,18 @@ class RestApi:
             "/getFundingHistory": self._history("funding history", self.venue.funding_history),
             "/getFundingRate": self.get_funding_rate,
         }
-        writes: dict[str, Callable[[dict[str, Any]], commands.AnyCommand]] = {
+        routes = [web.get(path, handler) for path, handler in reads.items()]
+        # CORS: a browser page on another origin may read; writes get no CORS headers, so
+        # browsers refuse cross-origin writes (their preflight finds no OPTIONS route).
+        routes += [web.options(path, preflight) for path in reads]
+        if self.api_key is not None:
+            routes += [web.post(path, self._write(parse)) for path, parse in self.writes.items()]
+        return routes
+
+    @property
+    def writes(self) -> dict[str, Parser]:
+        """The write endpoints (POST, with the API key): path -> the body's parser."""
+        return {
             "/deposit": self.cmd_deposit,
             "/withdraw": self.cmd_withdraw,
             "/placeLimitOrder": self.cmd_limit,
@@ -155,13 +198,6 @@ class RestApi:
             "/setIndexPrice": self.cmd_index,
             "/settleFunding": self.cmd_settle_funding,
         }
-        routes = [web.get(path, handler) for path, handler in reads.items()]
-        # CORS: a browser page on another origin may read; writes get no CORS headers, so
-        # browsers refuse cross-origin writes (their preflight finds no OPTIONS route).
-        routes += [web.options(path, preflight) for path in reads]
-        if self.api_key is not None:
-            routes += [web.post(path, self._write(parse)) for path, parse in writes.items()]
-        return routes
 
     # -- reads
 
@@ -236,58 +272,54 @@ class RestApi:
 
     # -- writes
 
-    def _write(self, parse: Callable[[dict[str, Any]], commands.AnyCommand]) -> Handler:
+    def _write(self, parse: Parser) -> Handler:
         async def handler(request: web.Request) -> web.StreamResponse:
             # aiohttp keeps undecodable header bytes as surrogates: encode them back, not fail.
             given = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
-            assert self.api_key is not None
-            if not hmac.compare_digest(given, self.api_key):  # constant time
-                return fail(
-                    401,
-                    "unauthorized",
-                    "writes need the header x-api-key with the server's API key",
-                )
-            raw = await request.read()
-            try:
-                body = msgspec.json.decode(raw) if raw else None
-            except msgspec.DecodeError as exc:
-                return fail(400, "invalid_json", f"the request body is not valid JSON ({exc})")
-            if not isinstance(body, dict):
-                return fail(400, "invalid_request", "the request body must be a JSON object")
-            command = parse(body)
-            outcome = await self.venue.submit(command)  # acknowledged once durable
-            return ok(_done(command), self._result(command, outcome))
+            self.authorize(given)
+            command = self.command(parse, await request.read())
+            future = self.venue.submit(command)
+            reply = self.reply(command)  # now: the state this command left
+            return json_response(reply(await future))  # acknowledged once durable
 
         return handler
 
-    def _result(self, command: commands.AnyCommand, outcome: commands.Outcome) -> Any:
-        seq = outcome.events[-1].seq if outcome.events else self.venue.engine.seq
-        if outcome.order is not None:
-            order = outcome.order.order
-            return {
-                "order_id": str(order.order_id),
-                "status": order.status,
-                "order_type": order.order_type,
-                "trade_id": str(order.trade_id),
-                "size": str(order.size),
-                "remaining_size": str(order.remaining),
-                "fills": [
-                    {
-                        "price": str(f.price),
-                        "size": str(f.size),
-                        "fee": str(f.fee),
-                        "pnl": str(f.pnl),
-                    }
-                    for f in outcome.order.fills
-                ],
-                "seq": seq,
-            }
-        address = getattr(command, "address", None)
-        data: dict[str, Any] = {"seq": seq}
+    def authorize(self, given: bytes) -> None:
+        """Raise :class:`Unauthorized` unless ``given`` is the API key (compared in constant
+        time)."""
+        assert self.api_key is not None
+        if not hmac.compare_digest(given, self.api_key):
+            raise Unauthorized("writes need the header x-api-key with the server's API key")
+
+    @staticmethod
+    def command(parse: Parser, raw: bytes) -> commands.AnyCommand:
+        """The command a write's body asks for; :class:`BadRequest` if it is not one."""
+        try:
+            body = msgspec.json.decode(raw) if raw else None
+        except msgspec.DecodeError as exc:
+            raise BadRequest(
+                f"the request body is not valid JSON ({exc})", "invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return parse(body)
+
+    def reply(self, command: commands.AnyCommand) -> Callable[[commands.Outcome], bytes]:
+        """The body of a write's reply, made once the command is durable from the state it
+        left, read here: call this right after :meth:`Venue.submit`. Read later, the engine
+        may already hold the commands submitted after it (the same group commit, or
+        pipelined on the same connection), and the reply would tell of them."""
+        seq = self.venue.engine.seq
+        address = getattr(command, "address", None)  # normalized by field_address
+        collateral = None
         if address is not None:
-            address = normalize_address(address)
-            data["collateral"] = str(self.venue.engine.collateral.get(address, 0))
-        return data
+            collateral = str(self.venue.engine.collateral.get(address, 0))
+        done = _done(command)
+
+        def body(outcome: commands.Outcome) -> bytes:
+            return ok_body(done, _result(outcome, seq, collateral))
+
+        return body
 
     def cmd_deposit(self, body: dict[str, Any]) -> commands.AnyCommand:
         return commands.Deposit(address=field_address(body), amount=field_int(body, "amount"))
@@ -371,6 +403,28 @@ class RestApi:
         return commands.SettleFunding(market_id=field_market(body, self.markets))
 
 
+def _result(outcome: commands.Outcome, seq: int, collateral: str | None) -> Any:
+    if outcome.order is not None:
+        order = outcome.order.order
+        return {
+            "order_id": str(order.order_id),
+            "status": order.status,
+            "order_type": order.order_type,
+            "trade_id": str(order.trade_id),
+            "size": str(order.size),
+            "remaining_size": str(order.remaining),
+            "fills": [
+                {"price": str(f.price), "size": str(f.size), "fee": str(f.fee), "pnl": str(f.pnl)}
+                for f in outcome.order.fills
+            ],
+            "seq": seq,
+        }
+    data: dict[str, Any] = {"seq": seq}
+    if collateral is not None:
+        data["collateral"] = collateral
+    return data
+
+
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, OPTIONS",
@@ -400,12 +454,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Every error as the JSON envelope, with a stable code."""
     try:
         return await handler(request)
-    except CommandRejected as exc:
-        return fail(400, exc.code, exc.message)
-    except BadRequest as exc:
-        return fail(400, exc.code, exc.message)
-    except VenueHalted as exc:
-        return fail(503, exc.code, exc.message)
+    except REFUSED as exc:
+        status, body = refusal(exc)
+        return json_response(body, status)
     except web.HTTPRequestEntityTooLarge:
         return fail(413, "body_too_large", "the request body is larger than the server accepts")
     except web.HTTPNotFound:

@@ -1,0 +1,385 @@
+"""The write lane: plain HTTP/1.1 requests to the REST write endpoints, answered without aiohttp.
+
+Every connection to the server starts here. A request the lane takes is a plain one: HTTP/1.1,
+``POST`` to one of the write paths (no query), a ``Content-Length`` body of at most
+``max_body`` bytes, no ``Transfer-Encoding``, ``Expect`` or ``Upgrade``, and a head of clean
+CRLF-separated lines (RFC 9112 §2-§6). The lane checks the API key, reads the body, submits the
+command and writes the reply once the command is durable, in order, as many as the client
+pipelines.
+
+The first request that is anything else (a WebSocket upgrade, a read, a request the lane does
+not fully understand) hands the connection, with every byte not yet answered, to aiohttp's
+protocol for good: aiohttp then answers it exactly as when it owns the connection from the
+start, including every error of HTTP itself. The lane never answers a request aiohttp would
+answer differently, except that its replies carry no ``Server`` header.
+
+Why: aiohttp's machinery per request (its request and response objects, a task per request on
+Python 3.11, the router and the middlewares) cost about as much as everything the venue does
+for an order (``bench/http_cost.py``: 46 µs against 9 µs for a bare protocol, on a machine
+where the order itself costs ~50 µs), and every order taken while the fan-out runs takes the
+core from it (BENCHMARKS.md, issue 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from email.utils import formatdate
+from typing import Final, NamedTuple, cast
+
+from perps_indexer import commands
+from perps_indexer.server.rest import REFUSED, Parser, RestApi, fail_body, refusal
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD: Final = 8_190
+"""Bytes of a request head the lane reads before it leaves the request to aiohttp (aiohttp's
+own limit for a line; aiohttp then answers a head that is too large)."""
+
+MAX_QUEUE: Final = 64
+"""Replies a connection may have outstanding before the lane stops reading from it."""
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 §5.1)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # no CTLs but HTAB in a field line
+_REASONS: Final = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+
+class Head(NamedTuple):
+    """A request head the lane takes."""
+
+    path: bytes
+    body_start: int
+    """Offset of the body in the buffer the head was parsed from."""
+    length: int
+    """The body's length (``Content-Length``)."""
+    api_key: bytes
+    """The ``x-api-key`` field's value, or empty."""
+    close: bool
+    """The client asked to close the connection after the reply (``Connection: close``)."""
+
+
+class Handover:
+    """:func:`parse_head`'s answer for a request the lane leaves to aiohttp."""
+
+
+HANDOVER: Final = Handover()
+
+
+def parse_head(
+    buffer: bytes | bytearray, paths: Collection[bytes], max_body: int
+) -> Head | Handover | None:
+    """The head at the start of ``buffer``: a :class:`Head` the lane takes, :data:`HANDOVER`
+    for any other request, or None while the head is incomplete.
+
+    Pure and strict: a field the lane would have to interpret in any way but the plain one
+    (repeated, folded, with control characters or a bare LF) is a handover, never an error:
+    aiohttp decides what to answer."""
+    end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+    scanned = end if end >= 0 else min(len(buffer), MAX_HEAD + 4)
+    if buffer.count(b"\n", 0, scanned) != buffer.count(b"\r\n", 0, scanned):
+        return HANDOVER  # a bare LF: leave the framing to aiohttp's parser
+    if end < 0:
+        return HANDOVER if len(buffer) > MAX_HEAD else None
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
+    path, _, version = rest.partition(b" ")
+    if method != b"POST" or version != b"HTTP/1.1" or path not in paths:
+        return HANDOVER
+    length = -1
+    api_key: bytes | None = None
+    close = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
+            return HANDOVER
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"content-length":
+            if length >= 0 or not value.isdigit() or len(value) > 10:
+                return HANDOVER
+            length = int(value)
+        elif name == b"x-api-key":
+            if api_key is not None:
+                return HANDOVER
+            api_key = value
+        elif name == b"connection":
+            tokens = {token.strip(b" \t").lower() for token in value.split(b",")}
+            if b"upgrade" in tokens:
+                return HANDOVER
+            close = close or b"close" in tokens
+        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+            return HANDOVER
+    if length < 0 or length > max_body:
+        return HANDOVER
+    return Head(path, end + 4, length, api_key or b"", close)
+
+
+_date_second = -1
+_date = b""
+
+
+def http_date() -> bytes:
+    """The ``Date`` field's value, formatted once a second (RFC 9110 §6.6.1)."""
+    global _date_second, _date
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date = now, formatdate(now, usegmt=True).encode()
+    return _date
+
+
+def response(status: int, body: bytes, close: bool) -> bytes:
+    """An HTTP/1.1 reply carrying a JSON body."""
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+            b"Date: " + http_date() + b"\r\n",
+            b"Connection: close\r\n\r\n" if close else b"\r\n",
+            body,
+        )
+    )
+
+
+class _Reply:
+    """A reply in a connection's queue: ready (``data``), or waiting for its command to be
+    durable (None)."""
+
+    __slots__ = ("close", "data")
+
+    def __init__(self, data: bytes | None, close: bool) -> None:
+        self.data = data
+        self.close = close
+
+
+class WriteLane(asyncio.Protocol):
+    """One connection, served by the lane until a request needs aiohttp (see the module)."""
+
+    def __init__(
+        self,
+        api: RestApi,
+        fallback: Callable[[], asyncio.Protocol],
+        lanes: set[WriteLane],
+        idle_timeout: float,
+        max_body: int,
+    ) -> None:
+        self.api = api
+        self.parsers: dict[bytes, Parser] = {p.encode(): f for p, f in api.writes.items()}
+        self.fallback = fallback
+        self.lanes = lanes
+        self.idle_timeout = idle_timeout
+        self.max_body = max_body
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.replies: deque[_Reply] = deque()
+        self.handing_over = False
+        self.closing = False  # no more requests: Connection: close, an EOF, or lost
+        self.lost = False
+        self.eof = False
+        self.reading = True
+        self.writing = True
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies are small and awaited: send each at once (aiohttp does the same).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.lanes.add(self)
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        self.timer = loop.call_later(self.idle_timeout, self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self._take()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        if self.handing_over:
+            return True  # aiohttp gets the EOF with the connection (see _handover)
+        if not self.replies:
+            return None  # close
+        self.closing = True  # answer what was asked, then close
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = self.lost = True
+        self.lanes.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.replies.clear()
+
+    def pause_writing(self) -> None:
+        self.writing = False
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self.writing = True
+        self._resume()
+        self._take()
+
+    # -- the lane
+
+    def _take(self) -> None:
+        """Answer every whole request in the buffer, in order, or hand over at one the lane
+        does not take."""
+        api = self.api
+        while self.buffer and not self.closing and not self.handing_over:
+            if len(self.replies) >= MAX_QUEUE:
+                self._pause()
+                return
+            head = parse_head(self.buffer, self.parsers, self.max_body)
+            if head is None:
+                return
+            if isinstance(head, Handover):
+                self.handing_over = True
+                self._pause()
+                self._flush()  # hands over now if nothing is outstanding
+                return
+            end = head.body_start + head.length
+            if len(self.buffer) < end:
+                return
+            body = bytes(self.buffer[head.body_start : end])
+            del self.buffer[:end]
+            loop = asyncio.get_running_loop()
+            self.last_active = loop.time()
+            close = head.close
+            try:
+                api.authorize(head.api_key)
+                command = api.command(self.parsers[head.path], body)
+                future = api.venue.submit(command)  # resolved once durable
+                answer = api.reply(command)
+            except REFUSED as exc:
+                status, data = refusal(exc)
+                self._queue(_Reply(response(status, data, close), close))
+            except Exception:
+                log.exception("a REST write failed in the server")
+                close = True  # what follows on this connection is not read
+                self._queue(_Reply(_INTERNAL, close))
+            else:
+                reply = _Reply(None, close)
+                future.add_done_callback(self._durable(answer, reply))
+                self._queue(reply)
+            if close:
+                self.closing = True
+                self._pause()
+
+    def _durable(
+        self, answer: Callable[[commands.Outcome], bytes], reply: _Reply
+    ) -> Callable[[asyncio.Future[commands.Outcome]], None]:
+        def done(future: asyncio.Future[commands.Outcome]) -> None:
+            if self.lost or future.cancelled():
+                return  # the command stands; there is no one to tell
+            exc = future.exception()
+            if exc is None:
+                status, body = 200, answer(future.result())
+            elif isinstance(exc, REFUSED):
+                status, body = refusal(exc)
+            else:
+                log.error("a REST write failed in the server", exc_info=exc)
+                status, body, reply.close = 500, _INTERNAL_BODY, True
+            reply.data = response(status, body, reply.close)
+            self._flush()
+
+        return done
+
+    def _queue(self, reply: _Reply) -> None:
+        self.replies.append(reply)
+        if reply.data is not None and len(self.replies) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the replies that are ready, in order; then close or hand over if asked."""
+        transport, replies = self.transport, self.replies
+        if transport is None or transport.is_closing():
+            return
+        while replies and replies[0].data is not None:
+            reply = replies.popleft()
+            transport.write(reply.data)  # type: ignore[arg-type]
+            if reply.close:
+                transport.close()
+                return
+        if replies:
+            return
+        if self.handing_over and self.writing:
+            self._handover()
+        elif self.closing:
+            transport.close()
+        elif not self.reading and self.writing:
+            self._resume()
+            self._take()
+
+    def _handover(self) -> None:
+        """Give the connection, and the bytes not yet answered, to aiohttp for good."""
+        transport = self.transport
+        assert transport is not None
+        self.lanes.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        protocol = self.fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if not self.reading:
+            self.reading = True
+            transport.resume_reading()
+        if self.buffer:
+            data, self.buffer = bytes(self.buffer), bytearray()
+            protocol.data_received(data)
+        if self.eof and isinstance(protocol, asyncio.Protocol) and not protocol.eof_received():
+            transport.close()  # what the transport does when the protocol has it closed
+
+    def _pause(self) -> None:
+        if self.reading and self.transport is not None and not self.transport.is_closing():
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if (
+            not self.reading
+            and not self.closing
+            and not self.handing_over
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self.reading = True
+            self.transport.resume_reading()
+        elif self.handing_over and self.writing and not self.replies:
+            self._handover()
+
+    def _idle_check(self) -> None:
+        """Close a connection idle for ``idle_timeout`` with nothing outstanding, as aiohttp
+        closes an idle keep-alive connection."""
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self.last_active
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.replies or idle < self.idle_timeout:
+            self.timer = loop.call_later(max(self.idle_timeout - idle, 1.0), self._idle_check)
+            return
+        self.transport.close()
+
+    def close(self) -> None:
+        """Close at once (the server is stopping)."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+_INTERNAL_BODY: Final = fail_body(
+    "internal_error", "the server failed to handle the request; its log says why"
+)
+_INTERNAL: Final = response(500, _INTERNAL_BODY, True)

@@ -1,0 +1,379 @@
+"""The write lane (server/lane.py): its pure head parser, and real servers with and without it.
+
+The lane must answer exactly what aiohttp answers for the requests it takes, and leave every
+other request to aiohttp, on the same connection, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from perps_indexer.server.lane import HANDOVER, MAX_HEAD, MAX_QUEUE, Head, parse_head
+from tests.server.conftest import API_KEY, ThreadedServer, limit_order, start_threaded
+
+PATHS = {b"/deposit", b"/placeLimitOrder"}
+A = "0x" + "a1" * 32
+B = "0x" + "b2" * 32
+
+
+def post(path: str, body: bytes, *extra: str, key: str = API_KEY) -> bytes:
+    fields = ["Host: x", f"x-api-key: {key}", f"Content-Length: {len(body)}", *extra]
+    return (
+        f"POST {path} HTTP/1.1\r\n{''.join(f + chr(13) + chr(10) for f in fields)}\r\n".encode()
+        + body
+    )
+
+
+def deposit(address: str = A, amount: int = 1_000, *extra: str, key: str = API_KEY) -> bytes:
+    body = json.dumps({"userAddress": address, "amount": amount}).encode()
+    return post("/deposit", body, *extra, key=key)
+
+
+# -- the pure parser
+
+
+def test_a_plain_write_is_taken() -> None:
+    request = deposit() + b"next"
+    head = parse_head(request, PATHS, 65_536)
+    assert isinstance(head, Head)
+    assert head.path == b"/deposit" and head.api_key == API_KEY.encode() and not head.close
+    assert request[head.body_start + head.length :] == b"next"
+    assert json.loads(request[head.body_start : head.body_start + head.length])["amount"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("field", "close"),
+    [
+        ("Connection: close", True),
+        ("connection: Keep-Alive, CLOSE", True),
+        ("Connection: x", False),
+    ],
+)
+def test_connection_close_is_seen(field: str, close: bool) -> None:
+    head = parse_head(deposit(A, 1, field), PATHS, 65_536)
+    assert isinstance(head, Head) and head.close is close
+
+
+def test_an_incomplete_head_waits_and_a_huge_one_is_handed_over() -> None:
+    request = deposit()
+    for cut in range(request.index(b"\r\n\r\n") + 3):
+        assert parse_head(request[:cut], PATHS, 65_536) is None
+    assert parse_head(b"POST /deposit HTTP/1.1\r\nX: " + b"a" * MAX_HEAD, PATHS, 65_536) is HANDOVER
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /deposit HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"POST /deposit HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+        b"POST /getPositions HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"POST /deposit?x=1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"POST  /deposit HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"\r\nPOST /deposit HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 0\r\nUpgrade: websocket\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 0\r\nConnection: Upgrade\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 0\r\nx-api-key: a\r\nx-api-key: b\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nHost: x\r\n\r\n",  # no length
+        b"POST /deposit HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 70000\r\n\r\n",  # over max_body
+        b"POST /deposit HTTP/1.1\nContent-Length: 0\r\n\r\n",  # a bare LF
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 0\r\n folded\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 0\r\nX: a\x01b\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length: 0\r\nX: a\rb\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nContent-Length : 0\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nno colon\r\n\r\n",
+    ],
+)
+def test_anything_but_a_plain_write_is_handed_over(request_bytes: bytes) -> None:
+    assert parse_head(request_bytes, PATHS, 65_536) is HANDOVER
+
+
+@given(st.binary(max_size=300))
+def test_the_parser_never_raises_and_takes_only_plain_writes(data: bytes) -> None:
+    head = parse_head(data, PATHS, 65_536)
+    if isinstance(head, Head):
+        assert data.startswith(b"POST " + head.path + b" HTTP/1.1\r\n")
+        assert head.path in PATHS and head.body_start <= len(data)
+        assert b"\n" not in data[: head.body_start].replace(b"\r\n", b"")
+
+
+@given(st.integers(min_value=0, max_value=2_000), st.sampled_from(["", "Connection: close"]))
+def test_a_write_parses_the_same_whatever_follows(amount: int, extra: str) -> None:
+    request = deposit(A, amount, *([extra] if extra else []))
+    alone = parse_head(request, PATHS, 65_536)
+    followed = parse_head(request + deposit(B, 5), PATHS, 65_536)
+    assert isinstance(alone, Head) and alone == followed
+
+
+# -- real servers, raw sockets
+
+
+class Conn:
+    """A raw HTTP/1.1 connection that reads replies one at a time."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(fields["content-length"])
+        while len(self.buffer) < length:
+            self._more()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return int(lines[0].split()[1]), fields, body
+
+    def closed(self) -> bool:
+        """True once the server closed the connection (and nothing else came)."""
+        data = self.sock.recv(65_536)
+        assert data == b"", data
+        return True
+
+    def _more(self) -> None:
+        data = self.sock.recv(65_536)
+        assert data, "the server closed the connection"
+        self.buffer += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[ThreadedServer, ThreadedServer]]:
+    """A server with the lane and one without, from the same start."""
+    (tmp_path / "lane").mkdir()
+    (tmp_path / "plain").mkdir()
+    lane, stop_lane = start_threaded(tmp_path / "lane")
+    plain, stop_plain = start_threaded(tmp_path / "plain", write_lane=False)
+    try:
+        yield lane, plain
+    finally:
+        stop_lane()
+        stop_plain()
+
+
+SAME_ANSWERS = [
+    deposit(A, 20_000_000),
+    deposit(B, 20_000_000, "Connection: keep-alive"),
+    post("/placeLimitOrder", json.dumps(limit_order(B, long=True, size=2000, price=6000)).encode()),
+    post("/placeLimitOrder", json.dumps(limit_order(B, long=True, size=1000, price=5999)).encode()),
+    deposit(A, 1, key="wrong"),
+    post("/deposit", b"", "X-Other: 1").replace(b"x-api-key: " + API_KEY.encode() + b"\r\n", b""),
+    post("/deposit", b"{"),
+    post("/deposit", b"[1, 2]"),
+    post("/deposit", b""),
+    post("/withdraw", json.dumps({"userAddress": A, "amount": 10**12}).encode()),
+    post("/withdraw", json.dumps({"userAddress": "nope", "amount": 1}).encode()),
+    post("/setMarkPrice", json.dumps({"marketId": 1, "price": 1}).encode()),
+    post("/cancelMultipleOrders", json.dumps({"userAddress": A, "marketId": 396}).encode()),
+    post("/placeMarketOrder", json.dumps({"userAddress": A}).encode()),
+    post("/deposit", b'{"userAddress": "' + A.encode() + b'", "amount": "12"}', "X-Y:  z  "),
+]
+
+
+def test_the_lane_answers_as_aiohttp_does(pair: tuple[ThreadedServer, ThreadedServer]) -> None:
+    plain = pair[1]
+    answers: list[list[tuple[int, str, Any]]] = []
+    for server in pair:
+        conn = Conn(server.server.port)
+        got = []
+        for request in SAME_ANSWERS:
+            conn.send(request)
+            status, fields, body = conn.reply()
+            got.append((status, fields["content-type"], json.loads(body)))
+            assert ("aiohttp" in fields.get("server", "")) is (server is plain)
+        conn.close()
+        answers.append(got)
+    assert answers[0] == answers[1]
+    codes = [(status, reply.get("code")) for status, _, reply in answers[0]]
+    assert codes == [
+        *[(200, None)] * 4,
+        *[(401, "unauthorized")] * 2,
+        (400, "invalid_json"),
+        *[(400, "invalid_request")] * 2,
+        (400, "insufficient_collateral"),
+        (400, "invalid_address"),
+        (400, "unknown_market"),
+        (400, "invalid_request"),
+        (400, "unknown_market"),
+        (200, None),
+    ]
+    assert answers[0][3][2]["data"]["status"] == "Open"  # not a made-up success
+
+
+def test_pipelined_writes_are_answered_in_order(server: ThreadedServer) -> None:
+    conn = Conn(server.server.port)
+    conn.send(b"".join(deposit(A, i + 1) for i in range(20)) + deposit(A, 1, key="bad"))
+    replies = [conn.reply() for _ in range(20)]
+    assert {status for status, _, _ in replies} == {200}
+    data = [json.loads(body)["data"] for _, _, body in replies]
+    # Each reply tells the state its own command left, though they commit in groups: the
+    # running sum of the deposits, at consecutive sequence numbers.
+    assert [int(d["collateral"]) for d in data] == [sum(range(1, i + 2)) for i in range(20)]
+    assert [d["seq"] for d in data] == list(range(data[0]["seq"], data[0]["seq"] + 20))
+    assert conn.reply()[0] == 401
+    conn.close()
+
+
+def test_more_pipelined_writes_than_the_queue_holds(server: ThreadedServer) -> None:
+    conn = Conn(server.server.port)
+    count = MAX_QUEUE * 3 + 5
+    conn.send(b"".join(deposit(A, 1) for _ in range(count)))
+    collaterals = [int(json.loads(conn.reply()[2])["data"]["collateral"]) for _ in range(count)]
+    assert collaterals == list(range(1, count + 1))
+    conn.close()
+
+
+def test_other_requests_hand_the_connection_to_aiohttp_in_order(server: ThreadedServer) -> None:
+    conn = Conn(server.server.port)
+    conn.send(deposit(A, 5))
+    status, fields, _ = conn.reply()
+    assert status == 200 and "server" not in fields  # the lane
+    # A write, a read and a write in one go: the read hands over; all three answered in order.
+    get = b"GET /getMarketInfo?marketId=396 HTTP/1.1\r\nHost: x\r\n\r\n"
+    conn.send(deposit(A, 6) + get + deposit(A, 7))
+    first, second, third = conn.reply(), conn.reply(), conn.reply()
+    assert json.loads(first[2])["data"]["collateral"] == "11" and "server" not in first[1]
+    assert json.loads(second[2])["data"][0]["market_id"] == "396"
+    assert "aiohttp" in second[1]["server"] and "aiohttp" in third[1]["server"]
+    assert json.loads(third[2])["data"]["collateral"] == "18"
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (
+            b"POST /deposit HTTP/1.1\r\nHost: x\r\nx-api-key: test-key\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"64\r\n" + json.dumps({"userAddress": A, "amount": 100}).encode() + b"\r\n"
+            b"0\r\n\r\n",
+            None,
+            None,
+        ),
+        (
+            b"POST /deposit HTTP/1.1\r\nHost: x\r\nx-api-key: test-key\r\nContent-Length: 70000"
+            b"\r\n\r\n" + b" " * 70_000,
+            413,
+            "body_too_large",
+        ),
+        (b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 404, "not_found"),
+    ],
+)
+def test_handed_over_requests_get_aiohttp_answers(
+    server: ThreadedServer, request_bytes: bytes, status: int | None, code: str | None
+) -> None:
+    conn = Conn(server.server.port)
+    conn.send(request_bytes)
+    got, fields, body = conn.reply()
+    assert "aiohttp" in fields["server"]
+    reply = json.loads(body)
+    if status is None:  # the chunked body: a well-formed write, taken by aiohttp
+        body_sent = json.dumps({"userAddress": A, "amount": 100}).encode()
+        assert len(body_sent) == 0x64
+        assert got == 200 and reply["data"]["collateral"] == "100"
+    else:
+        assert (got, reply["code"]) == (status, code)
+    conn.close()
+
+
+def test_connection_close_and_a_half_close_end_the_connection_after_the_reply(
+    server: ThreadedServer,
+) -> None:
+    conn = Conn(server.server.port)
+    conn.send(deposit(A, 1, "Connection: close") + deposit(A, 2))  # the second is never read
+    status, fields, _ = conn.reply()
+    assert status == 200 and fields["connection"] == "close"
+    assert conn.closed()
+    conn.close()
+    conn = Conn(server.server.port)
+    conn.send(deposit(A, 3) + deposit(A, 4))
+    conn.sock.shutdown(socket.SHUT_WR)
+    assert [json.loads(conn.reply()[2])["data"]["collateral"] for _ in range(2)] == ["4", "8"]
+    assert conn.closed()
+    conn.close()
+    assert server.rest.get(f"/getPositions?userAddress={A}")[0] == 200  # still serving
+
+
+def test_an_idle_connection_is_closed_and_stop_closes_the_rest(tmp_path: Path) -> None:
+    running, stop = start_threaded(tmp_path, idle_timeout=0.3)
+    try:
+        idle, busy = Conn(running.server.port), Conn(running.server.port)
+        busy.send(deposit(A, 1))
+        assert busy.reply()[0] == 200
+        started = time.monotonic()
+        assert idle.closed()
+        assert 0.2 < time.monotonic() - started < 5
+        assert busy.closed()  # idle too, once answered
+        kept = Conn(running.server.port)
+        kept.send(deposit(A, 1))
+        assert kept.reply()[0] == 200
+    finally:
+        stop()
+    assert kept.closed()
+    for conn in (idle, busy, kept):
+        conn.close()
+
+
+def test_a_halted_venue_answers_503_through_the_lane(
+    pair: tuple[ThreadedServer, ThreadedServer],
+) -> None:
+    for server in pair:
+        assert server.rest.ok("/deposit", {"userAddress": A, "amount": 1})
+        venue = server.server.venue
+        assert venue is not None
+        server.call(venue.store.close)  # the disk goes away under the venue
+        conn = Conn(server.server.port)
+        conn.send(deposit(A, 1))
+        status, _, body = conn.reply()
+        assert (status, json.loads(body)["code"]) == (503, "venue_halted")
+        conn.send(deposit(A, 1))  # refused at once now, and the connection stays up
+        status, _, body = conn.reply()
+        assert (status, json.loads(body)["code"]) == (503, "venue_halted")
+        conn.close()
+
+
+def test_an_unexpected_failure_is_a_500_and_harms_no_one_else(
+    server: ThreadedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    venue = server.server.venue
+    assert venue is not None
+    calls = []
+
+    def broken(command: Any) -> Any:
+        calls.append(command)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(venue, "submit", broken)  # a fault injected, on the real server
+    conn = Conn(server.server.port)
+    conn.send(deposit(A, 1) + deposit(A, 2))
+    status, fields, body = conn.reply()
+    assert (status, json.loads(body)["code"], fields["connection"]) == (
+        500,
+        "internal_error",
+        "close",
+    )
+    assert conn.closed() and len(calls) == 1
+    conn.close()
+    monkeypatch.undo()
+    assert server.rest.ok("/deposit", {"userAddress": A, "amount": 1})["collateral"] == "1"
