@@ -235,12 +235,27 @@ def test_pipelined_writes_are_answered_in_order(server: ThreadedServer) -> None:
     conn.close()
 
 
-def test_more_pipelined_writes_than_the_queue_holds(server: ThreadedServer) -> None:
+@pytest.mark.parametrize("half_close", [False, True])
+def test_more_pipelined_writes_than_the_queue_holds(
+    server: ThreadedServer, half_close: bool
+) -> None:
     conn = Conn(server.server.port)
     count = MAX_QUEUE * 3 + 5
     conn.send(b"".join(deposit(A, 1) for _ in range(count)))
+    if half_close:  # the held-back requests are still answered, then the connection closed
+        conn.sock.shutdown(socket.SHUT_WR)
     collaterals = [int(json.loads(conn.reply()[2])["data"]["collateral"]) for _ in range(count)]
     assert collaterals == list(range(1, count + 1))
+    if half_close:
+        assert conn.closed()
+    conn.close()
+
+
+def test_many_pipelined_refusals_in_one_read(server: ThreadedServer) -> None:
+    conn = Conn(server.server.port)
+    conn.send(deposit(A, 1, key="bad") * 3_000 + deposit(A, 1))
+    assert {conn.reply()[0] for _ in range(3_000)} == {401}
+    assert conn.reply()[0] == 200
     conn.close()
 
 

@@ -186,6 +186,7 @@ class WriteLane(asyncio.Protocol):
         self.closing = False  # no more requests: Connection: close, an EOF, or lost
         self.lost = False
         self.eof = False
+        self.taking = False  # in _take: a reply written meanwhile must not start another
         self.reading = True
         self.writing = True
         self.last_active = 0.0
@@ -213,9 +214,8 @@ class WriteLane(asyncio.Protocol):
         if self.handing_over:
             return True  # aiohttp gets the EOF with the connection (see _handover)
         if not self.replies:
-            return None  # close
-        self.closing = True  # answer what was asked, then close
-        return True
+            return None  # close: at most an incomplete request is left
+        return True  # answer what was asked, held-back requests too, then close (_flush)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = self.lost = True
@@ -238,6 +238,13 @@ class WriteLane(asyncio.Protocol):
     def _take(self) -> None:
         """Answer every whole request in the buffer, in order, or hand over at one the lane
         does not take."""
+        self.taking = True
+        try:
+            self._take_all()
+        finally:
+            self.taking = False
+
+    def _take_all(self) -> None:
         api = self.api
         while self.buffer and not self.closing and not self.handing_over:
             if len(self.replies) >= MAX_QUEUE:
@@ -316,13 +323,17 @@ class WriteLane(asyncio.Protocol):
                 return
         if replies:
             return
-        if self.handing_over and self.writing:
-            self._handover()
+        if self.handing_over:
+            if self.writing:
+                self._handover()
         elif self.closing:
             transport.close()
-        elif not self.reading and self.writing:
-            self._resume()
-            self._take()
+        elif self.writing and not self.taking:
+            if not self.reading:
+                self._resume()
+            self._take()  # what was held back while the queue was full
+            if self.eof and not self.replies and not self.handing_over:
+                transport.close()  # the client sent its last request; all answered
 
     def _handover(self) -> None:
         """Give the connection, and the bytes not yet answered, to aiohttp for good."""
