@@ -44,8 +44,12 @@ own limit for a line; aiohttp then answers a head that is too large)."""
 MAX_QUEUE: Final = 64
 """Replies a connection may have outstanding before the lane stops reading from it."""
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name (RFC 9110 §5.1)
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # no CTLs but HTAB in a field line
+# Field lines (RFC 9112 §5): a token, a colon, then HTAB, SP, visible characters or obs-text,
+# each line ending in CRLF. No folding (a line starting with whitespace), no other control.
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_READ = frozenset(
+    (b"content-length", b"x-api-key", b"connection", b"transfer-encoding", b"expect", b"upgrade")
+)
 _REASONS: Final = {
     200: b"OK",
     400: b"Bad Request",
@@ -86,24 +90,29 @@ def parse_head(
     (repeated, folded, with control characters or a bare LF) is a handover, never an error:
     aiohttp decides what to answer."""
     end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
-    scanned = end if end >= 0 else min(len(buffer), MAX_HEAD + 4)
-    if buffer.count(b"\n", 0, scanned) != buffer.count(b"\r\n", 0, scanned):
-        return HANDOVER  # a bare LF: leave the framing to aiohttp's parser
     if end < 0:
+        scanned = min(len(buffer), MAX_HEAD + 4)
+        if buffer.count(b"\n", 0, scanned) != buffer.count(b"\r\n", 0, scanned):
+            return HANDOVER  # a bare LF: leave the framing to aiohttp's parser
         return HANDOVER if len(buffer) > MAX_HEAD else None
-    lines = bytes(buffer[:end]).split(b"\r\n")
-    method, _, rest = lines[0].partition(b" ")
-    path, _, version = rest.partition(b" ")
-    if method != b"POST" or version != b"HTTP/1.1" or path not in paths:
+    first = buffer.find(b"\r\n")
+    line = buffer[:first]
+    if line[:5] != b"POST " or line[-9:] != b" HTTP/1.1":
         return HANDOVER
+    path = bytes(line[5:-9])
+    if path not in paths:
+        return HANDOVER  # also any bare LF or CR in the request line
+    fields = bytes(buffer[first + 2 : end + 2])
+    if not _FIELDS.fullmatch(fields):
+        return HANDOVER  # a bad name, a fold, a control character, a bare LF or CR
     length = -1
     api_key: bytes | None = None
     close = False
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
-            return HANDOVER
+    for field in fields.split(b"\r\n")[:-1]:
+        name, _, value = field.partition(b":")
         name = name.lower()
+        if name not in _READ:
+            continue
         value = value.strip(b" \t")
         if name == b"content-length":
             if length >= 0 or not value.isdigit() or len(value) > 10:
@@ -118,7 +127,7 @@ def parse_head(
             if b"upgrade" in tokens:
                 return HANDOVER
             close = close or b"close" in tokens
-        elif name in (b"transfer-encoding", b"expect", b"upgrade"):
+        else:  # transfer-encoding, expect, upgrade
             return HANDOVER
     if length < 0 or length > max_body:
         return HANDOVER
