@@ -14,7 +14,7 @@ pinned to CPU 1:
 - ``raw``: an ``asyncio.Protocol`` that finds the headers' end and ``Content-Length`` and
   writes a fixed answer (no parser worth the name: the floor, not a server);
 - ``server``, ``server-lane``: the real server (``perps-indexer serve --sync NORMAL``) taking
-  ``POST /deposit`` commands, through aiohttp (``--no-write-lane``) and through its write lane
+  ``POST /deposit`` commands, through aiohttp (``--no-rest-lane``) and through its REST lane
   (``server/lane.py``): what the lane saves on a real write, engine, commit and fold included.
 
 Prints one line per server: requests/s, its CPU share, and CPU microseconds per request. When
@@ -99,7 +99,7 @@ def serve(kind: str, seconds: float) -> None:
 
 def real_server(kind: str, db: str) -> subprocess.Popen[str]:
     """The real server, on PORT, ready to serve."""
-    lane = "--write-lane" if kind == "server-lane" else "--no-write-lane"
+    lane = "--rest-lane" if kind == "server-lane" else "--no-rest-lane"
     args = ["--port", str(PORT), "--db", db, "--api-key", API_KEY, "--sync", "NORMAL", lane]
     server = subprocess.Popen(
         [sys.executable, "-m", "perps_indexer", "serve", *args, "--log-level", "WARNING"],

@@ -105,11 +105,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "0: one turn)",
     )
     p.add_argument(
-        "--write-lane",
+        "--rest-lane",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="answer plain HTTP/1.1 REST writes without aiohttp, which keeps every other "
-        "request (default on; --no-write-lane: aiohttp answers everything)",
+        help="answer plain HTTP/1.1 REST reads and writes without aiohttp, which takes every "
+        "other request (default on; --no-rest-lane: aiohttp answers everything)",
     )
     p.add_argument(
         "--batch-write",
@@ -252,7 +252,7 @@ async def _serve(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         commit_batch=args.commit_batch,
         batch_write=args.batch_write,
-        write_lane=args.write_lane,
+        rest_lane=args.rest_lane,
     )
     for flag in (
         "fanout_slice",

@@ -1,4 +1,4 @@
-"""The write lane (server/lane.py): its pure head parser, and real servers with and without it.
+"""The REST lane (server/lane.py): its pure head parser, and real servers with and without it.
 
 The lane must answer exactly what aiohttp answers for the requests it takes, and leave every
 other request to aiohttp, on the same connection, in order.
@@ -21,6 +21,7 @@ from perps_indexer.server.lane import HANDOVER, MAX_HEAD, MAX_QUEUE, Head, parse
 from tests.server.conftest import API_KEY, ThreadedServer, limit_order, start_threaded
 
 PATHS = {b"/deposit", b"/placeLimitOrder"}
+READS = {b"/getPositions", b"/getMarketInfo"}
 A = "0x" + "a1" * 32
 B = "0x" + "b2" * 32
 
@@ -41,11 +42,43 @@ def deposit(address: str = A, amount: int = 1_000, *extra: str, key: str = API_K
 # -- the pure parser
 
 
+def test_a_plain_read_is_taken() -> None:
+    for target, path, query in [
+        (b"/getMarketInfo", b"/getMarketInfo", b""),
+        (b"/getPositions?userAddress=0x1&x=%20+y", b"/getPositions", b"userAddress=0x1&x=%20+y"),
+    ]:
+        request = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        head = parse_head(request + b"GET", PATHS, 65_536, READS)
+        assert isinstance(head, Head)
+        assert (head.method, head.path, head.query, head.close) == (b"GET", path, query, True)
+        assert (head.body_start, head.length) == (len(request), 0)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /getPositions#x HTTP/1.1\r\n\r\n",
+        b"GET /getPositions?a=\xff HTTP/1.1\r\n\r\n",
+        b"GET /getPositions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}",
+        b"GET /getPositions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"GET /health HTTP/1.1\r\n\r\n",
+        b"HEAD /getPositions HTTP/1.1\r\n\r\n",
+        b"OPTIONS /getPositions HTTP/1.1\r\n\r\n",
+        b"GET /getPositions?x=1 HTTP/1.0\r\n\r\n",
+        b"POST /getPositions HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+def test_reads_the_lane_leaves_to_aiohttp(request_bytes: bytes) -> None:
+    assert parse_head(request_bytes, PATHS, 65_536, READS) is HANDOVER
+
+
 def test_a_plain_write_is_taken() -> None:
     request = deposit() + b"next"
     head = parse_head(request, PATHS, 65_536)
     assert isinstance(head, Head)
-    assert head.path == b"/deposit" and head.api_key == API_KEY.encode() and not head.close
+    assert (head.method, head.path, head.query) == (b"POST", b"/deposit", b"")
+    assert head.api_key == API_KEY.encode() and not head.close
     assert request[head.body_start + head.length :] == b"next"
     assert json.loads(request[head.body_start : head.body_start + head.length])["amount"] == 1000
 
@@ -103,8 +136,12 @@ def test_anything_but_a_plain_write_is_handed_over(request_bytes: bytes) -> None
 
 @given(st.binary(max_size=300))
 def test_the_parser_never_raises_and_takes_only_plain_writes(data: bytes) -> None:
-    head = parse_head(data, PATHS, 65_536)
-    if isinstance(head, Head):
+    head = parse_head(data, PATHS, 65_536, READS)
+    if isinstance(head, Head) and head.method == b"GET":
+        target = head.path + (b"?" + head.query if head.query else b"")
+        assert data.startswith(b"GET " + target + b" HTTP/1.1\r\n") and head.path in READS
+        assert head.length == 0
+    elif isinstance(head, Head):
         assert data.startswith(b"POST " + head.path + b" HTTP/1.1\r\n")
         assert head.path in PATHS and head.body_start <= len(data)
         assert b"\n" not in data[: head.body_start].replace(b"\r\n", b"")
@@ -164,7 +201,7 @@ def pair(tmp_path: Path) -> Iterator[tuple[ThreadedServer, ThreadedServer]]:
     (tmp_path / "lane").mkdir()
     (tmp_path / "plain").mkdir()
     lane, stop_lane = start_threaded(tmp_path / "lane")
-    plain, stop_plain = start_threaded(tmp_path / "plain", write_lane=False)
+    plain, stop_plain = start_threaded(tmp_path / "plain", rest_lane=False)
     try:
         yield lane, plain
     finally:
@@ -264,12 +301,12 @@ def test_other_requests_hand_the_connection_to_aiohttp_in_order(server: Threaded
     conn.send(deposit(A, 5))
     status, fields, _ = conn.reply()
     assert status == 200 and "server" not in fields  # the lane
-    # A write, a read and a write in one go: the read hands over; all three answered in order.
-    get = b"GET /getMarketInfo?marketId=396 HTTP/1.1\r\nHost: x\r\n\r\n"
-    conn.send(deposit(A, 6) + get + deposit(A, 7))
+    # A write, /health and a write in one go: /health hands over; all three answered in order.
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    conn.send(deposit(A, 6) + health + deposit(A, 7))
     first, second, third = conn.reply(), conn.reply(), conn.reply()
     assert json.loads(first[2])["data"]["collateral"] == "11" and "server" not in first[1]
-    assert json.loads(second[2])["data"][0]["market_id"] == "396"
+    assert json.loads(second[2])["data"]["seq"] == 2
     assert "aiohttp" in second[1]["server"] and "aiohttp" in third[1]["server"]
     assert json.loads(third[2])["data"]["collateral"] == "18"
     conn.close()
@@ -392,3 +429,81 @@ def test_an_unexpected_failure_is_a_500_and_harms_no_one_else(
     conn.close()
     monkeypatch.undo()
     assert server.rest.ok("/deposit", {"userAddress": A, "amount": 1})["collateral"] == "1"
+
+
+def get(target: str, *extra: str) -> bytes:
+    fields = "".join(f + "\r\n" for f in ["Host: x", *extra])
+    return f"GET {target} HTTP/1.1\r\n{fields}\r\n".encode()
+
+
+SAME_READS = [
+    get("/getMarketInfo"),
+    get("/getMarketInfo?marketId=396"),
+    get("/getMarketInfo?marketId=abc"),
+    get("/getMarketInfo?marketId=396&marketId=1"),
+    get("/getMarketInfo?marketId=+396+"),
+    get(f"/getPositions?userAddress={A}"),
+    get("/getPositions?userAddress=" + A.replace("a1", "%61%31", 3)),
+    get("/getPositions?userAddress=nope"),
+    get("/getPositions"),
+    get(f"/getOpenOrders?userAddress={B}"),
+    get(f"/getOrderHistory?userAddress={B}&limit=1"),
+    get(f"/getTradeHistory?userAddress={B}&limit=0"),
+    get(f"/getDepositAndWithdrawHistory?userAddress={A}"),
+    get("/getFundingHistory?userAddress=" + A),
+    get("/getOrderBook?marketId=396"),
+    get("/getMarketPrice?marketId=396"),
+    get("/getAllTrades?marketId=396&limit=5"),
+    get("/getOrderStatusById?marketId=396&orderId=1"),
+    get("/getOrderStatusById?marketId=396&orderId=999"),
+    get("/getOrderStatusById?marketId=396&orderId=x"),
+    get("/getFundingRate?marketId=396"),
+    get("/getMarketInfo?", "Connection: keep-alive"),
+]
+
+
+def test_the_lane_reads_as_aiohttp_does(pair: tuple[ThreadedServer, ThreadedServer]) -> None:
+    answers = []
+    for server in pair:
+        server.rest.ok("/deposit", {"userAddress": A, "amount": 20_000_000})
+        server.rest.ok("/deposit", {"userAddress": B, "amount": 20_000_000})
+        server.rest.ok("/placeLimitOrder", limit_order(B, long=True, size=2000, price=6000))
+        conn = Conn(server.server.port)
+        got = []
+        for request in SAME_READS:
+            conn.send(request)
+            status, fields, body = conn.reply()
+            cors = fields["access-control-allow-origin"]
+            got.append((status, fields["content-type"], cors, json.loads(body)))
+            assert ("aiohttp" in fields.get("server", "")) is (server is pair[1])
+        conn.close()
+        answers.append(got)
+    assert answers[0] == answers[1]
+    codes = [(status, reply.get("code")) for status, _, _, reply in answers[0]]
+    assert codes == [
+        *[(200, None)] * 2,
+        (400, "unknown_market"),
+        *[(200, None)] * 4,  # the first of two marketIds; "+" a space, as aiohttp reads them
+        (400, "invalid_address"),
+        (400, "invalid_request"),
+        *[(200, None)] * 2,
+        (400, "invalid_request"),  # limit=0
+        *[(200, None)] * 5,
+        *[(404, "unknown_order")] * 2,
+        (400, "invalid_request"),
+        *[(200, None)] * 2,
+    ]
+    assert answers[0][10][3]["data"]  # real rows: B's resting order
+    assert answers[0][6][3]["data"] == answers[0][5][3]["data"]  # escapes decoded alike
+
+
+def test_a_pipelined_read_sees_the_writes_before_it(server: ThreadedServer) -> None:
+    conn = Conn(server.server.port)
+    history = get(f"/getDepositAndWithdrawHistory?userAddress={A}")
+    conn.send(deposit(A, 5) + deposit(A, 6) + history + deposit(A, 7) + history)
+    replies = [conn.reply() for _ in range(5)]
+    assert all("server" not in fields for _, fields, _ in replies)  # all in the lane
+    first, second = (json.loads(replies[i][2])["data"] for i in (2, 4))
+    assert [row["amount"] for row in first] == ["6", "5"]
+    assert [row["amount"] for row in second] == ["7", "6", "5"]
+    conn.close()

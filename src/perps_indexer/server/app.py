@@ -25,7 +25,7 @@ from perps_indexer.errors import CommandRejected, ConfigurationError
 from perps_indexer.markets import MarketSpec, load_markets
 from perps_indexer.server.batch_write import AVAILABLE as BATCH_WRITE
 from perps_indexer.server.batch_write import BatchWriter
-from perps_indexer.server.lane import WriteLane
+from perps_indexer.server.lane import RestLane, Routes
 from perps_indexer.server.rest import RestApi, cors_middleware, error_middleware, ok
 from perps_indexer.session import (
     CLOSE_POLICY_VIOLATION,
@@ -152,10 +152,10 @@ class ServerConfig:
     holds the loop for long."""
     keepalive_slice: int = 500
     """Connections one keepalive tick checks before yielding to the event loop."""
-    write_lane: bool = True
-    """Answer plain HTTP/1.1 REST writes without aiohttp (:mod:`perps_indexer.server.lane`);
-    every other request, and every connection after one, is aiohttp's. False: aiohttp serves
-    every request."""
+    rest_lane: bool = True
+    """Answer plain HTTP/1.1 REST reads and writes without aiohttp
+    (:mod:`perps_indexer.server.lane`); any other request (the WebSocket upgrade among them)
+    hands its connection to aiohttp. False: aiohttp serves every request."""
     idle_timeout: float = 75.0
     """Seconds a keep-alive HTTP connection may stay idle (aiohttp's default too)."""
     batch_write: bool = True
@@ -221,8 +221,8 @@ class Server:
         self.batch_writer: BatchWriter | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
-        self.lanes: set[WriteLane] = set()
-        """Connections the write lane serves (see :mod:`perps_indexer.server.lane`)."""
+        self.lanes: set[RestLane] = set()
+        """Connections the REST lane serves (see :mod:`perps_indexer.server.lane`)."""
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
@@ -268,9 +268,14 @@ class Server:
         await runner.setup()
         assert runner.server is not None
         factory: Callable[[], asyncio.Protocol] = runner.server
-        if self.config.write_lane and api.api_key is not None:
+        if self.config.rest_lane:
             factory = functools.partial(
-                WriteLane, api, runner.server, self.lanes, self.config.idle_timeout, MAX_BODY
+                RestLane,
+                Routes.of(api),
+                runner.server,
+                self.lanes,
+                self.config.idle_timeout,
+                MAX_BODY,
             )
 
         # Listening ourselves, not through an aiohttp site: a connection starts in the write

@@ -1,23 +1,25 @@
-"""The write lane: plain HTTP/1.1 requests to the REST write endpoints, answered without aiohttp.
+"""The REST lane: plain HTTP/1.1 REST requests, answered without aiohttp.
 
 Every connection to the server starts here. A request the lane takes is a plain one: HTTP/1.1,
-``POST`` to one of the write paths (no query), a ``Content-Length`` body of at most
-``max_body`` bytes, no ``Transfer-Encoding``, ``Expect`` or ``Upgrade``, and a head of clean
-CRLF-separated lines (RFC 9112 §2-§6). The lane checks the API key, reads the body, submits the
-command and writes the reply once the command is durable, in order, as many as the client
-pipelines.
+a ``GET`` of a read path (with a query or not, no body) or a ``POST`` to a write path with a
+``Content-Length`` body of at most ``max_body`` bytes; no ``Transfer-Encoding``, ``Expect`` or
+``Upgrade``, and a head of clean CRLF-separated lines (RFC 9112 §2-§6). A read is answered at
+once (after the writes before it on the connection are answered, as aiohttp would); a write is
+submitted and answered once durable. Replies leave in the order of the requests, as many as the
+client pipelines.
 
-The first request that is anything else (a WebSocket upgrade, a read, a request the lane does
-not fully understand) hands the connection, with every byte not yet answered, to aiohttp's
-protocol for good: aiohttp then answers it exactly as when it owns the connection from the
-start, including every error of HTTP itself. The lane never answers a request aiohttp would
-answer differently, except that its replies carry no ``Server`` header.
+The first request that is anything else (a WebSocket upgrade, ``/health``, a ``HEAD``, a
+request the lane does not fully understand) hands the connection, with every byte not yet
+answered, to aiohttp's protocol for good: aiohttp then answers it exactly as when it owns the
+connection from the start, including every error of HTTP itself. The lane calls the same
+handlers (:class:`~perps_indexer.server.rest.RestApi`) and answers what aiohttp answers, except
+that its replies carry no ``Server`` field.
 
 Why: aiohttp's machinery per request (its request and response objects, a task per request on
-Python 3.11, the router and the middlewares) cost about as much as everything the venue does
-for an order (``bench/http_cost.py``: 46 µs against 9 µs for a bare protocol, on a machine
-where the order itself costs ~50 µs), and every order taken while the fan-out runs takes the
-core from it (BENCHMARKS.md, issue 7).
+Python 3.11, the router and the middlewares) costs about as much as everything the venue does
+for an order: a deposit costs the server 197 µs through aiohttp and 102 µs through the lane
+(``bench/http_cost.py``), and every order taken while the fan-out runs takes the core from it
+(BENCHMARKS.md, issue 7).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from collections.abc import Callable, Collection
 from email.utils import formatdate
 from typing import Final, NamedTuple, cast
 
+from yarl import URL
+
 from perps_indexer import commands
-from perps_indexer.server.rest import REFUSED, Parser, RestApi, fail_body, refusal
+from perps_indexer.server.rest import REFUSED, Parser, Read, RestApi, fail_body, refusal
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +51,16 @@ MAX_QUEUE: Final = 64
 # Field lines (RFC 9112 §5): a token, a colon, then HTAB, SP, visible characters or obs-text,
 # each line ending in CRLF. No folding (a line starting with whitespace), no other control.
 _FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_READ = frozenset(
+# A query as aiohttp's router would take it: visible ASCII, no fragment (RFC 9112 §3.2.1).
+_QUERY = re.compile(rb"[!-\x22$-~]*")
+_INTERPRETED = frozenset(
     (b"content-length", b"x-api-key", b"connection", b"transfer-encoding", b"expect", b"upgrade")
 )
 _REASONS: Final = {
     200: b"OK",
     400: b"Bad Request",
     401: b"Unauthorized",
+    404: b"Not Found",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
@@ -62,7 +69,11 @@ _REASONS: Final = {
 class Head(NamedTuple):
     """A request head the lane takes."""
 
+    method: bytes
+    """``GET`` (a read) or ``POST`` (a write)."""
     path: bytes
+    query: bytes
+    """A read's query string (after ``?``), or empty."""
     body_start: int
     """Offset of the body in the buffer the head was parsed from."""
     length: int
@@ -81,10 +92,16 @@ HANDOVER: Final = Handover()
 
 
 def parse_head(
-    buffer: bytes | bytearray, paths: Collection[bytes], max_body: int
+    buffer: bytes | bytearray,
+    writes: Collection[bytes],
+    max_body: int,
+    reads: Collection[bytes] = (),
 ) -> Head | Handover | None:
     """The head at the start of ``buffer``: a :class:`Head` the lane takes, :data:`HANDOVER`
     for any other request, or None while the head is incomplete.
+
+    The lane takes a ``POST`` to a path of ``writes`` with a body of ``Content-Length`` (at
+    most ``max_body``) and a ``GET`` of a path of ``reads``, with a query or not, and no body.
 
     Pure and strict: a field the lane would have to interpret in any way but the plain one
     (repeated, folded, with control characters or a bare LF) is a handover, never an error:
@@ -96,12 +113,21 @@ def parse_head(
             return HANDOVER  # a bare LF: leave the framing to aiohttp's parser
         return HANDOVER if len(buffer) > MAX_HEAD else None
     first = buffer.find(b"\r\n")
-    line = buffer[:first]
-    if line[:5] != b"POST " or line[-9:] != b" HTTP/1.1":
+    line = bytes(buffer[:first])
+    if line[-9:] != b" HTTP/1.1":
         return HANDOVER
-    path = bytes(line[5:-9])
-    if path not in paths:
-        return HANDOVER  # also any bare LF or CR in the request line
+    query = b""
+    if line[:5] == b"POST ":
+        method, path = b"POST", line[5:-9]
+        if path not in writes:
+            return HANDOVER  # also any bare LF or CR in the request line
+    elif line[:4] == b"GET ":
+        method, path = b"GET", line[4:-9]
+        path, _, query = path.partition(b"?")
+        if path not in reads or not _QUERY.fullmatch(query):
+            return HANDOVER
+    else:
+        return HANDOVER
     fields = bytes(buffer[first + 2 : end + 2])
     if not _FIELDS.fullmatch(fields):
         return HANDOVER  # a bad name, a fold, a control character, a bare LF or CR
@@ -111,7 +137,7 @@ def parse_head(
     for field in fields.split(b"\r\n")[:-1]:
         name, _, value = field.partition(b":")
         name = name.lower()
-        if name not in _READ:
+        if name not in _INTERPRETED:
             continue
         value = value.strip(b" \t")
         if name == b"content-length":
@@ -129,9 +155,13 @@ def parse_head(
             close = close or b"close" in tokens
         else:  # transfer-encoding, expect, upgrade
             return HANDOVER
-    if length < 0 or length > max_body:
+    if method == b"GET":
+        if length > 0:
+            return HANDOVER  # a read with a body: aiohttp's to judge
+        length = 0
+    elif length < 0 or length > max_body:
         return HANDOVER
-    return Head(path, end + 4, length, api_key or b"", close)
+    return Head(method, path, query, end + 4, length, api_key or b"", close)
 
 
 _date_second = -1
@@ -147,12 +177,15 @@ def http_date() -> bytes:
     return _date
 
 
-def response(status: int, body: bytes, close: bool) -> bytes:
-    """An HTTP/1.1 reply carrying a JSON body."""
+def response(status: int, body: bytes, close: bool, cors: bool = False) -> bytes:
+    """An HTTP/1.1 reply carrying a JSON body (``cors``: readable from any origin, as the
+    reads are)."""
     return b"".join(
         (
             b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+            b"Content-Type: application/json\r\n",
+            b"Access-Control-Allow-Origin: *\r\n" if cors else b"",
+            b"Content-Length: %d\r\n" % len(body),
             b"Date: " + http_date() + b"\r\n",
             b"Connection: close\r\n\r\n" if close else b"\r\n",
             body,
@@ -171,19 +204,36 @@ class _Reply:
         self.close = close
 
 
-class WriteLane(asyncio.Protocol):
+class Routes(NamedTuple):
+    """What the lane serves, made once per server: the write and read paths (as bytes) and
+    the handlers of ``api`` for them (no writes without an API key, as on aiohttp's router)."""
+
+    api: RestApi
+    writes: dict[bytes, Parser]
+    reads: dict[bytes, Read]
+
+    @classmethod
+    def of(cls, api: RestApi) -> Routes:
+        writes = api.writes if api.api_key is not None else {}
+        return cls(
+            api,
+            {path.encode(): parse for path, parse in writes.items()},
+            {path.encode(): read for path, read in api.reads.items()},
+        )
+
+
+class RestLane(asyncio.Protocol):
     """One connection, served by the lane until a request needs aiohttp (see the module)."""
 
     def __init__(
         self,
-        api: RestApi,
+        routes: Routes,
         fallback: Callable[[], asyncio.Protocol],
-        lanes: set[WriteLane],
+        lanes: set[RestLane],
         idle_timeout: float,
         max_body: int,
     ) -> None:
-        self.api = api
-        self.parsers: dict[bytes, Parser] = {p.encode(): f for p, f in api.writes.items()}
+        self.routes = routes
         self.fallback = fallback
         self.lanes = lanes
         self.idle_timeout = idle_timeout
@@ -254,12 +304,12 @@ class WriteLane(asyncio.Protocol):
             self.taking = False
 
     def _take_all(self) -> None:
-        api = self.api
+        routes = self.routes
         while self.buffer and not self.closing and not self.handing_over:
             if len(self.replies) >= MAX_QUEUE:
                 self._pause()
                 return
-            head = parse_head(self.buffer, self.parsers, self.max_body)
+            head = parse_head(self.buffer, routes.writes, self.max_body, routes.reads)
             if head is None:
                 return
             if isinstance(head, Handover):
@@ -270,30 +320,50 @@ class WriteLane(asyncio.Protocol):
             end = head.body_start + head.length
             if len(self.buffer) < end:
                 return
+            if head.method == b"GET" and self.replies:
+                # A read sees the writes sent before it (aiohttp answers one request at a
+                # time): it waits until they are answered (_flush takes it then).
+                self._pause()
+                return
             body = bytes(self.buffer[head.body_start : end])
             del self.buffer[:end]
-            loop = asyncio.get_running_loop()
-            self.last_active = loop.time()
-            close = head.close
-            try:
-                api.authorize(head.api_key)
-                command = api.command(self.parsers[head.path], body)
-                future = api.venue.submit(command)  # resolved once durable
-                answer = api.reply(command)
-            except REFUSED as exc:
-                status, data = refusal(exc)
-                self._queue(_Reply(response(status, data, close), close))
-            except Exception:
-                log.exception("a REST write failed in the server")
-                close = True  # what follows on this connection is not read
-                self._queue(_Reply(_INTERNAL, close))
-            else:
-                reply = _Reply(None, close)
-                future.add_done_callback(self._durable(answer, reply))
-                self._queue(reply)
-            if close:
+            self.last_active = asyncio.get_running_loop().time()
+            reply = self._read(head) if head.method == b"GET" else self._write(head, body)
+            self._queue(reply)  # written at once if ready and first
+            if reply.close:
                 self.closing = True
                 self._pause()
+
+    def _read(self, head: Head) -> _Reply:
+        close = head.close
+        try:
+            # The query as aiohttp makes it (http_parser.py: URL.build, encoded) for its
+            # handlers' request.query: the same decoding of escapes and "+".
+            url = URL.build(path=head.path.decode(), query_string=head.query.decode(), encoded=True)
+            status, data = self.routes.reads[head.path](url.query)
+        except REFUSED as exc:
+            status, data = refusal(exc)
+        except Exception:
+            log.exception("a REST read failed in the server")
+            status, data, close = 500, _INTERNAL_BODY, True
+        return _Reply(response(status, data, close, cors=True), close)
+
+    def _write(self, head: Head, body: bytes) -> _Reply:
+        api, close = self.routes.api, head.close
+        try:
+            api.authorize(head.api_key)
+            command = api.command(self.routes.writes[head.path], body)
+            future = api.venue.submit(command)  # resolved once durable
+            answer = api.reply(command)
+        except REFUSED as exc:
+            status, data = refusal(exc)
+            return _Reply(response(status, data, close), close)
+        except Exception:
+            log.exception("a REST write failed in the server")
+            return _Reply(_INTERNAL, True)  # what follows on this connection is not read
+        reply = _Reply(None, close)
+        future.add_done_callback(self._durable(answer, reply))
+        return reply
 
     def _durable(
         self, answer: Callable[[commands.Outcome], bytes], reply: _Reply

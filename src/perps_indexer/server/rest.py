@@ -24,6 +24,10 @@ from perps_indexer.venue import Venue, VenueHalted
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Parser = Callable[[dict[str, Any]], commands.AnyCommand]
+Query = Mapping[str, str]
+Answer = tuple[int, bytes]
+"""An HTTP status and a JSON body."""
+Read = Callable[[Query], Answer]
 
 _encoder = msgspec.json.Encoder()
 _INT = re.compile(r"-?\d{1,40}")
@@ -54,6 +58,10 @@ def ok_body(message: str, data: Any) -> bytes:
 
 def fail_body(code: str, message: str) -> bytes:
     return _encoder.encode({"success": False, "message": message, "code": code})
+
+
+def answer(message: str, data: Any) -> Answer:
+    return 200, ok_body(message, data)
 
 
 def json_response(body: bytes, status: int = 200) -> web.Response:
@@ -158,7 +166,18 @@ class RestApi:
         self.api_key = api_key.encode() if api_key is not None else None
 
     def routes(self) -> list[web.RouteDef]:
-        reads: dict[str, Handler] = {
+        routes = [web.get(path, self._read(read)) for path, read in self.reads.items()]
+        # CORS: a browser page on another origin may read; writes get no CORS headers, so
+        # browsers refuse cross-origin writes (their preflight finds no OPTIONS route).
+        routes += [web.options(path, preflight) for path in self.reads]
+        if self.api_key is not None:
+            routes += [web.post(path, self._write(parse)) for path, parse in self.writes.items()]
+        return routes
+
+    @property
+    def reads(self) -> dict[str, Read]:
+        """The read endpoints (GET, open to all): path -> the read of its query."""
+        return {
             "/getMarketInfo": self.get_market_info,
             "/getPositions": self.get_positions,
             "/getOpenOrders": self.get_open_orders,
@@ -174,13 +193,6 @@ class RestApi:
             "/getFundingHistory": self._history("funding history", self.venue.funding_history),
             "/getFundingRate": self.get_funding_rate,
         }
-        routes = [web.get(path, handler) for path, handler in reads.items()]
-        # CORS: a browser page on another origin may read; writes get no CORS headers, so
-        # browsers refuse cross-origin writes (their preflight finds no OPTIONS route).
-        routes += [web.options(path, preflight) for path in reads]
-        if self.api_key is not None:
-            routes += [web.post(path, self._write(parse)) for path, parse in self.writes.items()]
-        return routes
 
     @property
     def writes(self) -> dict[str, Parser]:
@@ -201,47 +213,55 @@ class RestApi:
 
     # -- reads
 
-    async def get_market_info(self, request: web.Request) -> web.Response:
-        if "marketId" in request.query:
-            spec = self.markets[field_market(request.query, self.markets)]
-            return ok("market info", [market_info(spec)])
-        return ok("market info", [market_info(s) for s in self.markets.values()])
+    @staticmethod
+    def _read(read: Read) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            status, body = read(request.query)
+            return json_response(body, status)
 
-    async def get_positions(self, request: web.Request) -> web.Response:
-        address = field_address(request.query)
-        return ok("positions", self.venue.projections.positions(address))
+        return handler
 
-    async def get_open_orders(self, request: web.Request) -> web.Response:
-        address = field_address(request.query)
-        return ok("open orders", self.venue.projections.open_orders(address))
+    def get_market_info(self, query: Query) -> Answer:
+        if "marketId" in query:
+            spec = self.markets[field_market(query, self.markets)]
+            return answer("market info", [market_info(spec)])
+        return answer("market info", [market_info(s) for s in self.markets.values()])
 
-    def _limit(self, request: web.Request) -> int | None:
-        limit = field_int(request.query, "limit", optional=True)
+    def get_positions(self, query: Query) -> Answer:
+        address = field_address(query)
+        return answer("positions", self.venue.projections.positions(address))
+
+    def get_open_orders(self, query: Query) -> Answer:
+        address = field_address(query)
+        return answer("open orders", self.venue.projections.open_orders(address))
+
+    @staticmethod
+    def _limit(query: Query) -> int | None:
+        limit = field_int(query, "limit", optional=True)
         if limit is not None and limit <= 0:
             raise BadRequest('field "limit" must be positive')
         return limit  # type: ignore[no-any-return]
 
-    def _history(self, message: str, read: Callable[[str, int | None], Sequence[Any]]) -> Handler:
+    def _history(self, message: str, read: Callable[[str, int | None], Sequence[Any]]) -> Read:
         """A read of an address's history: ``userAddress`` and an optional ``limit`` (any
         depth: beyond the in-memory window it comes from the store)."""
 
-        async def handler(request: web.Request) -> web.StreamResponse:
-            address = field_address(request.query)
-            return ok(message, read(address, self._limit(request)))
+        def history(query: Query) -> Answer:
+            return answer(message, read(field_address(query), self._limit(query)))
 
-        return handler
+        return history
 
-    async def get_order_book(self, request: web.Request) -> web.Response:
-        market = field_market(request.query, self.markets)
-        return ok("order book", self.venue.projections.orderbook(market))
+    def get_order_book(self, query: Query) -> Answer:
+        market = field_market(query, self.markets)
+        return answer("order book", self.venue.projections.orderbook(market))
 
-    async def get_market_price(self, request: web.Request) -> web.Response:
-        market = field_market(request.query, self.markets)
+    def get_market_price(self, query: Query) -> Answer:
+        market = field_market(query, self.markets)
         rows = self.venue.projections.orderbook(market)
         ask = next((r for r in rows if r.is_ask), None)
         bid = next((r for r in rows if not r.is_ask), None)
         mark = self.venue.engine.marks.get(market)
-        return ok(
+        return answer(
             "market price",
             {
                 "market_id": str(market),
@@ -253,22 +273,22 @@ class RestApi:
             },
         )
 
-    async def get_all_trades(self, request: web.Request) -> web.Response:
-        market = field_market(request.query, self.markets)
-        return ok("all trades", self.venue.recent_trades(market, self._limit(request)))
+    def get_all_trades(self, query: Query) -> Answer:
+        market = field_market(query, self.markets)
+        return answer("all trades", self.venue.recent_trades(market, self._limit(query)))
 
-    async def get_order_status(self, request: web.Request) -> web.Response:
-        market = field_market(request.query, self.markets)
-        order_id = field_int(request.query, "orderId")
+    def get_order_status(self, query: Query) -> Answer:
+        market = field_market(query, self.markets)
+        order_id = field_int(query, "orderId")
         row = self.venue.order_status(market, order_id) if order_id >= 0 else None
         if row is None:
-            return fail(404, "unknown_order", f"market {market} has no order {order_id}")
-        return ok("order status", row)
+            return 404, fail_body("unknown_order", f"market {market} has no order {order_id}")
+        return answer("order status", row)
 
-    async def get_funding_rate(self, request: web.Request) -> web.Response:
-        market = field_market(request.query, self.markets)
+    def get_funding_rate(self, query: Query) -> Answer:
+        market = field_market(query, self.markets)
         rows = self.venue.projections.live_funding_rate(market)
-        return ok("funding rate", rows[0] if rows else None)
+        return answer("funding rate", rows[0] if rows else None)
 
     # -- writes
 
