@@ -15,7 +15,9 @@ pinned to CPU 1:
   writes a fixed answer (no parser worth the name: the floor, not a server);
 - ``server``, ``server-lane``: the real server (``perps-indexer serve --sync NORMAL``) taking
   ``POST /deposit`` commands, through aiohttp (``--no-rest-lane``) and through its REST lane
-  (``server/lane.py``): what the lane saves on a real write, engine, commit and fold included.
+  (``server/lane.py``): what the lane saves on a real write, engine, commit and fold included;
+- ``server-read``, ``server-lane-read``: the same two answering ``GET
+  /getMarketPrice?marketId=396``, a small read.
 
 Prints one line per server: requests/s, its CPU share, and CPU microseconds per request. When
 the client's core is full (``raw``), the per-request figure is still right; the rate is the
@@ -99,7 +101,7 @@ def serve(kind: str, seconds: float) -> None:
 
 def real_server(kind: str, db: str) -> subprocess.Popen[str]:
     """The real server, on PORT, ready to serve."""
-    lane = "--rest-lane" if kind == "server-lane" else "--no-rest-lane"
+    lane = "--rest-lane" if kind.startswith("server-lane") else "--no-rest-lane"
     args = ["--port", str(PORT), "--db", db, "--api-key", API_KEY, "--sync", "NORMAL", lane]
     server = subprocess.Popen(
         [sys.executable, "-m", "perps_indexer", "serve", *args, "--log-level", "WARNING"],
@@ -118,7 +120,7 @@ def real_server(kind: str, db: str) -> subprocess.Popen[str]:
     raise SystemExit("the server did not start")
 
 
-def client(connections: int, seconds: float, real: bool) -> None:
+def client(connections: int, seconds: float, real: bool, read: bool) -> None:
     import uvloop
 
     from loadgen import Http  # the suite's REST driver
@@ -131,7 +133,10 @@ def client(connections: int, seconds: float, real: bool) -> None:
     async def one() -> None:
         http = await Http.open(f"http://127.0.0.1:{PORT}")
         while True:
-            status, _ = await http.post(path, body)
+            if read:
+                status, _ = await http.get("/getMarketPrice?marketId=396")
+            else:
+                status, _ = await http.post(path, body)
             assert status == 200, status
             done[0] += 1
 
@@ -156,13 +161,15 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument(
         "--kinds",
-        default="app,lowlevel,raw,server,server-lane",
+        default="app,lowlevel,raw,server,server-lane,server-read,server-lane-read",
         help="which servers to measure, in this order (default all)",
     )
-    parser.add_argument("--role", choices=["app", "lowlevel", "raw", "client", "real-client"])
+    parser.add_argument(
+        "--role", choices=["app", "lowlevel", "raw", "client", "real-client", "read-client"]
+    )
     args = parser.parse_args()
-    if args.role in ("client", "real-client"):
-        client(args.connections, args.seconds, args.role == "real-client")
+    if args.role in ("client", "real-client", "read-client"):
+        client(args.connections, args.seconds, args.role != "client", args.role == "read-client")
         return
     if args.role is not None:
         serve(args.role, args.seconds + 3.0)
@@ -172,6 +179,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: |")
     for kind in args.kinds.split(","):
         real = kind.startswith("server")
+        role = ("read-client" if kind.endswith("-read") else "real-client") if real else "client"
         tmp = tempfile.mkdtemp()
         if real:
             server = real_server(kind, os.path.join(tmp, "perps.db"))
@@ -185,7 +193,7 @@ def main() -> None:
             assert server.stdout is not None
             assert server.stdout.readline().strip() == "ready"
         load = subprocess.Popen(
-            [*me, "--role", "real-client" if real else "client", "--seconds", str(args.seconds)],
+            [*me, "--role", role, "--seconds", str(args.seconds)],
             stdout=subprocess.PIPE,
             text=True,
             preexec_fn=lambda: os.sched_setaffinity(0, {1}),  # noqa: PLW1509

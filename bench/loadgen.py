@@ -329,6 +329,13 @@ class Http:
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
             % (path.encode(), API_KEY.encode(), len(body), body)
         )
+        return await self._reply()
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        self.writer.write(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % target.encode())
+        return await self._reply()
+
+    async def _reply(self) -> tuple[int, bytes]:
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         length = 0
