@@ -507,3 +507,109 @@ def test_a_pipelined_read_sees_the_writes_before_it(server: ThreadedServer) -> N
     assert [row["amount"] for row in first] == ["6", "5"]
     assert [row["amount"] for row in second] == ["7", "6", "5"]
     conn.close()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "Host: y",  # a second Host
+        "User-Agent: a\r\nUser-Agent: b",
+        "Content-Type: a\r\nContent-Type: b",
+        "Content-Encoding: gzip",
+        "Proxy-Connection: close",
+        "Sec-WebSocket-Key1: 1",
+        "\r\n".join(f"X-{i}: {i}" for i in range(128)),
+    ],
+)
+def test_heads_aiohttp_refuses_or_reads_otherwise_are_handed_over(extra: str) -> None:
+    assert parse_head(deposit(A, 1, extra), PATHS, 65_536, READS) is HANDOVER
+    assert isinstance(parse_head(deposit(A, 1, "X-0: 0"), PATHS, 65_536, READS), Head)
+
+
+def test_a_head_without_host_is_handed_over() -> None:
+    request = deposit().replace(b"Host: x\r\n", b"")
+    assert parse_head(request, PATHS, 65_536, READS) is HANDOVER
+
+
+ODD_REQUESTS = [
+    deposit(A, 7).replace(b"Host: x\r\n", b""),
+    deposit(A, 7, "Host: y"),
+    deposit(A, 7, "User-Agent: a", "User-Agent: b"),
+    deposit(A, 7, *(f"X-{i}: {i}" for i in range(128))),
+    deposit(A, 7, "Sec-WebSocket-Key1: 1"),
+    deposit(A, 7, "Proxy-Connection: close"),
+    get("/getMarketInfo").replace(b"Host: x\r\n", b""),
+]
+
+
+def test_requests_aiohttp_refuses_are_answered_alike(
+    pair: tuple[ThreadedServer, ThreadedServer],
+) -> None:
+    answers = []
+    for server in pair:
+        got = []
+        for request in ODD_REQUESTS:
+            conn = Conn(server.server.port)
+            conn.send(request)
+            status, fields, body = conn.reply()
+            assert "aiohttp" in fields["server"]  # aiohttp's answer on both
+            got.append((status, fields.get("connection"), body))
+            conn.close()
+        history = server.rest.get(f"/getDepositAndWithdrawHistory?userAddress={A}")[1]["data"]
+        answers.append((got, len(history)))
+    assert answers[0] == answers[1]
+    assert [status for status, _, _ in answers[0][0]] == [400, 400, 400, 400, 400, 200, 400]
+    assert answers[0][1] == 1  # only the deposit aiohttp took (Proxy-Connection) was made
+
+
+def _book(server: ThreadedServer, levels: int) -> None:
+    server.rest.ok("/deposit", {"userAddress": B, "amount": 10**12})
+    for i in range(levels):
+        server.rest.ok("/placeLimitOrder", limit_order(B, long=True, size=500, price=5000 + i))
+
+
+def test_a_client_that_does_not_read_gets_no_more_than_the_socket_holds(
+    server: ThreadedServer,
+) -> None:
+    _book(server, 100)  # a 10 KB book per reply
+    flood = Conn(server.server.port)
+    flood.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65_536)
+    count = 3_000
+    flood.send(get("/getOrderBook?marketId=396") * count)  # ~30 MB of replies asked for
+    time.sleep(1.0)
+
+    def buffered() -> int:
+        return sum(lane.transport.get_write_buffer_size() for lane in server.server.lanes)  # type: ignore[union-attr]
+
+    # The lane stops answering while the socket is paused: a turn of replies at most, not
+    # the whole pipeline, waits in the server.
+    assert buffered() < 2_000_000
+    other = Conn(server.server.port)  # and others are served meanwhile
+    other.send(get("/getMarketInfo"))
+    assert other.reply()[0] == 200
+    other.close()
+    books = [flood.reply() for _ in range(count)]
+    assert {status for status, _, _ in books} == {200}
+    assert len({body for _, _, body in books}) == 1
+    flood.close()
+
+
+def test_the_idle_timeout_spares_a_request_in_progress(tmp_path: Path) -> None:
+    running, stop = start_threaded(tmp_path, idle_timeout=0.3)
+    try:
+        _book(running, 100)
+        slow_reader = Conn(running.server.port)
+        slow_reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65_536)
+        slow_reader.send(get("/getOrderBook?marketId=396") * 1_000)
+        request = deposit(A, 3)
+        slow_upload = Conn(running.server.port)
+        slow_upload.send(request[:-5])
+        time.sleep(1.2)  # four idle timeouts, with a request in progress on both
+        slow_upload.send(request[-5:])
+        assert json.loads(slow_upload.reply()[2])["data"]["collateral"] == "3"
+        assert {slow_reader.reply()[0] for _ in range(1_000)} == {200}
+        for conn in (slow_reader, slow_upload):
+            assert conn.closed()  # idle once answered
+            conn.close()
+    finally:
+        stop()

@@ -34,6 +34,7 @@ from collections.abc import Callable, Collection
 from email.utils import formatdate
 from typing import Final, NamedTuple, cast
 
+from aiohttp import http_parser
 from yarl import URL
 
 from perps_indexer import commands
@@ -48,13 +49,38 @@ own limit for a line; aiohttp then answers a head that is too large)."""
 MAX_QUEUE: Final = 64
 """Replies a connection may have outstanding before the lane stops reading from it."""
 
+MAX_FIELDS: Final = 128
+"""Field lines in a head, at most (aiohttp's limit: it refuses more)."""
+
+TURN: Final = 32
+"""Requests of one connection answered in one turn of the event loop: a client pipelining
+thousands must not hold the loop (the rest wait for the next turn)."""
+
 # Field lines (RFC 9112 §5): a token, a colon, then HTAB, SP, visible characters or obs-text,
 # each line ending in CRLF. No folding (a line starting with whitespace), no other control.
 _FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 # A query as aiohttp's router would take it: visible ASCII, no fragment (RFC 9112 §3.2.1).
 _QUERY = re.compile(rb"[!-\x22$-~]*")
+# Fields the lane reads, or hands over at: framing and encodings it does not do (aiohttp
+# decodes a Content-Encoding, llhttp takes Proxy-Connection as Connection, aiohttp refuses
+# Sec-WebSocket-Key1).
 _INTERPRETED = frozenset(
-    (b"content-length", b"x-api-key", b"connection", b"transfer-encoding", b"expect", b"upgrade")
+    (
+        b"host",
+        b"content-length",
+        b"x-api-key",
+        b"connection",
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+        b"content-encoding",
+        b"proxy-connection",
+        b"sec-websocket-key1",
+    )
+)
+# Fields aiohttp refuses to see twice (aiohttp.http_parser.SINGLETON_HEADERS).
+_SINGLETONS = frozenset(
+    name.encode() for name in getattr(http_parser, "SINGLETON_HEADERS", ("host", "content-length"))
 )
 _REASONS: Final = {
     200: b"OK",
@@ -131,12 +157,20 @@ def parse_head(
     fields = bytes(buffer[first + 2 : end + 2])
     if not _FIELDS.fullmatch(fields):
         return HANDOVER  # a bad name, a fold, a control character, a bare LF or CR
+    lines = fields.split(b"\r\n")[:-1]
+    if len(lines) > MAX_FIELDS:
+        return HANDOVER
     length = -1
     api_key: bytes | None = None
     close = False
-    for field in fields.split(b"\r\n")[:-1]:
+    singletons: set[bytes] = set()
+    for field in lines:
         name, _, value = field.partition(b":")
         name = name.lower()
+        if name in _SINGLETONS:
+            if name in singletons:
+                return HANDOVER  # aiohttp refuses a repeated one
+            singletons.add(name)
         if name not in _INTERPRETED:
             continue
         value = value.strip(b" \t")
@@ -153,8 +187,10 @@ def parse_head(
             if b"upgrade" in tokens:
                 return HANDOVER
             close = close or b"close" in tokens
-        else:  # transfer-encoding, expect, upgrade
+        elif name != b"host":  # transfer-encoding, expect, upgrade, content-encoding, ...
             return HANDOVER
+    if b"host" not in singletons:
+        return HANDOVER  # HTTP/1.1 requires it; aiohttp refuses a request without one
     if method == b"GET":
         if length > 0:
             return HANDOVER  # a read with a body: aiohttp's to judge
@@ -266,6 +302,7 @@ class RestLane(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.last_active = asyncio.get_running_loop().time()
         self._take()
 
     def eof_received(self) -> bool | None:
@@ -289,8 +326,7 @@ class RestLane(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing = True
-        self._resume()
-        self._take()
+        self._flush()  # takes what waited, hands over or closes, as due
 
     # -- the lane
 
@@ -305,9 +341,14 @@ class RestLane(asyncio.Protocol):
 
     def _take_all(self) -> None:
         routes = self.routes
-        while self.buffer and not self.closing and not self.handing_over:
+        taken = 0
+        while self.buffer and self.writing and not self.closing and not self.handing_over:
             if len(self.replies) >= MAX_QUEUE:
                 self._pause()
+                return
+            if taken == TURN:
+                self._pause()  # the rest in a later turn, after other connections' work
+                asyncio.get_running_loop().call_soon(self._flush)
                 return
             head = parse_head(self.buffer, routes.writes, self.max_body, routes.reads)
             if head is None:
@@ -327,7 +368,7 @@ class RestLane(asyncio.Protocol):
                 return
             body = bytes(self.buffer[head.body_start : end])
             del self.buffer[:end]
-            self.last_active = asyncio.get_running_loop().time()
+            taken += 1
             reply = self._read(head) if head.method == b"GET" else self._write(head, body)
             self._queue(reply)  # written at once if ready and first
             if reply.close:
@@ -360,7 +401,8 @@ class RestLane(asyncio.Protocol):
             return _Reply(response(status, data, close), close)
         except Exception:
             log.exception("a REST write failed in the server")
-            return _Reply(_INTERNAL, True)  # what follows on this connection is not read
+            close = True  # what follows on this connection is not read
+            return _Reply(response(500, _INTERNAL_BODY, close), close)
         reply = _Reply(None, close)
         future.add_done_callback(self._durable(answer, reply))
         return reply
@@ -394,6 +436,8 @@ class RestLane(asyncio.Protocol):
         transport, replies = self.transport, self.replies
         if transport is None or transport.is_closing():
             return
+        if replies and replies[0].data is not None:
+            self.last_active = asyncio.get_running_loop().time()
         while replies and replies[0].data is not None:
             reply = replies.popleft()
             transport.write(reply.data)  # type: ignore[arg-type]
@@ -410,14 +454,15 @@ class RestLane(asyncio.Protocol):
         elif self.writing and not self.taking:
             if not self.reading:
                 self._resume()
-            self._take()  # what was held back while the queue was full
+            self._take()  # what was held back (a full queue, a paused socket, a turn's cap)
             if self.eof and not self.replies and not self.handing_over:
                 transport.close()  # the client sent its last request; all answered
 
     def _handover(self) -> None:
         """Give the connection, and the bytes not yet answered, to aiohttp for good."""
         transport = self.transport
-        assert transport is not None
+        if transport is None or transport.is_closing():
+            return  # closed meanwhile (idle, or the server stopping): nothing to hand
         self.lanes.discard(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -448,17 +493,17 @@ class RestLane(asyncio.Protocol):
         ):
             self.reading = True
             self.transport.resume_reading()
-        elif self.handing_over and self.writing and not self.replies:
-            self._handover()
 
     def _idle_check(self) -> None:
-        """Close a connection idle for ``idle_timeout`` with nothing outstanding, as aiohttp
-        closes an idle keep-alive connection."""
+        """Close a connection idle for ``idle_timeout`` between requests, as aiohttp closes an
+        idle keep-alive connection: never with a request in progress (bytes of one read,
+        replies outstanding, or a client slow to read them)."""
         loop = asyncio.get_running_loop()
         idle = loop.time() - self.last_active
         if self.transport is None or self.transport.is_closing():
             return
-        if self.replies or idle < self.idle_timeout:
+        busy = self.buffer or self.replies or not self.writing or not self.reading
+        if busy or idle < self.idle_timeout:
             self.timer = loop.call_later(max(self.idle_timeout - idle, 1.0), self._idle_check)
             return
         self.transport.close()
@@ -472,4 +517,3 @@ class RestLane(asyncio.Protocol):
 _INTERNAL_BODY: Final = fail_body(
     "internal_error", "the server failed to handle the request; its log says why"
 )
-_INTERNAL: Final = response(500, _INTERNAL_BODY, True)
