@@ -52,7 +52,7 @@ MAX_QUEUE: Final = 64
 MAX_FIELDS: Final = 128
 """Field lines in a head, at most (aiohttp's limit: it refuses more)."""
 
-TURN: Final = 32
+TURN: Final = 8
 """Requests of one connection answered in one turn of the event loop: a client pipelining
 thousands must not hold the loop (the rest wait for the next turn)."""
 
