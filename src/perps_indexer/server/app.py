@@ -278,7 +278,7 @@ class Server:
                 MAX_BODY,
             )
 
-        # Listening ourselves, not through an aiohttp site: a connection starts in the write
+        # Listening ourselves, not through an aiohttp site: a connection starts in the REST
         # lane, which hands it to aiohttp's protocol (runner.server) at its first other request.
         self._listener = await asyncio.get_running_loop().create_server(
             factory, self.config.host, self.config.port
