@@ -28,17 +28,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import API_KEY, cpu_seconds
+from benchlib import LOAD_CPU, PYTHON, SERVER_CPU, cpu_seconds, spawn, start_server, stop
 
 PORT = 18_123
 BODY = b'{"success":true,"message":"ok","data":{"seq":1}}'
@@ -99,28 +95,7 @@ def serve(kind: str, seconds: float) -> None:
     uvloop.run(main())
 
 
-def real_server(kind: str, db: str) -> subprocess.Popen[str]:
-    """The real server, on PORT, ready to serve."""
-    lane = "--rest-lane" if kind.startswith("server-lane") else "--no-rest-lane"
-    args = ["--port", str(PORT), "--db", db, "--api-key", API_KEY, "--sync", "NORMAL", lane]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "perps_indexer", "serve", *args, "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL,
-        text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {0}),  # noqa: PLW1509
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
-            return server
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    raise SystemExit("the server did not start")
-
-
-def client(connections: int, seconds: float, real: bool, read: bool) -> None:
+def client(port: int, connections: int, seconds: float, real: bool, read: bool) -> None:
     import uvloop
 
     from loadgen import Http  # the suite's REST driver
@@ -131,7 +106,7 @@ def client(connections: int, seconds: float, real: bool, read: bool) -> None:
         path, body = "/deposit", b'{"userAddress": "0x' + b"a1" * 32 + b'", "amount": 1}'
 
     async def one() -> None:
-        http = await Http.open(f"http://127.0.0.1:{PORT}")
+        http = await Http.open(f"http://127.0.0.1:{port}")
         while True:
             if read:
                 status, _ = await http.get("/getMarketPrice?marketId=396")
@@ -159,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--port", type=int, default=PORT, help=argparse.SUPPRESS)
     parser.add_argument(
         "--kinds",
         default="app,lowlevel,raw,server,server-lane,server-read,server-lane-read",
@@ -169,45 +145,41 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.role in ("client", "real-client", "read-client"):
-        client(args.connections, args.seconds, args.role != "client", args.role == "read-client")
+        read = args.role == "read-client"
+        client(args.port, args.connections, args.seconds, args.role != "client", read)
         return
     if args.role is not None:
         serve(args.role, args.seconds + 3.0)
         return
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [PYTHON, str(Path(__file__).resolve())]
     print("| server | requests/s | server CPU | CPU µs per request |")
     print("| --- | ---: | ---: | ---: |")
     for kind in args.kinds.split(","):
         real = kind.startswith("server")
         role = ("read-client" if kind.endswith("-read") else "real-client") if real else "client"
-        tmp = tempfile.mkdtemp()
-        if real:
-            server = real_server(kind, os.path.join(tmp, "perps.db"))
-        else:
-            server = subprocess.Popen(
-                [*me, "--role", kind, "--seconds", str(args.seconds)],
-                stdout=subprocess.PIPE,
-                text=True,
-                preexec_fn=lambda: os.sched_setaffinity(0, {0}),  # noqa: PLW1509
-            )
-            assert server.stdout is not None
-            assert server.stdout.readline().strip() == "ready"
-        load = subprocess.Popen(
-            [*me, "--role", role, "--seconds", str(args.seconds)],
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: os.sched_setaffinity(0, {1}),  # noqa: PLW1509
-        )
-        assert load.stdout is not None
-        assert load.stdout.readline().strip() == "start"
-        cpu, started = cpu_seconds(server.pid), time.monotonic()
-        rate = float(load.stdout.readline().split()[-1])
-        share = (cpu_seconds(server.pid) - cpu) / (time.monotonic() - started)
-        load.wait(30)
-        if real:
-            server.terminate()
-        server.wait(30)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            if real:
+                lane = "--rest-lane" if kind.startswith("server-lane") else "--no-rest-lane"
+                server = start_server("ours", Path(tmp) / "perps.db", lane)
+                proc, port = server.proc, server.port
+            else:
+                port = PORT
+                cmd = [*me, "--role", kind, "--seconds", str(args.seconds)]
+                proc = spawn(kind, cmd, SERVER_CPU)
+                proc.wait_line("^ready$", 30)
+            try:
+                load = spawn(
+                    "client",
+                    [*me, "--role", role, "--port", str(port), "--seconds", str(args.seconds)],
+                    LOAD_CPU,
+                )
+                load.wait_line("^start$", 30)
+                cpu, started = cpu_seconds(proc.pid), time.monotonic()
+                rate = float(load.wait_line(r"^rate (\S+)$", args.seconds + 30).group(1))
+                share = (cpu_seconds(proc.pid) - cpu) / (time.monotonic() - started)
+                stop(load)
+            finally:
+                stop(proc)
         print(f"| {kind} | {rate:,.0f} | {share:.0%} | {share / rate * 1e6:.1f} |")
 
 

@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Final, NamedTuple, cast
 
 from aiohttp import http_parser
@@ -78,18 +79,11 @@ _INTERPRETED = frozenset(
         b"sec-websocket-key1",
     )
 )
-# Fields aiohttp refuses to see twice (aiohttp.http_parser.SINGLETON_HEADERS).
-_SINGLETONS = frozenset(
+# Fields a head may hold once: those aiohttp refuses to see twice
+# (aiohttp.http_parser.SINGLETON_HEADERS), and the API key, which the lane does not choose from.
+_ONCE = frozenset(
     name.encode() for name in getattr(http_parser, "SINGLETON_HEADERS", ("host", "content-length"))
-)
-_REASONS: Final = {
-    200: b"OK",
-    400: b"Bad Request",
-    401: b"Unauthorized",
-    404: b"Not Found",
-    500: b"Internal Server Error",
-    503: b"Service Unavailable",
-}
+) | {b"x-api-key"}
 
 
 class Head(NamedTuple):
@@ -161,26 +155,24 @@ def parse_head(
     if len(lines) > MAX_FIELDS:
         return HANDOVER
     length = -1
-    api_key: bytes | None = None
+    api_key = b""
     close = False
-    singletons: set[bytes] = set()
+    seen: set[bytes] = set()
     for field in lines:
         name, _, value = field.partition(b":")
         name = name.lower()
-        if name in _SINGLETONS:
-            if name in singletons:
-                return HANDOVER  # aiohttp refuses a repeated one
-            singletons.add(name)
+        if name in _ONCE:
+            if name in seen:
+                return HANDOVER
+            seen.add(name)
         if name not in _INTERPRETED:
             continue
         value = value.strip(b" \t")
         if name == b"content-length":
-            if length >= 0 or not value.isdigit() or len(value) > 10:
+            if not value.isdigit() or len(value) > 10:
                 return HANDOVER
             length = int(value)
         elif name == b"x-api-key":
-            if api_key is not None:
-                return HANDOVER
             api_key = value
         elif name == b"connection":
             tokens = {token.strip(b" \t").lower() for token in value.split(b",")}
@@ -189,7 +181,7 @@ def parse_head(
             close = close or b"close" in tokens
         elif name != b"host":  # transfer-encoding, expect, upgrade, content-encoding, ...
             return HANDOVER
-    if b"host" not in singletons:
+    if b"host" not in seen:
         return HANDOVER  # HTTP/1.1 requires it; aiohttp refuses a request without one
     if method == b"GET":
         if length > 0:
@@ -197,7 +189,7 @@ def parse_head(
         length = 0
     elif length < 0 or length > max_body:
         return HANDOVER
-    return Head(method, path, query, end + 4, length, api_key or b"", close)
+    return Head(method, path, query, end + 4, length, api_key, close)
 
 
 _date_second = -1
@@ -218,7 +210,7 @@ def response(status: int, body: bytes, close: bool, cors: bool = False) -> bytes
     reads are)."""
     return b"".join(
         (
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status]),
+            b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
             b"Content-Type: application/json\r\n",
             b"Access-Control-Allow-Origin: *\r\n" if cors else b"",
             b"Content-Length: %d\r\n" % len(body),
@@ -279,7 +271,6 @@ class RestLane(asyncio.Protocol):
         self.replies: deque[_Reply] = deque()
         self.handing_over = False
         self.closing = False  # no more requests: Connection: close, an EOF, or lost
-        self.lost = False
         self.eof = False
         self.taking = False  # in _take: a reply written meanwhile must not start another
         self.reading = True
@@ -314,7 +305,8 @@ class RestLane(asyncio.Protocol):
         return True  # answer what was asked, held-back requests too, then close (_flush)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = self.lost = True
+        self.closing = True
+        self.transport = None
         self.lanes.discard(self)
         if self.timer is not None:
             self.timer.cancel()
@@ -411,7 +403,7 @@ class RestLane(asyncio.Protocol):
         self, answer: Callable[[commands.Outcome], bytes], reply: _Reply
     ) -> Callable[[asyncio.Future[commands.Outcome]], None]:
         def done(future: asyncio.Future[commands.Outcome]) -> None:
-            if self.lost or future.cancelled():
+            if self.transport is None or future.cancelled():
                 return  # the command stands; there is no one to tell
             exc = future.exception()
             if exc is None:
@@ -436,12 +428,11 @@ class RestLane(asyncio.Protocol):
         transport, replies = self.transport, self.replies
         if transport is None or transport.is_closing():
             return
-        if replies and replies[0].data is not None:
+        while replies and (data := replies[0].data) is not None:
+            close = replies.popleft().close
+            transport.write(data)
             self.last_active = asyncio.get_running_loop().time()
-        while replies and replies[0].data is not None:
-            reply = replies.popleft()
-            transport.write(reply.data)  # type: ignore[arg-type]
-            if reply.close:
+            if close:
                 transport.close()
                 return
         if replies:

@@ -80,7 +80,7 @@ REFUSED = (BadRequest, CommandRejected, VenueHalted)
 """What a request can be refused with (an answer, not a failure of the server)."""
 
 
-def refusal(exc: BadRequest | CommandRejected | VenueHalted) -> tuple[int, bytes]:
+def refusal(exc: BadRequest | CommandRejected | VenueHalted) -> Answer:
     """The HTTP status and JSON body that refuse a request with ``exc``."""
     if isinstance(exc, BadRequest):
         status = exc.status
@@ -164,20 +164,7 @@ class RestApi:
         self.venue = venue
         self.markets = venue.markets
         self.api_key = api_key.encode() if api_key is not None else None
-
-    def routes(self) -> list[web.RouteDef]:
-        routes = [web.get(path, self._read(read)) for path, read in self.reads.items()]
-        # CORS: a browser page on another origin may read; writes get no CORS headers, so
-        # browsers refuse cross-origin writes (their preflight finds no OPTIONS route).
-        routes += [web.options(path, preflight) for path in self.reads]
-        if self.api_key is not None:
-            routes += [web.post(path, self._write(parse)) for path, parse in self.writes.items()]
-        return routes
-
-    @property
-    def reads(self) -> dict[str, Read]:
-        """The read endpoints (GET, open to all): path -> the read of its query."""
-        return {
+        self.reads: dict[str, Read] = {
             "/getMarketInfo": self.get_market_info,
             "/getPositions": self.get_positions,
             "/getOpenOrders": self.get_open_orders,
@@ -193,11 +180,8 @@ class RestApi:
             "/getFundingHistory": self._history("funding history", self.venue.funding_history),
             "/getFundingRate": self.get_funding_rate,
         }
-
-    @property
-    def writes(self) -> dict[str, Parser]:
-        """The write endpoints (POST, with the API key): path -> the body's parser."""
-        return {
+        """The read endpoints (GET, open to all): path -> the read of its query."""
+        self.writes: dict[str, Parser] = {
             "/deposit": self.cmd_deposit,
             "/withdraw": self.cmd_withdraw,
             "/placeLimitOrder": self.cmd_limit,
@@ -210,6 +194,16 @@ class RestApi:
             "/setIndexPrice": self.cmd_index,
             "/settleFunding": self.cmd_settle_funding,
         }
+        """The write endpoints (POST, with the API key): path -> the body's parser."""
+
+    def routes(self) -> list[web.RouteDef]:
+        routes = [web.get(path, self._read(read)) for path, read in self.reads.items()]
+        # CORS: a browser page on another origin may read; writes get no CORS headers, so
+        # browsers refuse cross-origin writes (their preflight finds no OPTIONS route).
+        routes += [web.options(path, preflight) for path in self.reads]
+        if self.api_key is not None:
+            routes += [web.post(path, self._write(parse)) for path, parse in self.writes.items()]
+        return routes
 
     # -- reads
 
