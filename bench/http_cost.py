@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import LOAD_CPU, PYTHON, SERVER_CPU, cpu_seconds, spawn, start_server, stop
+from benchlib import LOAD_CPU, PYTHON, SERVER_CPU, SRC, cpu_seconds, spawn, start_server, stop
 
 PORT = 18_123
 BODY = b'{"success":true,"message":"ok","data":{"seq":1}}'
@@ -143,7 +143,14 @@ def main() -> None:
     parser.add_argument(
         "--role", choices=["app", "lowlevel", "raw", "client", "real-client", "read-client"]
     )
+    parser.add_argument(
+        "--src",
+        help="the perps_indexer source tree the real server runs (default the repository's "
+        "src/), e.g. another commit's: git archive COMMIT src | tar -x -C DIR",
+    )
     args = parser.parse_args()
+    if args.src:
+        SRC[0] = Path(args.src).resolve()
     if args.role in ("client", "real-client", "read-client"):
         read = args.role == "read-client"
         client(args.port, args.connections, args.seconds, args.role != "client", read)

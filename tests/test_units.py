@@ -6,6 +6,8 @@ Expected values come from the reference examples or are worked out by hand in co
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from perps_indexer.errors import InvalidAddress
 from perps_indexer.units import (
@@ -36,10 +38,24 @@ FULL = "0x4d6dc68e391e86991e58ab4d548b7e92872430d1f51bc666fe0c206bad7ff770"
         ("0xAbC", "0x" + "0" * 61 + "abc"),
         ("  0xab \n", "0x" + "0" * 62 + "ab"),
         ("0x" + "0" * 64, "0x" + "0" * 64),
+        (FULL + "\n", FULL),  # the normal form with a trailing newline is not taken as is
+        (" " + FULL, FULL),
     ],
 )
 def test_addresses_normalise_to_0x_and_64_lowercase_digits(given: str, expected: str) -> None:
     assert normalize_address(given) == expected
+
+
+@given(st.text(alphabet="0123456789abcdefABCDEFxX \n\u0661", max_size=70))
+def test_an_address_is_its_number_in_normal_form_or_refused(text: str) -> None:
+    digits = text.strip()[2:]
+    try:
+        got = normalize_address(text)
+    except InvalidAddress:
+        ok = text.strip()[:2] in ("0x", "0X") and 0 < len(digits) <= 64
+        assert not ok or not all(c in "0123456789abcdefABCDEF" for c in digits)
+        return
+    assert got == f"0x{int(digits, 16):064x}"
 
 
 @pytest.mark.parametrize(
@@ -52,6 +68,7 @@ def test_addresses_normalise_to_0x_and_64_lowercase_digits(given: str, expected:
         ("0xg1", "not hex digits"),
         ("0x12 34", "not hex digits"),
         ("0x" + "1" * 65, "more than 64"),
+        ("0x" + "\u0661" * 64, "not hex digits"),  # digits, but not ASCII hex digits
     ],
 )
 def test_bad_addresses_are_refused_with_a_reason(given: object, says: str) -> None:

@@ -11,13 +11,14 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from perps_indexer.server.lane import HANDOVER, MAX_HEAD, MAX_QUEUE, Head, parse_head
+from perps_indexer.server import lane
+from perps_indexer.server.lane import HANDOVER, MAX_HEAD, MAX_QUEUE, Head, Routes, parse_head
 from tests.server.conftest import API_KEY, ThreadedServer, limit_order, start_threaded
 
 PATHS = {b"/deposit", b"/placeLimitOrder"}
@@ -153,6 +154,34 @@ def test_a_write_parses_the_same_whatever_follows(amount: int, extra: str) -> No
     alone = parse_head(request, PATHS, 65_536)
     followed = parse_head(request + deposit(B, 5), PATHS, 65_536)
     assert isinstance(alone, Head) and alone == followed
+
+
+_HEAD_PARTS = st.sampled_from(
+    [
+        deposit(A, 7),
+        deposit(B, 1_234, "Connection: close"),
+        post("/placeLimitOrder", b"{}"),
+        b"GET /getPositions?address=0x1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /getMarketInfo HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n",
+        b"POST /deposit HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n",  # incomplete
+    ]
+)
+
+
+@given(st.lists(st.one_of(_HEAD_PARTS, st.binary(max_size=120)), max_size=30), st.integers(1, 4))
+def test_remembered_heads_parse_as_the_parser_does(buffers: list[bytes], size: int) -> None:
+    """Routes.head answers what parse_head answers, for heads seen before or not, whatever
+    follows them, and when its memo is full and starts again."""
+    routes = Routes(cast(Any, None), dict.fromkeys(PATHS), dict.fromkeys(READS), 65_536, {})
+    saved, lane.HEADS = lane.HEADS, size  # type: ignore[misc]
+    try:
+        for data in buffers + buffers:
+            for buffer in (data, data + deposit(B, 5)):
+                expected = parse_head(buffer, PATHS, 65_536, READS)
+                assert routes.head(bytearray(buffer)) == expected
+                assert len(routes.heads) <= size
+    finally:
+        lane.HEADS = saved  # type: ignore[misc]
 
 
 # -- real servers, raw sockets

@@ -271,11 +271,10 @@ class Server:
         if self.config.rest_lane:
             factory = functools.partial(
                 RestLane,
-                Routes.of(api),
+                Routes.of(api, MAX_BODY),
                 runner.server,
                 self.lanes,
                 self.config.idle_timeout,
-                MAX_BODY,
             )
 
         # Listening ourselves, not through an aiohttp site: a connection starts in the REST

@@ -53,6 +53,9 @@ MAX_QUEUE: Final = 64
 MAX_FIELDS: Final = 128
 """Field lines in a head, at most (aiohttp's limit: it refuses more)."""
 
+HEADS: Final = 1_024
+"""Heads :meth:`Routes.head` remembers, at most."""
+
 TURN: Final = 8
 """Requests of one connection answered in one turn of the event loop: a client pipelining
 thousands must not hold the loop (the rest wait for the next turn)."""
@@ -233,21 +236,49 @@ class _Reply:
 
 
 class Routes(NamedTuple):
-    """What the lane serves, made once per server: the write and read paths (as bytes) and
-    the handlers of ``api`` for them (no writes without an API key, as on aiohttp's router)."""
+    """What the lane serves, made once per server: the write and read paths (as bytes), the
+    handlers of ``api`` for them (no writes without an API key, as on aiohttp's router), the
+    largest body it takes, and the heads it has parsed."""
 
     api: RestApi
     writes: dict[bytes, Parser]
     reads: dict[bytes, Read]
+    max_body: int
+    heads: dict[bytes, Head]
+    """The heads taken so far, by their bytes (at most :data:`HEADS`): see :meth:`head`."""
 
     @classmethod
-    def of(cls, api: RestApi) -> Routes:
+    def of(cls, api: RestApi, max_body: int) -> Routes:
         writes = api.writes if api.api_key is not None else {}
         return cls(
             api,
             {path.encode(): parse for path, parse in writes.items()},
             {path.encode(): read for path, read in api.reads.items()},
+            max_body,
+            {},
         )
+
+    def head(self, buffer: bytearray) -> Head | Handover | None:
+        """:func:`parse_head` of ``buffer`` for these routes, remembered.
+
+        A client sends the same head again and again (its path, its fields, often the same
+        length), and parsing one costs about as much as the rest of a read: a head seen
+        before is looked up by its bytes instead. :func:`parse_head` is a function of those
+        bytes alone (for given routes), so the answer is the same."""
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+        if end < 0:
+            return parse_head(buffer, self.writes, self.max_body, self.reads)
+        key = bytes(buffer[: end + 4])
+        heads = self.heads
+        head = heads.get(key)
+        if head is not None:
+            return head
+        parsed = parse_head(key, self.writes, self.max_body, self.reads)
+        if isinstance(parsed, Head):
+            if len(heads) >= HEADS:
+                heads.clear()  # many clients or odd ones: start again, it is only a memo
+            heads[key] = parsed
+        return parsed
 
 
 class RestLane(asyncio.Protocol):
@@ -259,13 +290,11 @@ class RestLane(asyncio.Protocol):
         fallback: Callable[[], asyncio.Protocol],
         lanes: set[RestLane],
         idle_timeout: float,
-        max_body: int,
     ) -> None:
         self.routes = routes
         self.fallback = fallback
         self.lanes = lanes
         self.idle_timeout = idle_timeout
-        self.max_body = max_body
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.replies: deque[_Reply] = deque()
@@ -342,7 +371,7 @@ class RestLane(asyncio.Protocol):
                 self._pause()  # the rest in a later turn, after other connections' work
                 asyncio.get_running_loop().call_soon(self._flush)
                 return
-            head = parse_head(self.buffer, routes.writes, self.max_body, routes.reads)
+            head = routes.head(self.buffer)
             if head is None:
                 return
             if isinstance(head, Handover):
