@@ -111,6 +111,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     from aiohttp import WSMsgType, web
 
     peers: dict[web.WebSocketResponse, asyncio.Transport] = {}
+    fds: dict[asyncio.Transport, int] = {}  # aiohttp-batch: each transport's socket
     enough = asyncio.Event()
 
     frame = text_frame(message)  # the server's own framing, once for every client
@@ -122,7 +123,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
         transport = request.transport
         assert transport is not None  # uvloop's transports do not subclass asyncio.Transport
         peers[ws] = transport  # type: ignore[assignment]
-        writer.add(transport)
+        fds[transport] = writer.socket_of(transport)
         if len(peers) >= args.clients:
             enough.set()
         try:
@@ -130,7 +131,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
                 pass
         finally:
             peers.pop(ws, None)
-            writer.discard(transport)
+            fds.pop(transport, None)
         return ws
 
     app = web.Application()
@@ -162,24 +163,26 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
         to those holding nothing unsent in one call per slice, as the server's hub does."""
         sent = 0
         batch = []
+        sockets = []
         for i, transport in enumerate(list(peers.values()), 1):
             if not transport.is_closing():
                 buffered = transport.get_write_buffer_size()
                 if buffered == 0 and batched:
                     batch.append(transport)
+                    sockets.append(fds[transport])
                     sent += 1
                 elif buffered <= HIGH_WATER:
                     transport.write(frame)
                     sent += 1
             if args.slice and not i % args.slice:
                 if batch:
-                    writer(batch, frame)
-                    batch = []
+                    writer(sockets, batch, frame)
+                    batch, sockets = [], []
                 if work:
                     busy(work)
                 await asyncio.sleep(0)
         if batch:
-            writer(batch, frame)
+            writer(sockets, batch, frame)
         return sent
 
     direct = args.kind in ("aiohttp-direct", "aiohttp-batch")

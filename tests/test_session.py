@@ -32,7 +32,7 @@ from perps_indexer.session import (
     error_message,
     parse_request,
 )
-from tests.sinks import ByteSink, framed
+from tests.sinks import ByteSink, framed, unframe
 
 A = "0x" + "a" * 64
 B = "0x" + "b" * 64
@@ -796,8 +796,9 @@ def sink_world(watchers: int, limit: int = 1_000) -> tuple[World, list[Session],
     world.hub.framer = framed
     world.hub.write_limit = limit
     sinks = []
-    for s in sessions:
+    for i, s in enumerate(sessions):
         s.sink = sink = ByteSink()
+        s.fd = i  # the socket number a batch writer would know it by
         sinks.append(sink)
     return world, sessions, sinks
 
@@ -834,7 +835,8 @@ def test_a_round_gives_write_each_the_sinks_holding_nothing_in_one_call_per_slic
     world, sessions, sinks = sink_world(5)
     calls: list[tuple[list[ByteSink], bytes]] = []
 
-    def write_each(batch: list[Any], frame: bytes) -> None:
+    def write_each(fds: list[int], batch: list[Any], frame: bytes) -> None:
+        assert fds == [sinks.index(sink) for sink in batch]  # each sink with its socket
         calls.append((list(batch), frame))
         for sink in batch:
             sink.write(frame)
@@ -883,6 +885,99 @@ def test_closing_turns_the_fast_path_off() -> None:
     world.hub.publish_state(("orderbook", 396), data("orderbook", [], 2))
     world.hub.drain(10)
     assert sinks[0].seqs() == [1] and session.take() == []
+
+
+ROUND_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("publish"), st.just(0), st.just(0)),
+        st.tuples(st.just("drain"), st.integers(1, 5), st.just(0)),
+        st.tuples(st.just("subscribe"), st.integers(0, 5), st.sampled_from([None, 7, 8])),
+        st.tuples(st.just("unsubscribe"), st.integers(0, 5), st.just(0)),
+        st.tuples(st.just("buffered"), st.integers(0, 5), st.sampled_from([0, 10, 2_000])),
+        st.tuples(st.just("write"), st.integers(0, 5), st.just(0)),
+        st.tuples(st.just("close"), st.integers(0, 5), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300)
+@given(ops=ROUND_OPS, batching=st.booleans())
+def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch(
+    ops: list[tuple[str, int, Any]], batching: bool
+) -> None:
+    """Any mix of changes, slices, (re)subscriptions with and without ids, unsubscriptions,
+    closes and readers falling behind: a watcher gets the book only while it watches it,
+    with the id it subscribed with, in order, and ends on the newest state."""
+    world, sessions, sinks = sink_world(6)
+    stream = ("orderbook", 396)
+    if batching:
+
+        def write_each(fds: list[int], batch: list[Any], frame: bytes) -> None:
+            assert fds == [sinks.index(sink) for sink in batch]
+            for sink in batch:
+                sink.write(frame)
+
+        world.hub.write_each = write_each
+    got: list[list[dict[str, Any]]] = [[] for _ in sessions]
+    seen = [0] * len(sessions)  # sink writes collected so far
+    closed: set[int] = set()
+    newest = 0
+
+    def collect(i: int, messages: list[dict[str, Any]]) -> None:
+        session = sessions[i]
+        for message in messages:
+            if message.get("message") != "orderbook" or "seq" not in message:
+                continue  # an ack
+            assert i not in closed and stream in session.subscriptions
+            assert message.get("id") == session.subscriptions[stream]
+            if got[i]:
+                assert message["seq"] >= got[i][-1]["seq"]
+            got[i].append(message)
+
+    def delivered() -> None:
+        for i, sink in enumerate(sinks):
+            for write in sink.written[seen[i] :]:
+                collect(i, unframe(write))
+            seen[i] = len(sink.written)
+
+    for op, i, arg in ops:
+        if op == "publish":
+            newest += 1
+            message = world.source.state[stream] = data("orderbook", [], newest)
+            world.hub.publish_state(stream, message)
+        elif op == "drain":
+            world.hub.drain(i)
+        elif i in closed:
+            continue
+        elif op == "subscribe":
+            request: dict[str, Any] = {"topic": "orderbook", "market_id": 396}
+            if arg is not None:
+                request |= {"op": "subscribe", "id": arg}
+            send(sessions[i], request)
+        elif op == "unsubscribe" and stream in sessions[i].subscriptions:
+            send(sessions[i], {"op": "unsubscribe", "topic": "orderbook", "market_id": 396})
+        elif op == "buffered":
+            sinks[i].buffered = arg
+        elif op == "write":
+            collect(i, replies(sessions[i]))
+        elif op == "close":
+            delivered()
+            sinks[i].closing = True
+            sessions[i].closed()
+            closed.add(i)
+        delivered()
+    for sink in sinks:
+        sink.buffered = 0
+    while world.hub.drain(100):
+        pass
+    delivered()
+    for i, session in enumerate(sessions):
+        if i not in closed:
+            collect(i, replies(session))
+            if stream in session.subscriptions:
+                last = got[i][-1]["seq"] if got[i] else 0  # sink_world took seq 0's snapshot
+                assert last == newest
 
 
 def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order() -> None:
@@ -1011,7 +1106,9 @@ def test_a_renewed_round_copies_its_watchers_only_when_they_changed() -> None:
     late.take()  # its snapshot
     send(sessions[0], {"op": "unsubscribe", "topic": "orderbook", "market_id": 396})
     world.hub.publish_state(stream, data("orderbook", [], 3))
-    assert world.hub._rounds[stream].order == [*sessions[1:], late]
+    # The cycle stood at session 2 with everyone owed seq 3: those owed first, in turn, then
+    # the newcomer (session 0 unsubscribed).
+    assert [s for s, _ in world.hub._rounds[stream].order] == [*sessions[2:], sessions[1], late]
     world.hub.drain(100)
     assert [seqs(s)[-1:] for s in [*sessions[1:], late]] == [[3]] * 4
     assert all(json.loads(f).get("seq") != 3 for f in sessions[0].take())

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Protocol
 
 import msgspec
@@ -245,6 +245,7 @@ class Session:
         "_updated",
         "close_code",
         "close_reason",
+        "fd",
         "hub",
         "last_received",
         "limits",
@@ -281,6 +282,9 @@ class Session:
         message with nothing queued ahead of it is framed (:attr:`Hub.framer`) and written
         straight to it if it holds at most :attr:`Hub.write_limit` bytes; else the message
         goes through the outbox and the transport's writer."""
+        self.fd = -1
+        """The connection's socket as :attr:`Hub.write_each` knows it (the transport sets it),
+        or -1: the fast path then writes to :attr:`sink` itself."""
         self.notify: Callable[[], None] | None = None
         """Called when the outbox goes from empty to non-empty (the transport's wake-up)."""
         self.last_received = now
@@ -372,6 +376,8 @@ class Session:
         )
         if stream not in self.subscriptions:
             self.hub.add(self, stream)
+        elif self.subscriptions[stream] != request_id:
+            self.hub.membership += 1  # the same watcher, another id: rounds must see it
         self.subscriptions[stream] = request_id
         self._drop_pending(stream)  # the ack must go before this stream's data
         if request_id is not None:
@@ -494,6 +500,7 @@ class Session:
         self.outbox_bytes = 0
         self.notify = None
         self.sink = None
+        self.fd = -1
 
 
 class Hub:
@@ -539,9 +546,11 @@ class Hub:
         self.write_limit = 0
         """Bytes a sink may hold for the fast path to add to it (a reader falling behind gets
         its messages coalesced in the outbox instead)."""
-        self.write_each: Callable[[list[Sink], bytes], None] | None = None
-        """Writes one frame to many sinks in one call (the transport's batch writer); a
-        fan-out round gives it the sinks that hold nothing unsent. None: one write each."""
+        self.write_each: Callable[[list[int], list[Sink], bytes], None] | None = None
+        """Writes one frame to many connections in one call (the transport's batch writer):
+        a fan-out round gives it the sockets (:attr:`Session.fd`) of the sinks that hold
+        nothing unsent, and those sinks, for what a socket does not take. None: one write
+        each."""
         self.small_stream = SMALL_STREAM
         """Watchers up to which a sliced state change is pushed at once."""
         self._rounds: dict[Stream, _Round] = {}
@@ -641,12 +650,12 @@ class Hub:
             return
         pending = self._rounds.get(stream)
         if pending is not None:
-            pending.renew(message, watchers, self.membership)  # at once would overtake it
+            pending.renew(message, self)  # at once would overtake it
         elif not self.sliced or len(watchers) <= self.small_stream:
             self.publish(stream, message)
             return
         else:
-            self._rounds[stream] = _Round(message, watchers, self.membership)
+            self._rounds[stream] = _Round(message, self, stream)
             self._turns.append(stream)
         if self.wake is not None:
             self.wake()
@@ -680,24 +689,49 @@ class _Round:
     The watchers are served in a cycle. A newer message restarts the count from wherever the
     cycle stands: everyone gets the message current at their turn (always the newest), at most
     once per cycle, and a stream that changes faster than a cycle completes still reaches every
-    watcher, in turn. Renewing costs the same whatever the number of watchers."""
+    watcher, in turn. Renewing costs the same whatever the number of watchers.
 
-    __slots__ = ("cursor", "membership", "message", "order", "remaining")
+    Who watches is taken from the hub when the round starts and again whenever the hub's
+    :attr:`Hub.membership` has moved (a subscribe, an unsubscribe, a session gone), with each
+    watcher's kind of subscription: a slice then asks a watcher nothing about its
+    subscriptions."""
 
-    def __init__(self, message: bytes, watchers: dict[Session, None], membership: int) -> None:
+    __slots__ = ("cursor", "membership", "message", "order", "remaining", "stream")
+
+    def __init__(self, message: bytes, hub: Hub, stream: Stream) -> None:
         self.message = message
-        self.order = list(watchers)
-        self.membership = membership
+        self.stream = stream
+        self.order = self._entries(hub.streams.get(stream, {}))
+        """The watchers, each with True for an original (v1) subscription: no request id to
+        splice into its pushes, so the shared frame serves it."""
+        self.membership = hub.membership
         self.cursor = 0
         self.remaining = len(self.order)
 
-    def renew(self, message: bytes, watchers: dict[Session, None], membership: int) -> None:
+    def _entries(self, sessions: Iterable[Session]) -> list[tuple[Session, bool]]:
+        stream = self.stream
+        return [(s, s.subscriptions.get(stream, 0) is None) for s in sessions]
+
+    def _refresh(self, hub: Hub) -> None:
+        """Take who watches now, if that may have changed, keeping the cycle: those still owed
+        the message come first, in their order, then those already served, then newcomers
+        (whose subscription brought them the current state)."""
+        if hub.membership == self.membership:
+            return
+        watchers = hub.streams.get(self.stream, {})
+        cursor = self.cursor
+        cycle = [s for s, _ in self.order[cursor:]] + [s for s, _ in self.order[:cursor]]
+        owed = [s for s in cycle[: self.remaining] if s in watchers]
+        served = [s for s in cycle[self.remaining :] if s in watchers]
+        known = set(cycle)
+        self.order = self._entries([*owed, *served, *(s for s in watchers if s not in known)])
+        self.cursor = 0
+        self.remaining = len(owed)
+        self.membership = hub.membership
+
+    def renew(self, message: bytes, hub: Hub) -> None:
         self.message = message
-        if membership != self.membership:  # someone (un)subscribed: who watches now
-            self.order = list(watchers)
-            self.membership = membership
-            if self.cursor >= len(self.order):
-                self.cursor = 0
+        self._refresh(hub)
         self.remaining = len(self.order)  # the cycle goes on from the cursor
 
     @property
@@ -705,47 +739,44 @@ class _Round:
         return self.remaining <= 0
 
     def run(self, hub: Hub, stream: Stream, budget: int) -> int:
+        self._refresh(hub)  # before the count: who left meanwhile gets nothing
         order, message = self.order, self.message
         start = self.cursor
         count = min(budget, self.remaining)
         turn = order[start : start + count]
         if len(turn) < count:
             turn += order[: count - len(turn)]  # wrap around
-        # The hot loop of a fan-out: a watcher with a sink, a v1 subscription (no id to
-        # splice in: ``get`` gives None) and nothing queued gets the shared frame written
-        # straight away (by write_each, in one call for the slice, if its sink holds nothing
-        # unsent); everyone else goes through push() and the outbox. These are push()'s and
-        # write_now()'s checks inlined: two calls per watcher would be most of the Python
-        # work left beside the send.
-        frame = hub.frame(message) if hub.framer is not None else None
-        limit = hub.write_limit
-        write_each = hub.write_each
-        batch: list[Sink] = []  # for write_each: sinks holding nothing unsent
+        # The hot loop of a fan-out: a v1 watcher with a sink and nothing queued gets the
+        # shared frame written straight away (with write_each, in one call for the slice, if
+        # its sink holds nothing unsent and the writer knows its socket); everyone else goes
+        # through push() and the outbox. These are push()'s and write_now()'s checks inlined:
+        # two calls per watcher would be most of the Python work left beside the send.
         wrote = 0  # one at a time
-        for session in turn:
+        fds: list[int] = []  # for write_each: sockets holding nothing unsent, and their sinks
+        sinks: list[Sink] = []
+        if hub.framer is None:
+            turn = [(session, False) for session, _ in turn]  # no frames: all through push()
+        frame = hub.frame(message) if hub.framer is not None else b""
+        limit = hub.write_limit
+        batching = hub.write_each is not None
+        for session, plain in turn:
             sink = session.sink
-            subscriptions = session.subscriptions
-            if (
-                sink is not None
-                and frame is not None
-                and subscriptions.get(stream, 0) is None
-                and not session.outbox
-                and not sink.is_closing()
-            ):
+            if plain and sink is not None and not session.outbox and not sink.is_closing():
                 buffered = sink.get_write_buffer_size()
-                if buffered == 0 and write_each is not None:
-                    batch.append(sink)
+                if buffered == 0 and batching and session.fd >= 0:
+                    fds.append(session.fd)
+                    sinks.append(sink)
                     continue
                 if buffered <= limit:
                     sink.write(frame)
                     wrote += 1
                     continue
-            if stream in subscriptions:  # not if it unsubscribed or left meanwhile
+            if stream in session.subscriptions:  # not if it has just been closed
                 session.push(stream, message)
-        if batch:
-            assert write_each is not None and frame is not None
-            write_each(batch, frame)
-        hub.direct_writes += wrote + len(batch)
+        if fds:
+            assert hub.write_each is not None
+            hub.write_each(fds, sinks, frame)
+        hub.direct_writes += wrote + len(fds)
         self.remaining -= count
         self.cursor = (start + count) % len(order) if order else 0
         return count

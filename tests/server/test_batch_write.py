@@ -141,20 +141,19 @@ def test_every_byte_arrives_in_order_when_sockets_fill_up(loop: str) -> None:
         transport: Any = await accepted
         transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         writer = BatchWriter()
-        assert writer.add(transport) and len(writer) == 1
+        fd = writer.socket_of(transport)
+        assert fd == transport.get_extra_info("socket").fileno()
         frames = [b"%06d" % i * 1024 for i in range(120)]  # 6 KiB each, told apart by number
         batched = 0
         for frame in frames:
             if transport.get_write_buffer_size() == 0:
-                writer([transport], frame)
+                writer([fd], [transport], frame)
                 batched += 1
             else:
                 transport.write(frame)
         assert writer.short_writes > 0, "the socket should have filled up"
         assert batched > 1 and writer.batches == batched
         assert await read_all(client, sum(map(len, frames))) == b"".join(frames)
-        writer.discard(transport)
-        assert len(writer) == 0
         transport.close()
         client.close()
         server.close()
@@ -198,18 +197,18 @@ def test_any_mix_of_batches_transport_writes_and_reads_keeps_the_stream_exact(
         by_port = {t.get_extra_info("peername")[1]: t for t in transports}
         ordered = [by_port[c.getsockname()[1]] for c in clients]
         writer = BatchWriter()
-        for transport in ordered:
-            assert writer.add(transport)
+        fds = [writer.socket_of(transport) for transport in ordered]
+        assert min(fds) >= 0
         sent: list[bytearray] = [bytearray(), bytearray()]
         got: list[bytearray] = [bytearray(), bytearray()]
         for i, (size, read, second_only) in enumerate(steps):
             frame = bytes([i % 251]) * size
             targets = [1] if second_only else [0, 1]
-            idle = [ordered[k] for k in targets if ordered[k].get_write_buffer_size() == 0]
+            idle = [k for k in targets if ordered[k].get_write_buffer_size() == 0]
             if idle:
-                writer(idle, frame)
+                writer([fds[k] for k in idle], [ordered[k] for k in idle], frame)
             for k in targets:
-                if ordered[k] not in idle:
+                if k not in idle:
                     ordered[k].write(frame)
                 sent[k] += frame
             for k, client in enumerate(clients):
@@ -256,8 +255,8 @@ def test_a_tls_connection_is_never_written_behind_its_back(loop: str) -> None:
         reader, client = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
         transport: Any = await accepted
         writer = BatchWriter()
-        assert writer.add(transport) is False and len(writer) == 0
-        writer([transport], b"through the TLS layer")
+        assert writer.socket_of(transport) == -1
+        writer([-1], [transport], b"through the TLS layer")
         assert await asyncio.wait_for(reader.readexactly(21), 10) == b"through the TLS layer"
         assert writer.short_writes == 0  # never sent to its socket: nothing was cut short
         client.close()

@@ -393,7 +393,7 @@ class Server:
         if transport is not None and self.config.direct_write_limit > 0:
             session.sink = transport
             if self.batch_writer is not None:
-                self.batch_writer.add(transport)
+                session.fd = self.batch_writer.socket_of(transport)
         self.venue.hub.connect(session)
         self.connections[session] = ws
         self.metrics.connections_total += 1
@@ -420,8 +420,6 @@ class Server:
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     await asyncio.wait_for(asyncio.shield(writer), 2)
             session.closed()
-            if self.batch_writer is not None and transport is not None:
-                self.batch_writer.discard(transport)
             self.connections.pop(session, None)
             self.writing_since.pop(session, None)
             self.closing.discard(session)

@@ -27,52 +27,44 @@ AVAILABLE = send_each is not None
 
 
 class BatchWriter:
-    """Writes one frame to many sinks, through their sockets when it knows them."""
+    """Writes one frame to many connections' sockets in one call."""
 
-    __slots__ = ("_fds", "batches", "short_writes")
+    __slots__ = ("batches", "short_writes")
 
     def __init__(self) -> None:
-        self._fds: dict[Sink, int] = {}
         self.batches = 0
         """Calls, each one frame to one batch of connections."""
         self.short_writes = 0
         """Sockets that did not take a whole frame at once (the transport took the rest)."""
 
-    def add(self, transport: Any) -> bool:
-        """Know ``transport``'s socket; False (written through the transport) unless it is a
-        plain TCP transport: bytes written to a TLS connection's socket would skip the TLS."""
+    @staticmethod
+    def socket_of(transport: Any) -> int:
+        """``transport``'s socket, for :meth:`__call__`; -1 (written through the transport)
+        unless it is a plain TCP transport: bytes written to a TLS connection's socket would
+        skip the TLS."""
         if not AVAILABLE:
-            return False
+            return -1
         get = getattr(transport, "get_extra_info", None)
         if get is None or get("sslcontext") is not None or get("ssl_object") is not None:
-            return False
+            return -1
         sock = get("socket")
         try:
             fd = sock.fileno() if sock is not None else -1
         except (OSError, ValueError):
-            return False
-        if not isinstance(fd, int) or fd < 0:
-            return False
-        self._fds[transport] = fd
-        return True
+            return -1
+        return fd if isinstance(fd, int) and fd >= 0 else -1
 
-    def discard(self, transport: Any) -> None:
-        self._fds.pop(transport, None)
-
-    def __len__(self) -> int:
-        return len(self._fds)
-
-    def __call__(self, sinks: list[Sink], frame: bytes) -> None:
-        """Write ``frame`` to each of ``sinks``, whose transports must hold nothing unsent."""
+    def __call__(self, fds: list[int], sinks: list[Sink], frame: bytes) -> None:
+        """Write ``frame`` to each of ``sinks`` through its socket in ``fds`` (from
+        :meth:`socket_of`; -1: through the sink). The sinks must hold nothing unsent, and
+        must not be closing: a closed transport's socket number may be another's by now."""
         assert send_each is not None
         self.batches += 1
-        fds = self._fds
-        short = send_each([fds.get(sink, -1) for sink in sinks], frame)
+        short = send_each(fds, frame)
         for index, taken in short:
             # The rest, or on an error the whole frame: the transport retries the send and
-            # handles a broken connection as it does for its own writes. A sink it does not
-            # know (fd -1: nothing was sent) is written whole, and is no short write.
-            sink = sinks[index]
-            sink.write(frame[taken:] if taken > 0 else frame)
-            if sink in fds:
+            # handles a broken connection as it does for its own writes. A sink without a
+            # socket (fd -1: nothing was sent) is written whole, and is no short write.
+            sinks[index].write(frame[taken:] if taken > 0 else frame)
+            if fds[index] >= 0:
                 self.short_writes += 1
