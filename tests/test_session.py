@@ -1077,6 +1077,23 @@ def test_renewing_a_round_costs_no_pass_over_the_watchers() -> None:
     assert third == [[], [], [2], [2], [], []]
 
 
+def test_the_next_round_reuses_the_order_until_someone_comes_or_goes() -> None:
+    world, sessions, _ = sliced_world(3)
+    stream = ("orderbook", 396)
+    world.hub.publish_state(stream, data("orderbook", [], 1))
+    order = world.hub._rounds[stream].order
+    world.hub.drain(10)  # the round is over
+    world.hub.publish_state(stream, data("orderbook", [], 2))
+    assert world.hub._rounds[stream].order is order  # nobody came or went: no pass over them
+    world.hub.drain(10)
+    sessions[0].closed()
+    assert all(s is not sessions[0] for orders in world.hub._orders.values() for s, _ in orders[1])
+    world.hub.publish_state(stream, data("orderbook", [], 3))
+    assert [s for s, _ in world.hub._rounds[stream].order] == sessions[1:]
+    world.hub.drain(10)
+    assert [seqs(s) for s in sessions] == [[], [3], [3]]  # the outbox keeps the newest
+
+
 def test_a_stream_few_watch_is_pushed_at_once_unless_a_round_is_under_way() -> None:
     world, sessions, wakes = sliced_world(3)
     stream = ("orderbook", 396)

@@ -510,6 +510,7 @@ class Hub:
         "_frame",
         "_framed",
         "_held",
+        "_orders",
         "_rounds",
         "_turns",
         "direct_writes",
@@ -554,6 +555,9 @@ class Hub:
         self.small_stream = SMALL_STREAM
         """Watchers up to which a sliced state change is pushed at once."""
         self._rounds: dict[Stream, _Round] = {}
+        self._orders: dict[Stream, tuple[int, list[tuple[Session, bool]]]] = {}
+        """Each sliced stream's last round order and the :attr:`membership` it was taken at:
+        the next round of a stream nobody (un)subscribed from meanwhile starts from it."""
         self._turns: deque[Stream] = deque()  # the streams of _rounds, in the order they run
         self._framed: bytes | None = None  # one-entry cache: the last message and its frame
         self._frame = b""
@@ -612,12 +616,14 @@ class Hub:
     def add(self, session: Session, stream: Stream) -> None:
         self.streams.setdefault(stream, {})[session] = None
         self.membership += 1
+        self._orders.pop(stream, None)
 
     def remove(self, session: Session, stream: Stream) -> None:
         watchers = self.streams.get(stream)
         if watchers is not None:
             watchers.pop(session, None)
             self.membership += 1
+            self._orders.pop(stream, None)  # it must not keep a session that has gone
             if not watchers:
                 del self.streams[stream]
 
@@ -701,7 +707,12 @@ class _Round:
     def __init__(self, message: bytes, hub: Hub, stream: Stream) -> None:
         self.message = message
         self.stream = stream
-        self.order = self._entries(hub.streams.get(stream, {}))
+        taken = hub._orders.get(stream)
+        if taken is not None and taken[0] == hub.membership:
+            self.order = taken[1]  # never changed in place: a change makes a new list
+        else:
+            self.order = self._entries(hub.streams.get(stream, {}))
+            hub._orders[stream] = (hub.membership, self.order)
         """The watchers, each with True for an original (v1) subscription: no request id to
         splice into its pushes, so the shared frame serves it."""
         self.membership = hub.membership
