@@ -1,17 +1,20 @@
 """What a fan-out round costs the server beside the kernel's send, per watcher, in instructions.
 
-    python bench/round_cost.py [--watchers 1000] [--rounds 100] [--src DIR]
+    python bench/round_cost.py [--watchers 1000] [--rounds 100] [--busy] [--src DIR]
 
 The server's fan-out of a busy stream (``Hub.publish_state`` then ``Hub.drain`` in slices of
 100, as ``Server._fanout_loop`` calls it) to ``--watchers`` real TCP connections of a uvloop
-server, each written through the batch writer as in the server: what is measured is the Python
+server, each written through the batch writer as in the server (``--busy``: a new state before
+every slice, so the round is renewed and never ends, as in scenario 1's busy book; otherwise
+each change reaches everyone before the next): what is measured is the Python
 of the round (who gets the frame, ``Session`` and transport checks, the call into C), not the
 sends, whose work is in the kernel. The clients never read: the messages are small (100
 bytes), so every round fits in their sockets.
 
 Seconds on this machine vary too much to tell a few percent apart (BENCHMARKS.md); counted
 instructions do not. Run it under callgrind with ``--rounds 0`` and with ``--rounds N`` and
-divide the difference by ``N * watchers`` (the setup, the same in both, drops out):
+divide the difference by the frames the second run wrote (``written``; the setup, the same in
+both, drops out):
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/r0 .venv/bin/python \\
         bench/round_cost.py --rounds 0
@@ -56,7 +59,11 @@ class _Accept(asyncio.Protocol):
         self.into.append(transport)
 
 
-async def run(watchers: int, rounds: int) -> dict[str, Any]:
+def _message(seq: int) -> bytes:
+    return b'{"data":[],"message":"orderbook","seq":%d}' % seq + b" " * 60
+
+
+async def run(watchers: int, rounds: int, busy: bool) -> dict[str, Any]:
     from perps_indexer.server.app import text_frame
     from perps_indexer.server.batch_write import BatchWriter
     from perps_indexer.session import Hub, Session
@@ -96,11 +103,17 @@ async def run(watchers: int, rounds: int) -> dict[str, Any]:
 
     stream = ("orderbook", MARKET)
     start = time.perf_counter()
-    for seq in range(1, rounds + 1):
-        message = b'{"data":[],"message":"orderbook","seq":%d}' % seq + b" " * 60
-        hub.publish_state(stream, message)
+    if busy:  # a new state before every slice: the cycle goes on, renewed, as in scenario 1
+        for seq in range(1, rounds * -(-watchers // SLICE) + 1):
+            hub.publish_state(stream, _message(seq))
+            hub.drain(SLICE)
         while hub.drain(SLICE):
             pass
+    else:  # each change reaches everyone before the next
+        for seq in range(1, rounds + 1):
+            hub.publish_state(stream, _message(seq))
+            while hub.drain(SLICE):
+                pass
     seconds = time.perf_counter() - start
     written = hub.direct_writes
     for transport in transports:
@@ -109,21 +122,33 @@ async def run(watchers: int, rounds: int) -> dict[str, Any]:
         client.close()
     server.close()
     await server.wait_closed()
-    return {"watchers": watchers, "rounds": rounds, "written": written, "seconds": seconds}
+    return {
+        "watchers": watchers,
+        "rounds": rounds,
+        "busy": busy,
+        "written": written,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--watchers", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="a new state before every slice of 100 (the round renewed, never ending, as in "
+        "scenario 1), not one change per round",
+    )
     parser.add_argument("--src", help="import perps_indexer from this tree (another commit's)")
     args = parser.parse_args()
     if args.src:
         sys.path.insert(0, str(Path(args.src).resolve()))
     import uvloop
 
-    result = uvloop.run(run(args.watchers, args.rounds))
-    if result["written"] != args.watchers * args.rounds:
+    result = uvloop.run(run(args.watchers, args.rounds, args.busy))
+    if result["written"] < args.watchers * args.rounds:
         raise SystemExit(f"expected {args.watchers * args.rounds} frames written: {result}")
     print(json.dumps(result))
 
