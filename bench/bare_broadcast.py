@@ -169,7 +169,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
                 buffered = transport.get_write_buffer_size()
                 if buffered == 0 and batched:
                     batch.append(transport)
-                    sockets.append(fds[transport])
+                    sockets.append(fds.get(transport, -1))  # -1: gone meanwhile
                     sent += 1
                 elif buffered <= HIGH_WATER:
                     transport.write(frame)

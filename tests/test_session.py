@@ -902,14 +902,15 @@ ROUND_OPS = st.lists(
 
 
 @settings(max_examples=300)
-@given(ops=ROUND_OPS, batching=st.booleans())
+@given(ops=ROUND_OPS, batching=st.booleans(), watchers=st.integers(1, 6))
 def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch(
-    ops: list[tuple[str, int, Any]], batching: bool
+    ops: list[tuple[str, int, Any]], batching: bool, watchers: int
 ) -> None:
-    """Any mix of changes, slices, (re)subscriptions with and without ids, unsubscriptions,
-    closes and readers falling behind: a watcher gets the book only while it watches it,
-    with the id it subscribed with, in order, and ends on the newest state."""
-    world, sessions, sinks = sink_world(6)
+    """Any mix of changes (published only while watched, as the venue does), slices,
+    (re)subscriptions with and without ids, unsubscriptions, closes and readers falling
+    behind: a watcher gets the book only while it watches it, with the id it subscribed
+    with, in order, and ends on the newest state."""
+    world, sessions, sinks = sink_world(watchers)
     stream = ("orderbook", 396)
     if batching:
 
@@ -941,11 +942,13 @@ def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch
                 collect(i, unframe(write))
             seen[i] = len(sink.written)
 
-    for op, i, arg in ops:
-        if op == "publish":
+    for op, index, arg in ops:
+        i = index % watchers if op != "drain" else index
+        if op == "publish":  # as the venue does: a change nobody watches is not published
             newest += 1
             message = world.source.state[stream] = data("orderbook", [], newest)
-            world.hub.publish_state(stream, message)
+            if world.hub.watched(stream):
+                world.hub.publish_state(stream, message)
         elif op == "drain":
             world.hub.drain(i)
         elif i in closed:
@@ -1075,6 +1078,25 @@ def test_renewing_a_round_costs_no_pass_over_the_watchers() -> None:
     assert first == [[1]] * 4 + [[]] * 2
     assert second == [[2], [2], [], [], [2], [2]]
     assert third == [[], [], [2], [2], [], []]
+
+
+@pytest.mark.parametrize("with_sink", [True, False])
+def test_who_comes_back_to_a_stream_nobody_watched_ends_on_its_newest_state(
+    with_sink: bool,
+) -> None:
+    """Changes made while nobody watches are not published: a round left pending from before
+    would give the returning watcher an older state after the newest its subscription
+    brought (found by a review; the book went backwards, or stayed stale in the outbox)."""
+    world, sessions, sinks = sink_world(1) if with_sink else (*sliced_world(1)[:2], [])
+    session, stream = sessions[0], ("orderbook", 396)
+    world.source.state[stream] = first = data("orderbook", [], 1)
+    world.hub.publish_state(stream, first)  # a round, the watcher still owed it
+    send(session, {"op": "unsubscribe", "topic": "orderbook", "market_id": 396})
+    session.take()
+    world.source.state[stream] = data("orderbook", [], 2)  # unwatched: not published
+    send(session, {"topic": "orderbook", "market_id": 396})  # back: seq 2 as its snapshot
+    world.hub.drain(100)
+    assert (sinks[0].seqs() if with_sink else seqs(session)) == [2]
 
 
 def test_the_next_round_reuses_the_order_until_someone_comes_or_goes() -> None:

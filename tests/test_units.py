@@ -58,6 +58,13 @@ def test_an_address_is_its_number_in_normal_form_or_refused(text: str) -> None:
     assert got == f"0x{int(digits, 16):064x}"
 
 
+def test_an_address_comes_back_as_a_plain_str() -> None:
+    class Text(str):
+        pass
+
+    assert type(normalize_address(Text(FULL))) is str
+
+
 @pytest.mark.parametrize(
     ("given", "says"),
     [

@@ -626,6 +626,11 @@ class Hub:
             self._orders.pop(stream, None)  # it must not keep a session that has gone
             if not watchers:
                 del self.streams[stream]
+                # Nobody is owed its round now, and while nobody watches, changes are not
+                # published: a round kept would give a newcomer an older state after the
+                # newest, which its subscription brought.
+                if self._rounds.pop(stream, None) is not None:
+                    self._turns.remove(stream)
 
     def drop(self, session: Session) -> None:
         self.sessions.pop(session, None)

@@ -33,8 +33,8 @@ def normalize_address(address: object) -> str:
     """
     if not isinstance(address, str):
         raise InvalidAddress(f"an address must be a string, not {type(address).__name__}")
-    if _NORMAL.fullmatch(address):
-        return address
+    if type(address) is str and _NORMAL.fullmatch(address):
+        return address  # not a subclass of str: what is returned is always a plain str
     text = address.strip().lower()
     if not text.startswith("0x"):
         raise InvalidAddress(f"address {address!r} must start with 0x")
