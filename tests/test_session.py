@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from perps_indexer.session import (
@@ -903,6 +903,17 @@ ROUND_OPS = st.lists(
 
 @settings(max_examples=300)
 @given(ops=ROUND_OPS, batching=st.booleans(), watchers=st.integers(1, 6))
+@example(  # the review's find: back after changes nobody watched (992e847)
+    ops=[
+        ("publish", 0, 0),
+        ("unsubscribe", 0, 0),
+        ("publish", 0, 0),
+        ("subscribe", 0, None),
+        ("drain", 5, 0),
+    ],
+    batching=False,
+    watchers=1,
+)
 def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch(
     ops: list[tuple[str, int, Any]], batching: bool, watchers: int
 ) -> None:
