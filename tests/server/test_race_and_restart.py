@@ -135,6 +135,11 @@ def test_subscribers_joining_mid_flow_end_exactly_at_the_rest_state(
     stop.set()
     for flow in flows:
         flow.join()
+    # The random flow may have emptied the book; one last order that crosses nothing (a buy
+    # far under the asks) makes sure the state every subscriber must end on is not empty.
+    rest.ok(
+        "/placeLimitOrder", limit_order(TRADERS[1], long=True, size=500, price=5000, leverage=5)
+    )
     done.set()
     for thread in watchers:
         thread.join(20)
