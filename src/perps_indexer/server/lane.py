@@ -25,6 +25,7 @@ for an order: a deposit costs the server 197 µs through aiohttp and 102 µs thr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import socket
@@ -208,12 +209,17 @@ def http_date() -> bytes:
     return _date
 
 
+@functools.cache
+def _status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+
+
 def response(status: int, body: bytes, close: bool, cors: bool = False) -> bytes:
     """An HTTP/1.1 reply carrying a JSON body (``cors``: readable from any origin, as the
     reads are)."""
     return b"".join(
         (
-            b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
+            _status_line(status),
             b"Content-Type: application/json\r\n",
             b"Access-Control-Allow-Origin: *\r\n" if cors else b"",
             b"Content-Length: %d\r\n" % len(body),
@@ -306,6 +312,7 @@ class RestLane(asyncio.Protocol):
         self.writing = True
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()  # the factory runs in the server's loop
 
     # -- asyncio.Protocol
 
@@ -316,13 +323,12 @@ class RestLane(asyncio.Protocol):
             # Replies are small and awaited: send each at once (aiohttp does the same).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.lanes.add(self)
-        loop = asyncio.get_running_loop()
-        self.last_active = loop.time()
-        self.timer = loop.call_later(self.idle_timeout, self._idle_check)
+        self.last_active = self.loop.time()
+        self.timer = self.loop.call_later(self.idle_timeout, self._idle_check)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self.loop.time()
         self._take()
 
     def eof_received(self) -> bool | None:
@@ -369,7 +375,7 @@ class RestLane(asyncio.Protocol):
                 return
             if taken == TURN:
                 self._pause()  # the rest in a later turn, after other connections' work
-                asyncio.get_running_loop().call_soon(self._flush)
+                self.loop.call_soon(self._flush)
                 return
             head = routes.head(self.buffer)
             if head is None:
@@ -411,12 +417,9 @@ class RestLane(asyncio.Protocol):
         return _Reply(response(status, data, close, cors=True), close)
 
     def _write(self, head: Head, body: bytes) -> _Reply:
-        api, close = self.routes.api, head.close
+        routes, close = self.routes, head.close
         try:
-            api.authorize(head.api_key)
-            command = api.command(self.routes.writes[head.path], body)
-            future = api.venue.submit(command)  # resolved once durable
-            answer = api.reply(command)
+            future, answer = routes.api.submit(routes.writes[head.path], head.api_key, body)
         except REFUSED as exc:
             status, data = refusal(exc)
             return _Reply(response(status, data, close), close)
@@ -460,7 +463,7 @@ class RestLane(asyncio.Protocol):
         while replies and (data := replies[0].data) is not None:
             close = replies.popleft().close
             transport.write(data)
-            self.last_active = asyncio.get_running_loop().time()
+            self.last_active = self.loop.time()
             if close:
                 transport.close()
                 return
@@ -518,7 +521,7 @@ class RestLane(asyncio.Protocol):
         """Close a connection idle for ``idle_timeout`` between requests, as aiohttp closes an
         idle keep-alive connection: never with a request in progress (bytes of one read,
         replies outstanding, or a client slow to read them)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         idle = loop.time() - self.last_active
         if self.transport is None or self.transport.is_closing():
             return

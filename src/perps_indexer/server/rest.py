@@ -7,6 +7,7 @@ JSON numbers or decimal strings; ids and money are returned as strings.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -290,15 +291,23 @@ class RestApi:
         async def handler(request: web.Request) -> web.StreamResponse:
             # aiohttp keeps undecodable header bytes as surrogates: encode them back, not fail.
             given = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
-            self.authorize(given)
-            command = self.command(parse, await request.read())
-            future = self.venue.submit(command)
-            reply = self.reply(command)  # now: the state this command left
+            future, reply = self.submit(parse, given, await request.read())
             return json_response(reply(await future))  # acknowledged once durable
 
         return handler
 
-    def authorize(self, given: bytes) -> None:
+    def submit(
+        self, parse: Parser, given: bytes, raw: bytes
+    ) -> tuple[asyncio.Future[commands.Outcome], Callable[[commands.Outcome], bytes]]:
+        """Run the write ``raw`` asks for, with API key ``given``: the future that resolves
+        once it is durable, and the maker of its reply's body (:meth:`_reply`). Raises what
+        :data:`REFUSED` names, having changed nothing, if the write is refused."""
+        self._authorize(given)
+        command = self._command(parse, raw)
+        future = self.venue.submit(command)
+        return future, self._reply(command)  # now: the state this command left
+
+    def _authorize(self, given: bytes) -> None:
         """Raise :class:`Unauthorized` unless ``given`` is the API key (compared in constant
         time)."""
         assert self.api_key is not None
@@ -306,7 +315,7 @@ class RestApi:
             raise Unauthorized("writes need the header x-api-key with the server's API key")
 
     @staticmethod
-    def command(parse: Parser, raw: bytes) -> commands.AnyCommand:
+    def _command(parse: Parser, raw: bytes) -> commands.AnyCommand:
         """The command a write's body asks for; :class:`BadRequest` if it is not one."""
         try:
             body = msgspec.json.decode(raw) if raw else None
@@ -318,11 +327,11 @@ class RestApi:
             raise BadRequest("the request body must be a JSON object")
         return parse(body)
 
-    def reply(self, command: commands.AnyCommand) -> Callable[[commands.Outcome], bytes]:
+    def _reply(self, command: commands.AnyCommand) -> Callable[[commands.Outcome], bytes]:
         """The body of a write's reply, made once the command is durable from the state it
-        left, read here: call this right after :meth:`Venue.submit`. Read later, the engine
-        may already hold the commands submitted after it (the same group commit, or
-        pipelined on the same connection), and the reply would tell of them."""
+        left, read here: right after :meth:`Venue.submit` (as :meth:`submit` does). Read
+        later, the engine may already hold the commands submitted after it (the same group
+        commit, or pipelined on the same connection), and the reply would tell of them."""
         seq = self.venue.engine.seq
         address = getattr(command, "address", None)  # normalized by field_address
         collateral = None
