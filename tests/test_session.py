@@ -803,6 +803,21 @@ def sink_world(watchers: int, limit: int = 1_000) -> tuple[World, list[Session],
     return world, sessions, sinks
 
 
+def batch_writer(world: World, sinks: list[ByteSink]) -> list[tuple[list[ByteSink], bytes]]:
+    """Give the hub a batch writer that writes to the sinks (checking that each comes with
+    its socket, as sink_world numbers them) and records its calls."""
+    calls: list[tuple[list[ByteSink], bytes]] = []
+
+    def write_each(fds: list[int], batch: list[Any], frame: bytes) -> None:
+        assert fds == [sinks.index(sink) for sink in batch]  # each sink with its socket
+        calls.append((list(batch), frame))
+        for sink in batch:
+            sink.write(frame)
+
+    world.hub.write_each = write_each
+    return calls
+
+
 def test_a_round_writes_one_shared_frame_to_every_sink_that_keeps_up() -> None:
     world, sessions, sinks = sink_world(4)
     sinks[1].buffered = 1_001  # over the limit: coalesced in its outbox instead
@@ -833,15 +848,7 @@ def test_a_round_writes_one_shared_frame_to_every_sink_that_keeps_up() -> None:
 
 def test_a_round_gives_write_each_the_sinks_holding_nothing_in_one_call_per_slice() -> None:
     world, sessions, sinks = sink_world(5)
-    calls: list[tuple[list[ByteSink], bytes]] = []
-
-    def write_each(fds: list[int], batch: list[Any], frame: bytes) -> None:
-        assert fds == [sinks.index(sink) for sink in batch]  # each sink with its socket
-        calls.append((list(batch), frame))
-        for sink in batch:
-            sink.write(frame)
-
-    world.hub.write_each = write_each
+    calls = batch_writer(world, sinks)
     sinks[1].buffered = 10  # under the limit but holding bytes: a write behind them, not a batch
     sinks[2].buffered = 1_001  # over the limit: coalesced in its outbox
     message = data("orderbook", [], 1)
@@ -914,6 +921,18 @@ ROUND_OPS = st.lists(
     batching=False,
     watchers=1,
 )
+@example(  # a resubscribe with an id mid-round: the pushes after it carry the id
+    ops=[
+        ("publish", 0, 0),
+        ("drain", 5, 0),
+        ("subscribe", 0, 7),
+        ("write", 0, 0),
+        ("publish", 0, 0),
+        ("drain", 5, 0),
+    ],
+    batching=False,
+    watchers=1,
+)
 def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch(
     ops: list[tuple[str, int, Any]], batching: bool, watchers: int
 ) -> None:
@@ -924,13 +943,7 @@ def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch
     world, sessions, sinks = sink_world(watchers)
     stream = ("orderbook", 396)
     if batching:
-
-        def write_each(fds: list[int], batch: list[Any], frame: bytes) -> None:
-            assert fds == [sinks.index(sink) for sink in batch]
-            for sink in batch:
-                sink.write(frame)
-
-        world.hub.write_each = write_each
+        batch_writer(world, sinks)
     got: list[list[dict[str, Any]]] = [[] for _ in sessions]
     seen = [0] * len(sessions)  # sink writes collected so far
     closed: set[int] = set()

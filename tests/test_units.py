@@ -46,7 +46,16 @@ def test_addresses_normalise_to_0x_and_64_lowercase_digits(given: str, expected:
     assert normalize_address(given) == expected
 
 
-@given(st.text(alphabet="0123456789abcdefABCDEFxX \n\u0661", max_size=70))
+ADDRESS_TEXT = st.builds(
+    lambda lead, prefix, digits, trail: lead + prefix + digits + trail,
+    st.sampled_from(["", " ", "\n "]),
+    st.sampled_from(["0x", "0X", "x", ""]),
+    st.text("0123456789abcdefABCDEF\u0661 ", max_size=66),
+    st.sampled_from(["", "\n"]),
+)
+
+
+@given(ADDRESS_TEXT | st.text(alphabet="0123456789abcdefABCDEFxX \n\u0661", max_size=70))
 def test_an_address_is_its_number_in_normal_form_or_refused(text: str) -> None:
     digits = text.strip()[2:]
     try:
