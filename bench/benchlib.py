@@ -241,7 +241,7 @@ def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float 
     ``kind``: "ours" (``python -m perps_indexer serve``), "naive" (bench/naive_server.py),
     "bare-picows", "bare-picows-asyncio", "bare-aiohttp", "bare-aiohttp-direct" or
     "bare-aiohttp-batch"
-    (bench/bare_broadcast.py)."""
+    (bench/bare_broadcast.py) or "bare-fresh" (bench/bare_fresh.py)."""
     if kind == "ours":
         assert db is not None
         # bench/gc_probe.py runs the same cli.main and times the garbage collections.
@@ -265,6 +265,8 @@ def start_server(kind: str, db: Path | None = None, *extra: str, timeout: float 
         ]
     elif kind == "naive":
         cmd = [PYTHON, str(BENCH / "naive_server.py"), "--port", "0", "--api-key", API_KEY, *extra]
+    elif kind == "bare-fresh":
+        cmd = [PYTHON, str(BENCH / "bare_fresh.py"), "--port", "0", *extra]
     elif kind.startswith("bare-"):
         cmd = [PYTHON, str(BENCH / "bare_broadcast.py"), kind[5:], "--port", "0", *extra]
     else:

@@ -694,6 +694,12 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
         paced = one("ours", ["--rate", f"{target:.1f}", *many], server, "s6-10x")
         paced["target_orders_per_s"] = target
         results["ours_at_10x_naive"] = paced
+    # The limit beside us: the bare loop of the same feed (bench/bare_fresh.py), driven alike.
+    bare = b.start_server("bare-fresh", None, "--message", str(bare_payload(ctx)))
+    with running(bare.proc):
+        limit = one("bare", ["--rate", f"{target:.1f}", *many], bare, "s6-bare-10x")
+    limit["target_orders_per_s"] = target
+    results["bare_at_10x_naive"] = limit
     return results
 
 
@@ -1053,6 +1059,15 @@ def targets(ctx: Context) -> list[str]:
             f"{paced['orders_per_s']:,.0f}/s, p99 {p99:.1f} ms, "
             f"{verdict(ratio >= 10 and done and p99 <= 10)}"
         )
+        limit = s6.get("bare_at_10x_naive")
+        if limit:
+            out.append(
+                f"  - the bare feed at the same rate (bench/bare_fresh.py, the limit beside us): "
+                f"{limit['orders_per_s']:,.0f}/s, p99 {limit['freshness_ms']['p99']:.1f} ms "
+                f"(ours {p99:.1f}), in the probe process "
+                f"{limit['probe_freshness_ms']['p99']:.1f} ms "
+                f"(ours {paced['probe_freshness_ms']['p99']:.1f})"
+            )
     s2 = f.get("2", {}).get("5000")
     if s2:
         p99 = s2["latency_ms"]["p99"]

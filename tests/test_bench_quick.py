@@ -55,7 +55,8 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         for key in ("trade_history/cold", "trade_history/warm", "order_history/cold"):
             row = figures["5"][config][key]
             assert row["rows"] == limit and finite(row["p99"])
-    for name in ("naive", "naive_32", "ours", "ours_32", "ours_at_10x_naive"):  # freshness
+    freshness = ("naive", "naive_32", "ours", "ours_32", "ours_at_10x_naive", "bare_at_10x_naive")
+    for name in freshness:
         run = figures["6"][name]
         assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
         assert finite(run["probe_freshness_ms"]["p99"]) and run["probe_clients"] > 0
