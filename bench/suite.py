@@ -88,6 +88,8 @@ class Context:
     """Subscriber counts of scenarios 1 and 7 (``--subscribers``), instead of the defaults."""
     bare: list[str] | None = None
     """Scenario 7's loops to run, by label (``--bare``); None: all of them."""
+    profiler: str = "py-spy"
+    """What ``--profile`` records: py-spy (the Python stacks) or perf (the kernel's too)."""
 
     def subscriber_counts(self) -> list[int]:
         if self.counts:
@@ -189,8 +191,12 @@ def finish(proc: b.Proc, out: Path, timeout: float = 120) -> dict[str, Any]:
 def profiler(ctx: Context, pid: int, name: str, seconds: float) -> b.Proc | None:
     if ctx.profile is None:
         return None
-    spy = shutil.which("py-spy") or str(Path(b.PYTHON).parent / "py-spy")
     ctx.profile.mkdir(parents=True, exist_ok=True)
+    if ctx.profiler == "perf":  # every stack of the server's threads, kernel included
+        out = ctx.profile / f"{name}.perf.data"
+        record = ["perf", "record", "-g", "-F", "2000", "-p", str(pid), "-o", str(out)]
+        return b.spawn("perf", [*record, "--", "sleep", str(seconds)], b.LOAD_CPU)
+    spy = shutil.which("py-spy") or str(Path(b.PYTHON).parent / "py-spy")
     out = ctx.profile / f"{name}.txt"
     return b.spawn(
         "py-spy",
@@ -656,7 +662,8 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
     results: dict[str, Any] = {}
 
     def one(kind: str, extra: list[str], server: b.Server, name: str) -> dict[str, Any]:
-        run, _ = book_run(ctx, server, n, name, extra, kind == "ours", probes=probes)
+        profile = kind in ("ours", "bare")
+        run, _ = book_run(ctx, server, n, name, extra, profile, probes=probes)
         assert run.probe is not None
         problems = lost(run, n)
         ctx.failures += [f"s6 {name}: {p}" for p in problems]
@@ -1210,7 +1217,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, for CI (< 1 min)")
     parser.add_argument("--only", help="comma-separated scenario numbers (default: all)")
     parser.add_argument("--json", help="where to write the figures (default: a temp file)")
-    parser.add_argument("--profile", help="record py-spy profiles of the server here (1 and 6)")
+    parser.add_argument("--profile", help="record profiles of the server here (1 and 6)")
+    parser.add_argument(
+        "--profiler",
+        choices=["py-spy", "perf"],
+        default="py-spy",
+        help="with --profile: py-spy (Python stacks, NAME.txt for bench/pyspy_summary.py) or "
+        "perf (kernel stacks too, NAME.perf.data for perf report)",
+    )
     parser.add_argument(
         "--src",
         help="the perps_indexer source tree to run (default the repository's src/), e.g. "
@@ -1259,6 +1273,7 @@ def main() -> int:
     info["calibration_start"] = calibrate()
     with tempfile.TemporaryDirectory(prefix="perps-bench-") as tmp:
         ctx = Context(args.quick, Path(tmp), Path(args.profile) if args.profile else None)
+        ctx.profiler = args.profiler
         if args.subscribers:
             ctx.counts = [int(x) for x in args.subscribers.split(",")]
         if args.bare:
