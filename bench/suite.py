@@ -97,7 +97,7 @@ class Context:
         return [20] if self.quick else [100, 1_000, 5_000]
 
     def window(self, full: float) -> float:
-        return 1.5 if self.quick else full
+        return 1.0 if self.quick else full
 
     def db(self, name: str) -> Path:
         path = self.tmp / f"{name}-{time.monotonic_ns()}.db"

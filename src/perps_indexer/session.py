@@ -530,10 +530,10 @@ class Hub:
         self.streams: dict[Stream, dict[Session, None]] = {}
         self.sessions: dict[Session, None] = {}
         self.messages_queued = 0
+        """Pushes handed to sessions (written at once or queued)."""
         self.membership = 0
         """Bumped by every subscribe and unsubscribe: a round renewed with the same count
         keeps its list of watchers instead of copying the stream's again."""
-        """Pushes handed to sessions (written at once or queued)."""
         self.direct_writes = 0
         """Of those, the messages written straight to a session's :attr:`Session.sink`."""
         self.sliced = False
