@@ -774,6 +774,28 @@ def test_sliced_fan_out_skips_who_unsubscribed_or_left() -> None:
     assert [seqs(s) for s in sessions] == [[], [], [1]]
 
 
+def test_who_comes_or_goes_mid_round_leaves_those_owed_first_and_nobody_served_twice() -> None:
+    world, sessions, _ = sliced_world(5)
+    stream = ("orderbook", 396)
+    world.hub.publish_state(stream, data("orderbook", [], 1))
+    world.hub.drain(2)  # sessions 0 and 1 served; 2, 3 and 4 still owed seq 1
+    assert [seqs(s) for s in sessions] == [[1], [1], [], [], []]
+    send(sessions[3], {"op": "unsubscribe", "topic": "orderbook", "market_id": 396})
+    sessions[3].take()  # its ack
+    late = world.session()
+    send(late, {"topic": "orderbook", "market_id": 396})
+    late.take()  # its snapshot: seq 1 already
+    assert world.hub.drain(1) is True
+    # Those owed come first, then those served, then the newcomer; only the owed are due.
+    order = [s for s, _ in world.hub._rounds[stream].order]
+    assert order == [sessions[2], sessions[4], sessions[0], sessions[1], late]
+    assert world.hub.drain(10) is False  # the round ends with the last one owed
+    assert [seqs(s) for s in [*sessions, late]] == [[], [], [1], [], [1], []]
+    world.hub.publish_state(stream, data("orderbook", [], 2))  # then everyone, once
+    assert world.hub.drain(10) is False
+    assert [seqs(s) for s in order] == [[2]] * 5
+
+
 def test_a_never_ending_round_stays_bounded() -> None:
     world, sessions, _ = sliced_world(50)
     stream = ("orderbook", 396)
