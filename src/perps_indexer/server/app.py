@@ -141,12 +141,13 @@ class ServerConfig:
     fanout_slice: int = 100
     """Pushes made before yielding to the event loop while fanning a change out (0: all at
     once). Small slices let new orders in between, which keeps updates fresh under load."""
-    fanout_share: float = 0.2
+    fanout_share: float = 0.0
     """Between two fan-out slices, other work (orders first) gets more turns of the loop only
     while it has taken less than this share of the time the slice took; the first turn it
-    always gets. Larger: lower order latency and fresher books under order flow; smaller: more
-    of the core for the fan-out when orders come as fast as the server answers. Scenarios 1
-    and 6 at 0, 0.2, 0.5 and unbounded: BENCHMARKS.md."""
+    always gets. A request through the REST lane runs in that turn, so more turns only
+    lengthen the fan-out's cycle (paced freshness p99 14.0-16.5 ms at 0 against 19.2-24.3 at
+    0.2, in turns); a request through aiohttp (``rest_lane`` off) takes several turns, and
+    0.2 then answers it sooner. Measured: BENCHMARKS.md."""
     keepalive_ticks: int = 20
     """Ticks per keepalive period; each checks its share of the connections, so that no tick
     holds the loop for long."""
@@ -494,14 +495,14 @@ class Server:
     async def _fanout_loop(self, hub: Hub) -> None:
         """Deliver deferred state pushes in slices, yielding to the loop between them.
 
-        The fan-out gives way to the commands it publishes, within limits. A REST command takes
-        four turns of the loop (read, handler task, commit, reply: aiohttp on Python 3.11
-        starts a task per request), and with one turn between slices, a slice ran before each.
-        So after a slice the loop gets more turns, until one comes back at once (nothing else
-        was ready: asyncio cannot be asked), other work has had its share of the slice's time
-        (:attr:`ServerConfig.fanout_share`), or :data:`YIELDS` turns have passed. A commit
-        still pending is made before the next slice (:meth:`Venue.flush_due`), which then
-        carries it."""
+        The fan-out gives way to the commands it publishes, within limits. After a slice the
+        loop gets one turn, in which a request through the REST lane is read and run; with a
+        :attr:`ServerConfig.fanout_share` above 0 it gets more, for requests through aiohttp
+        (four turns each: read, handler task, commit, reply; Python 3.11's aiohttp starts a
+        task per request), until a turn comes back at once (nothing else was ready: asyncio
+        cannot be asked), other work has had its share of the slice's time, or :data:`YIELDS`
+        turns have passed. A commit still pending is made before the next slice
+        (:meth:`Venue.flush_due`), which then carries it."""
         wake = asyncio.Event()
         hub.wake = wake.set
         budget = self.config.fanout_slice
