@@ -16,7 +16,9 @@ The feed is the server's: every subscriber gets the newest state at its turn in 
 most once per cycle, and a change arriving mid-cycle restarts the count from where the cycle
 stands; slices of ``--slice`` sends with one turn of the event loop between them, the sends
 of a slice made by the server's batch writer (one call into C, one ``send`` each) to sockets
-holding nothing unsent. So its freshness is what any server built this way can reach on this
+holding nothing unsent. A subscriber whose transport holds more than the server's
+direct-write limit (256 KiB) is skipped for that turn (the server would queue the newest state
+for it instead). So its freshness is what any server built this way can reach on this
 machine, with this load generator, at the order rate the suite drives.
 
 It prints ``ws://127.0.0.1:PORT/ws`` when it listens.
@@ -32,12 +34,15 @@ import signal
 import sys
 from typing import Any
 
-from bare_broadcast import HIGH_WATER
-from perps_indexer.server.app import text_frame
+from perps_indexer.server.app import ServerConfig, text_frame
 from perps_indexer.server.batch_write import AVAILABLE as BATCH_WRITE
 from perps_indexer.server.batch_write import BatchWriter
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+HIGH_WATER = ServerConfig().direct_write_limit
+"""Bytes a transport may hold for a send to be added to it, as in the server; past it a
+subscriber is skipped for that turn (the server queues the newest state in its outbox instead,
+and writes it when the transport has drained)."""
 
 
 class Feed:
@@ -56,6 +61,22 @@ class Feed:
         self.slice = slice_
         self.wake = asyncio.Event()
         self.writer = BatchWriter()
+
+    def join(self, peer: Peer) -> None:
+        """A subscriber in, just behind the cursor: its subscription brought it the current
+        state, and those still owed it keep their turns (as ``_Round._refresh`` orders them)."""
+        self.peers.insert(self.cursor, peer)
+        self.cursor = (self.cursor + 1) % len(self.peers)
+
+    def leave(self, peer: Peer) -> None:
+        """A subscriber gone: out of the cycle, and out of the count if it was still owed."""
+        i = self.peers.index(peer)
+        if (i - self.cursor) % len(self.peers) < self.remaining:
+            self.remaining -= 1
+        del self.peers[i]
+        if i < self.cursor:
+            self.cursor -= 1
+        self.cursor = self.cursor % len(self.peers) if self.peers else 0
 
     def change(self) -> int:
         """A new state: everyone is owed it, from where the cycle stands."""
@@ -76,7 +97,7 @@ class Feed:
     def one_slice(self) -> None:
         peers, frame = self.peers, self.frame
         n = len(peers)
-        count = min(self.slice, self.remaining)
+        count = min(self.slice, self.remaining, n)
         fds: list[int] = []
         sinks: list[Any] = []
         for j in range(count):
@@ -92,8 +113,8 @@ class Feed:
                 transport.write(frame)
         if fds:
             self.writer(fds, sinks, frame)
-        self.cursor = (self.cursor + count) % n
-        self.remaining -= count
+        self.cursor = (self.cursor + count) % n if n else 0
+        self.remaining = self.remaining - count if n else 0
 
 
 class Peer(asyncio.Protocol):
@@ -112,6 +133,8 @@ class Peer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.joined:
+            self.feed.leave(self)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -168,21 +191,24 @@ class Peer(asyncio.Protocol):
                 size, at = int.from_bytes(buf[2:4], "big"), 4
             elif size == 127:
                 size, at = int.from_bytes(buf[2:10], "big"), 10
-            mask = buf[at : at + 4] if buf[1] & 0x80 else b""
-            end = at + len(mask) + size
-            if len(buf) < end:
-                break
-            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(buf[end - size : end]))
+            masked = 4 if buf[1] & 0x80 else 0
+            end = at + masked + size
+            if len(buf) < at or len(buf) < end:
+                break  # the rest of the header or of the payload is still to come
+            mask = buf[at : at + masked]
+            payload = buf[end - size : end]
             buf = buf[end:]
             if opcode == 0x1:
                 self.transport.write(self.feed.frame)  # the current state, then the feed
                 if not self.joined:
                     self.joined = True
-                    self.feed.peers.append(self)
+                    self.feed.join(self)
             elif opcode == 0x8:
                 self.transport.write(b"\x88\x02\x03\xe8")  # 1000, normal closure
                 self.transport.close()
-            elif opcode == 0x9:
+            elif opcode == 0x9:  # control frames carry at most 125 bytes (§5.5)
+                if mask:
+                    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
                 self.transport.write(bytes((0x8A, len(payload))) + payload)
         self.buffer = buf
 

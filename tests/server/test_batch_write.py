@@ -280,11 +280,15 @@ def watch_book(url: str, until: Callable[[], bool], out: list[list[Any]]) -> Non
             out.append(json.loads(raw)["data"])  # every frame whole: it parses
 
 
-@pytest.mark.parametrize("batch_write", [True, False])
+@pytest.mark.parametrize(("batch_write", "share"), [(True, 0.0), (False, 0.0), (True, 0.2)])
 def test_a_server_fans_a_busy_book_out_with_and_without_batches(
-    tmp_path: Path, batch_write: bool
+    tmp_path: Path, batch_write: bool, share: float
 ) -> None:
-    running, stop = start_threaded(tmp_path, batch_write=batch_write)
+    # Slices of 5 for 12 watchers: every round has turns of the loop between its slices (with
+    # a share above 0, more than one while orders come).
+    running, stop = start_threaded(
+        tmp_path, batch_write=batch_write, fanout_share=share, fanout_slice=5
+    )
     try:
         rest = running.rest
         trader = "0x" + "ab" * 32

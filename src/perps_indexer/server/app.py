@@ -144,10 +144,11 @@ class ServerConfig:
     fanout_share: float = 0.0
     """Between two fan-out slices, other work (orders first) gets more turns of the loop only
     while it has taken less than this share of the time the slice took; the first turn it
-    always gets. A request through the REST lane runs in that turn, so more turns only
-    lengthen the fan-out's cycle (paced freshness p99 14.0-16.5 ms at 0 against 19.2-24.3 at
-    0.2, in turns); a request through aiohttp (``rest_lane`` off) takes several turns, and
-    0.2 then answers it sooner. Measured: BENCHMARKS.md."""
+    always gets. A request through the REST lane is read and run in that turn (and committed
+    before the next slice), so more turns only lengthen the fan-out's cycle (paced freshness
+    p99 14.0-16.5 ms at 0 against 19.2-24.3 at 0.2, three pairs of runs in turns); a request
+    through aiohttp (``rest_lane`` off) takes several turns, and 0.2 then answers it sooner.
+    Measured: BENCHMARKS.md."""
     keepalive_ticks: int = 20
     """Ticks per keepalive period; each checks its share of the connections, so that no tick
     holds the loop for long."""
