@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import signal
 import sys
+from collections.abc import Generator
 from typing import Any
+
+from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.streams import StreamReader
+from websockets.utils import accept_key
 
 from perps_indexer.server.app import ServerConfig, text_frame
 from perps_indexer.server.batch_write import AVAILABLE as BATCH_WRITE
 from perps_indexer.server.batch_write import BatchWriter
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 HIGH_WATER = ServerConfig().direct_write_limit
 """Bytes a transport may hold for a send to be added to it, as in the server; past it a
 subscriber is skipped for that turn (the server queues the newest state in its outbox instead,
@@ -125,7 +127,7 @@ class Peer(asyncio.Protocol):
         self.transport: Any = None
         self.fd = -1
         self.buffer = b""
-        self.ws = False
+        self.reader: StreamReader | None = None  # once a WebSocket: its frames, as they come
         self.joined = False
 
     def connection_made(self, transport: Any) -> None:
@@ -137,10 +139,11 @@ class Peer(asyncio.Protocol):
             self.feed.leave(self)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.ws:
-            self.frames()
+        if self.reader is not None:
+            self.reader.feed_data(data)
+            next(self.parser, None)  # None: closed, the rest is not read
             return
+        self.buffer += data
         while True:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -155,8 +158,7 @@ class Peer(asyncio.Protocol):
                 return
             self.buffer = self.buffer[end + 4 + length :]
             if fields.get(b"upgrade", b"").lower() == b"websocket":
-                self.upgrade(fields[b"sec-websocket-key"])
-                self.frames()
+                self.upgrade(fields[b"sec-websocket-key"].decode())
                 return
             self.order(lines[0].startswith(b"POST "))
 
@@ -172,45 +174,35 @@ class Peer(asyncio.Protocol):
             % (status, len(body), body)
         )
 
-    def upgrade(self, key: bytes) -> None:
-        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    def upgrade(self, key: str) -> None:
         self.transport.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept
+            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key).encode()
         )
-        self.ws = True
         self.fd = self.feed.writer.socket_of(self.transport)
+        self.reader = StreamReader()
+        self.parser = self.frames()
+        self.reader.feed_data(self.buffer)  # what the client sent after its head
+        next(self.parser)
 
-    def frames(self) -> None:
-        """The client's frames (RFC 6455 §5.2, masked): a text frame subscribes, a close
-        closes, a ping is answered; their payloads are not read."""
-        buf = self.buffer
-        while len(buf) >= 2:
-            opcode, size, at = buf[0] & 0x0F, buf[1] & 0x7F, 2
-            if size == 126:
-                size, at = int.from_bytes(buf[2:4], "big"), 4
-            elif size == 127:
-                size, at = int.from_bytes(buf[2:10], "big"), 10
-            masked = 4 if buf[1] & 0x80 else 0
-            end = at + masked + size
-            if len(buf) < at or len(buf) < end:
-                break  # the rest of the header or of the payload is still to come
-            mask = buf[at : at + masked]
-            payload = buf[end - size : end]
-            buf = buf[end:]
-            if opcode == 0x1:
+    def frames(self) -> Generator[None, None, None]:
+        """The client's frames, parsed by websockets' sans-I/O reader (RFC 6455 §5.2: masked):
+        a text frame subscribes, a ping is answered, a close closes."""
+        assert self.reader is not None
+        while True:
+            frame = yield from Frame.parse(self.reader.read_exact, mask=True)
+            if frame.opcode is Opcode.TEXT:
                 self.transport.write(self.feed.frame)  # the current state, then the feed
                 if not self.joined:
                     self.joined = True
                     self.feed.join(self)
-            elif opcode == 0x8:
-                self.transport.write(b"\x88\x02\x03\xe8")  # 1000, normal closure
+            elif frame.opcode is Opcode.PING:
+                self.transport.write(Frame(Opcode.PONG, frame.data).serialize(mask=False))
+            elif frame.opcode is Opcode.CLOSE:
+                close = Close(CloseCode.NORMAL_CLOSURE, "").serialize()
+                self.transport.write(Frame(Opcode.CLOSE, close).serialize(mask=False))
                 self.transport.close()
-            elif opcode == 0x9:  # control frames carry at most 125 bytes (§5.5)
-                if mask:
-                    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-                self.transport.write(bytes((0x8A, len(payload))) + payload)
-        self.buffer = buf
+                return
 
 
 async def main_async(args: argparse.Namespace) -> None:

@@ -43,7 +43,7 @@ class Transport:
 
 
 class Subscriber:
-    def __init__(self, feed: Any) -> None:
+    def __init__(self) -> None:
         self.transport = Transport()
         self.fd = -1  # no socket: written through the transport
 
@@ -67,7 +67,7 @@ def test_every_subscriber_gets_each_state_at_most_once_and_ends_on_the_newest(
     inside: list[Subscriber] = []
     for op, arg in ops:
         if op == "join":
-            subscriber = Subscriber(feed)
+            subscriber = Subscriber()
             subscriber.subscribe(feed)
             inside.append(subscriber)
         elif op == "leave" and inside:
@@ -88,14 +88,14 @@ def test_every_subscriber_gets_each_state_at_most_once_and_ends_on_the_newest(
 
 def test_a_newcomer_mid_round_does_not_take_the_turn_of_one_still_owed() -> None:
     feed = bare_fresh.Feed(TEMPLATE, 1)
-    a, b, c = (Subscriber(feed) for _ in range(3))
+    a, b, c = (Subscriber() for _ in range(3))
     for subscriber in (a, b, c):
         subscriber.subscribe(feed)
     feed.change()
     feed.one_slice()  # a has seq 1
     feed.change()  # the cycle goes on from b: b, c, then a are owed seq 2
     feed.one_slice()  # b
-    late = Subscriber(feed)
+    late = Subscriber()
     late.subscribe(feed)  # seq 2 with its subscription
     while feed.remaining > 0:
         feed.one_slice()

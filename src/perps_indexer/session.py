@@ -615,8 +615,7 @@ class Hub:
 
     def add(self, session: Session, stream: Stream) -> None:
         self.streams.setdefault(stream, {})[session] = None
-        self.membership += 1
-        self._orders.pop(stream, None)
+        self.membership += 1  # the stream's remembered order is out of date now
 
     def remove(self, session: Session, stream: Stream) -> None:
         watchers = self.streams.get(stream)
