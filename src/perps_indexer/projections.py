@@ -718,8 +718,11 @@ class Projections:
         asks = self._asks.get(market_id)
         if asks is None:
             return []
-        levels = list(asks.values())
-        levels.extend(reversed(self._bids[market_id].values()))
+        # Walks of the sorted keys: a SortedDict's values view reversed goes by position,
+        # a B-tree lookup per level (a third of the cost of a busy book's push).
+        levels = list(map(asks.__getitem__, asks))
+        bids = self._bids[market_id]
+        levels.extend(map(bids.__getitem__, reversed(bids)))
         return levels
 
     def recent_trades(self, market_id: int, limit: int | None = None) -> list[RecentTradeRow]:

@@ -207,17 +207,18 @@ def _parse_fields(
 
 def parse_market_id(value: object, markets: Collection[int], field: str = "market_id") -> int:
     """A market id given as a JSON number or a decimal string, and known to the venue."""
-    known = ", ".join(str(m) for m in sorted(markets))
-    if value is None:
-        raise RequestError("unknown_market", f'the request needs a "{field}"; markets are {known}')
     market: int | None = None
     if type(value) is int:
         market = value
     elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
         market = int(value.strip())
-    if market is None or market not in markets:
-        raise RequestError("unknown_market", f"unknown {field} {value!r}; markets are {known}")
-    return market
+    if market is not None and market in markets:
+        return market
+    # Only now: every order names its market, and the list is for the error alone.
+    known = ", ".join(str(m) for m in sorted(markets))
+    if value is None:
+        raise RequestError("unknown_market", f'the request needs a "{field}"; markets are {known}')
+    raise RequestError("unknown_market", f"unknown {field} {value!r}; markets are {known}")
 
 
 def _ack(message: str, request_id: RequestId, topic: str, key: Key) -> bytes:
