@@ -76,3 +76,23 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert all(finite(p["ours_client_sleeps_per_s"]) for p in pairs)
     assert finite(figures["8"]["median_ratio_best"])
     assert "Targets:" in proc.stdout and "pairs in turns (scenario 8)" in proc.stdout
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_order_cost_changes_the_book_with_every_order(background: bool) -> None:
+    """bench/order_cost.py runs the book driver's orders and cancels through the REST layer;
+    each one changes the watched book, so each makes one message of it."""
+    args = ["--orders", "120", "--warmup", "60", *(["--background"] if background else [])]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "order_cost.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["orders"] == 120 and result["book_messages"] == 120
+    assert result["book_message_bytes"] > 1_000  # a book some dozen levels deep
+    assert finite(result["cpu_us_per_order"]) and result["cpu_us_per_order"] > 0
