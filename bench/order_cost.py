@@ -15,16 +15,16 @@ on a thread, as the server runs them.
 
 Instructions per order, repeatable on a busy machine: run under callgrind with ``--orders 0``
 and with ``--orders N`` and divide the difference by N; ``PYTHONPATH=DIR/src`` measures
-another tree (an export made with ``git archive COMMIT src``, built with ``setup.py build_ext
---inplace``):
+another tree (an export made with ``git archive COMMIT src setup.py pyproject.toml``, built
+with ``setup.py build_ext --inplace``):
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/o0 .venv/bin/python \\
         bench/order_cost.py --orders 0
     valgrind --tool=callgrind --callgrind-out-file=/tmp/oN .venv/bin/python \\
         bench/order_cost.py --orders 2000
 
-Prints one JSON object: the orders, their wall-clock and CPU microseconds each, the book
-messages made and the last one's size.
+Prints one JSON object: the orders (and how many of them were cancels), their wall-clock and
+CPU microseconds each, the book messages made and the last one's size.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ async def run(
         write("/deposit", {"userAddress": owner, "amount": 10**13})
     rngs = [random.Random(k) for k in range(makers)]
     resting: list[deque[int]] = [deque() for _ in range(makers)]
+    cancels = [0]
 
     def order(i: int) -> None:
         k = i % makers
@@ -108,6 +109,7 @@ async def run(
             oldest = str(mine.popleft())
             cancel = {"userAddress": owner, "marketId": b.MARKET, "cancelOrderIds": [oldest]}
             write("/cancelMultipleOrders", cancel)
+            cancels[0] += 1
             return
         ask = rng.random() < 0.5
         away = 1 + rng.randrange(LEVELS // 2)
@@ -126,7 +128,7 @@ async def run(
 
     for i in range(warmup):  # the book at its working depth
         order(i)
-    messages = hub.messages
+    messages, cancels[0] = hub.messages, 0
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(warmup, warmup + orders):
         order(i)
@@ -134,6 +136,7 @@ async def run(
     store.close()
     return {
         "orders": orders,
+        "cancels": cancels[0],
         "us_per_order": round(wall / orders * 1e6, 1) if orders else 0.0,
         "cpu_us_per_order": round(cpu / orders * 1e6, 1) if orders else 0.0,
         "book_messages": hub.messages - messages,

@@ -81,8 +81,10 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
 @pytest.mark.parametrize("background", [False, True])
 def test_order_cost_changes_the_book_with_every_order(background: bool) -> None:
     """bench/order_cost.py runs the book driver's orders and cancels through the REST layer;
-    each one changes the watched book, so each makes one message of it."""
-    args = ["--orders", "120", "--warmup", "60", *(["--background"] if background else [])]
+    each one changes the watched book, so each makes one message of it. Four makers reach
+    their depth of 12 resting orders within the warm-up, so cancels and places alternate."""
+    args = ["--orders", "120", "--warmup", "60", "--makers", "4"]
+    args += ["--background"] if background else []
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "order_cost.py"), *args],
         cwd=ROOT,
@@ -94,5 +96,6 @@ def test_order_cost_changes_the_book_with_every_order(background: bool) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)
     assert result["orders"] == 120 and result["book_messages"] == 120
+    assert result["cancels"] == 60  # at its depth, a maker cancels its oldest, then places
     assert result["book_message_bytes"] > 1_000  # a book some dozen levels deep
     assert finite(result["cpu_us_per_order"]) and result["cpu_us_per_order"] > 0

@@ -315,6 +315,35 @@ def test_a_batch_failing_midway_leaves_no_trace(
             assert seqs(reader.read_for_key(TRADER)) == TRADER_SEQS
 
 
+def test_a_commit_that_fails_is_rolled_back_and_reported(store: SQLiteStore, db_path: Path) -> None:
+    """A COMMIT refused inside the transaction (here a deferred foreign key, broken by a
+    trigger on the segments) is rolled back: nothing is written, the error names the file,
+    and the next append starts a transaction of its own."""
+    events = deposits(20)
+    store.append(events[:10])
+    assert store._conn is not None
+    store._conn.execute("PRAGMA foreign_keys = ON")  # a setting of the store's connection
+    raw_write(db_path, "CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    raw_write(
+        db_path,
+        "CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    orphan = (
+        "CREATE TRIGGER orphan AFTER INSERT ON segments BEGIN INSERT INTO child VALUES (-1); END"
+    )
+    raw_write(db_path, orphan)
+    before = count_rows(db_path)
+    with pytest.raises(errors.StoreError) as failed:
+        store.append(events[10:])
+    assert str(failed.value) == f"SQLite error on {db_path}: FOREIGN KEY constraint failed"
+    assert isinstance(failed.value.__cause__, sqlite3.IntegrityError)
+    assert not store._conn.in_transaction
+    assert count_rows(db_path) == before and store.last_seq() == 10
+    raw_write(db_path, "DROP TRIGGER orphan")
+    store.append(events[10:])
+    assert list(store.read()) == events
+
+
 @pytest.mark.parametrize("index_lag", [1, 3, 1000])
 def test_two_stores_appending_to_one_file_keep_the_index_whole(
     db_path: Path, events: list[AnyEvent], index_lag: int
