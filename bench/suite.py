@@ -33,7 +33,11 @@ runs and produces its figures, never how fast):
    against bench/naive_server.py on the same load; then the real server paced at 10 x the
    naive server's best rate. 20 of the 1,000 subscribers run in a process of their own (a
    probe): their freshness, beside the main figure, shows how much of it is the load
-   generator's own queueing (980 clients in one event loop on one core).
+   generator's own queueing (980 clients in one event loop on one core). The paced run and
+   the bare feed's (bench/bare_fresh.py) run once more with the 980 in C (bench/fleet.c,
+   compiled with ``cc``): a few hundred instructions a message instead of picows' and
+   Python's, so that the figure is more the server's (in one run the load core was 74 %
+   busy with them, 87 % with the Python clients).
 7. the bare limit: bench/bare_broadcast.py (picows on uvloop, picows on asyncio, aiohttp,
    and aiohttp with the server's own write paths, per transport write and batched in C)
    broadcasting scenario 1's real orderbook message to 100 / 1,000 / 5,000 clients; scenario
@@ -128,30 +132,20 @@ def get_metrics(server: b.Server) -> dict[str, float]:
 
 
 def subscribers(
-    ctx: Context, url: str, clients: int, spec: str, record: int, name: str
+    ctx: Context, url: str, clients: int, spec: str, record: int, name: str, fleet: bool = False
 ) -> tuple[b.Proc, Path, dict[str, Any]]:
+    """A load generator of ``clients`` subscribers, ready: bench/loadgen.py's, or with
+    ``fleet`` (order book subscribers only) the C fleet of bench/fleet.c."""
     out = ctx.tmp / f"{name}-{time.monotonic_ns()}.json"
-    proc = b.spawn(
-        name,
-        [
-            b.PYTHON,
-            str(b.BENCH / "loadgen.py"),
-            "subscribe",
-            "--url",
-            url,
-            "--clients",
-            str(clients),
-            "--subscribe",
-            spec,
-            "--record",
-            str(record),
-            "--source-ips",
-            "--out",
-            str(out),
-        ],
-        b.LOAD_CPU,
-        stdin=True,
-    )
+    common = ["--clients", str(clients), "--record", str(record), "--source-ips", "--out", str(out)]
+    if fleet:
+        assert spec == "orderbook", spec
+        port = url.rsplit(":", 1)[1].split("/", 1)[0]
+        cmd = [str(fleet_binary(ctx)), "--port", port, "--market", str(b.MARKET), *common]
+    else:
+        loadgen = [b.PYTHON, str(b.BENCH / "loadgen.py"), "subscribe"]
+        cmd = [*loadgen, "--url", url, "--subscribe", spec, *common]
+    proc = b.spawn(name, cmd, b.LOAD_CPU, stdin=True)
     try:
         ready = json.loads(proc.wait_line(r'"ready"', 300).string)
     except BaseException:
@@ -161,6 +155,17 @@ def subscribers(
         b.stop(proc)
         raise RuntimeError(f"{name}: only {ready['ready']} of {clients} clients ready: {ready}")
     return proc, out, ready
+
+
+def fleet_binary(ctx: Context) -> Path:
+    """bench/fleet.c, compiled once per run of the suite (a C compiler is needed anyway: the
+    server's C extension is built at install)."""
+    binary = ctx.tmp / "fleet"
+    if not binary.exists():
+        compiler = os.environ.get("CC", "cc")
+        source = str(b.BENCH / "fleet.c")
+        subprocess.run([compiler, "-O2", "-o", str(binary), source], check=True)
+    return binary
 
 
 def driver(ctx: Context, url: str, *args: str) -> tuple[b.Proc, Path]:
@@ -412,10 +417,12 @@ def book_run(
     profile: bool,
     segments: int = 1,
     probes: int = 0,
+    fleet: bool = False,
 ) -> tuple[Run, dict[str, Any]]:
     """``n`` orderbook subscribers (50 recorded) while the REST driver changes the book; with
-    ``probes``, that many of them (all recorded) in a process of their own."""
-    subs, out, ready = subscribers(ctx, server.ws_url, n - probes, "orderbook", 50, name)
+    ``probes``, that many of them (all recorded) in a process of their own; with ``fleet``,
+    the others are bench/fleet.c's (the probe process stays loadgen.py's)."""
+    subs, out, ready = subscribers(ctx, server.ws_url, n - probes, "orderbook", 50, name, fleet)
     probe = None
     if probes:
         try:
@@ -661,9 +668,11 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
     probes = 5 if ctx.quick else PROBES
     results: dict[str, Any] = {}
 
-    def one(kind: str, extra: list[str], server: b.Server, name: str) -> dict[str, Any]:
-        profile = kind in ("ours", "bare")
-        run, _ = book_run(ctx, server, n, name, extra, profile, probes=probes)
+    def one(
+        kind: str, extra: list[str], server: b.Server, name: str, fleet: bool = False
+    ) -> dict[str, Any]:
+        profile = kind in ("ours", "bare") and not fleet
+        run, _ = book_run(ctx, server, n, name, extra, profile, probes=probes, fleet=fleet)
         assert run.probe is not None
         problems = lost(run, n)
         ctx.failures += [f"s6 {name}: {p}" for p in problems]
@@ -677,6 +686,7 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
             "reply_ms": b.summary_ms(reply_times(run.drive)),
             "client_sleeps_per_s": client_sleeps(run.subs),
             "probe_clients": probes,
+            "subscriber_fleet": "bench/fleet.c" if fleet else "bench/loadgen.py",
             "messages_per_s": delivered(run),
             "server_cpu": run.server_cpu,
             "load_cpu": load_cpu(run),
@@ -701,12 +711,19 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
         paced = one("ours", ["--rate", f"{target:.1f}", *many], server, "s6-10x")
         paced["target_orders_per_s"] = target
         results["ours_at_10x_naive"] = paced
+        # The same with the main subscribers in C (bench/fleet.c): the Python ones keep the
+        # load core near full, and the figure measures them as much as the server.
+        lean = one("ours", ["--rate", f"{target:.1f}", *many], server, "s6-10x-fleet", True)
+        lean["target_orders_per_s"] = target
+        results["ours_at_10x_naive_fleet"] = lean
     # The limit beside us: the bare loop of the same feed (bench/bare_fresh.py), driven alike.
     bare = b.start_server("bare-fresh", None, "--message", str(bare_payload(ctx)))
     with running(bare.proc):
         limit = one("bare", ["--rate", f"{target:.1f}", *many], bare, "s6-bare-10x")
-    limit["target_orders_per_s"] = target
+        lean = one("bare", ["--rate", f"{target:.1f}", *many], bare, "s6-bare-10x-fleet", True)
+    limit["target_orders_per_s"] = lean["target_orders_per_s"] = target
     results["bare_at_10x_naive"] = limit
+    results["bare_at_10x_naive_fleet"] = lean
     return results
 
 
@@ -1074,6 +1091,16 @@ def targets(ctx: Context) -> list[str]:
                 f"(ours {p99:.1f}), in the probe process "
                 f"{limit['probe_freshness_ms']['p99']:.1f} ms "
                 f"(ours {paced['probe_freshness_ms']['p99']:.1f})"
+            )
+        lean, lean_limit = s6.get("ours_at_10x_naive_fleet"), s6.get("bare_at_10x_naive_fleet")
+        if lean and lean_limit:
+            out.append(
+                f"  - the same with the main subscribers in C (bench/fleet.c): ours p99 "
+                f"{lean['freshness_ms']['p99']:.1f} ms, the bare feed "
+                f"{lean_limit['freshness_ms']['p99']:.1f} (in Python: {p99:.1f} and "
+                f"{limit['freshness_ms']['p99'] if limit else math.nan:.1f}); load CPU "
+                f"{lean['load_cpu']:.0%} and {lean_limit['load_cpu']:.0%} (in Python: "
+                f"{paced['load_cpu']:.0%} and {limit['load_cpu'] if limit else math.nan:.0%})"
             )
     s2 = f.get("2", {}).get("5000")
     if s2:

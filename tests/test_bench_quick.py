@@ -56,7 +56,10 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
             row = figures["5"][config][key]
             assert row["rows"] == limit and finite(row["p99"])
     freshness = ("naive", "naive_32", "ours", "ours_32", "ours_at_10x_naive", "bare_at_10x_naive")
-    for name in freshness:
+    fleet = ("ours_at_10x_naive_fleet", "bare_at_10x_naive_fleet")  # bench/fleet.c's clients
+    assert sorted(figures["6"]) == sorted(freshness + fleet)
+    assert {figures["6"][name]["subscriber_fleet"] for name in fleet} == {"bench/fleet.c"}
+    for name in freshness + fleet:
         run = figures["6"][name]
         assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
         assert finite(run["probe_freshness_ms"]["p99"]) and run["probe_clients"] > 0

@@ -1,0 +1,422 @@
+/* A fleet of order-book subscribers in C: bench/loadgen.py's `subscribe`, for scenario 6.
+
+   Scenario 6 judges freshness in a process that reads 1,000 WebSocket clients. In Python
+   (picows on uvloop) that process spends about 3 us of its own per message besides the
+   kernel's reads, and at the ~100,000 messages a second the server sends, it keeps the load
+   core busy: it queues what it has not read yet, and the figure measures it as much as the
+   server. This fleet does the same with a few hundred instructions a message, so that the
+   figure is the server's. It speaks the same protocol to bench/suite.py:
+
+       fleet --port P --clients N --record R --out FILE [--market 396] [--source-ips]
+
+   It connects N clients to ws://127.0.0.1:P/ws (from 127.0.0.2, .3, ... with --source-ips, 900
+   a address, as benchlib.source_ip), subscribes each to the market's orderbook, waits for
+   every first message (the snapshot) and prints {"ready": ...}. Then it reads stdin: "start"
+   (count messages from now and record arrival times), "mark" (the end of a counting
+   segment), "stop" (write the results to FILE as loadgen.py does, print {"done": true},
+   exit). R clients, evenly spread, log (seq, CLOCK_MONOTONIC ns) for every message; seq is
+   read from the message's end ("...,"seq":N}"). Pings are answered; server frames are
+   unmasked and whole (RFC 6455 5.1, 5.4: the server never fragments a push). */
+
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PER_IP 900
+#define SAMPLE_MAX 65536
+
+typedef struct {
+    int64_t *seq, *t;
+    size_t n, cap;
+} Log;
+
+typedef struct {
+    int fd;
+    int open;      /* the handshake's 101 was read */
+    int first;     /* the snapshot arrived */
+    int closed;
+    unsigned char *buf;
+    size_t len, cap;
+    Log *log;
+} Client;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static double cpu_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static long sleeps(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_nvcsw;
+}
+
+static void die(const char *what) {
+    perror(what);
+    exit(2);
+}
+
+static void write_all(int fd, const void *data, size_t len) {
+    const char *p = data;
+    while (len) {
+        ssize_t k = write(fd, p, len);
+        if (k < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN) { /* tiny control frames into an empty socket: rare */
+                struct timespec pause = {0, 100000};
+                nanosleep(&pause, NULL);
+                continue;
+            }
+            return; /* the connection is gone: its close is counted on read */
+        }
+        p += k;
+        len -= (size_t)k;
+    }
+}
+
+/* A client frame (masked, RFC 6455 5.3) of at most 125 bytes of payload. */
+static void send_frame(int fd, int opcode, const unsigned char *payload, size_t len) {
+    unsigned char frame[6 + 125];
+    static const unsigned char mask[4] = {0x12, 0x34, 0x56, 0x78};
+    if (len > 125) len = 125;
+    frame[0] = (unsigned char)(0x80 | opcode);
+    frame[1] = (unsigned char)(0x80 | len);
+    memcpy(frame + 2, mask, 4);
+    for (size_t i = 0; i < len; i++) frame[6 + i] = payload[i] ^ mask[i % 4];
+    write_all(fd, frame, 6 + len);
+}
+
+static void log_add(Log *log, int64_t seq, int64_t t) {
+    if (log->n == log->cap) {
+        log->cap = log->cap ? log->cap * 2 : 4096;
+        log->seq = realloc(log->seq, log->cap * sizeof(int64_t));
+        log->t = realloc(log->t, log->cap * sizeof(int64_t));
+        if (!log->seq || !log->t) die("realloc");
+    }
+    log->seq[log->n] = seq;
+    log->t[log->n] = t;
+    log->n++;
+}
+
+/* seq from the end of a push: ...,"seq":N} */
+static int64_t seq_of(const unsigned char *p, size_t len) {
+    if (len < 8 || p[len - 1] != '}') return -1;
+    size_t i = len - 1;
+    while (i > 0 && p[i - 1] >= '0' && p[i - 1] <= '9') i--;
+    if (i < 7 || memcmp(p + i - 6, "\"seq\":", 6) != 0) return -1;
+    int64_t v = 0;
+    for (size_t j = i; j < len - 1; j++) v = v * 10 + (p[j] - '0');
+    return v;
+}
+
+static struct {
+    int counting, recording;
+    long messages, bytes, ready, disconnected, errors;
+    long close_codes[5000];
+    unsigned char sample[SAMPLE_MAX];
+    size_t sample_len;
+} st;
+
+static const char *subscribe_request;
+
+/* Take the whole frames in the client's buffer. */
+static void take(Client *c) {
+    size_t at = 0;
+    if (!c->open) {
+        unsigned char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
+        if (!end) return;
+        if (c->len < 12 || memcmp(c->buf, "HTTP/1.1 101", 12) != 0) {
+            st.errors++;
+            fprintf(stderr, "fleet: handshake refused: %.*s\n", (int)(c->len < 200 ? c->len : 200), c->buf);
+            c->closed = 1;
+            return;
+        }
+        c->open = 1;
+        at = (size_t)(end - c->buf) + 4;
+        send_frame(c->fd, 1, (const unsigned char *)subscribe_request, strlen(subscribe_request));
+    }
+    for (;;) {
+        if (c->len - at < 2) break;
+        unsigned char *p = c->buf + at;
+        int opcode = p[0] & 0x0f;
+        int masked = p[1] & 0x80;
+        uint64_t n = p[1] & 0x7f;
+        size_t head = 2;
+        if (n == 126) {
+            if (c->len - at < 4) break;
+            n = ((uint64_t)p[2] << 8) | p[3];
+            head = 4;
+        } else if (n == 127) {
+            if (c->len - at < 10) break;
+            n = 0;
+            for (int i = 0; i < 8; i++) n = (n << 8) | p[2 + i];
+            head = 10;
+        }
+        if (masked) head += 4; /* a server must not mask; tolerated, not unmasked */
+        if (c->len - at < head + n) break;
+        unsigned char *payload = p + head;
+        if (opcode == 1) {
+            if (!c->first) {
+                c->first = 1;
+                if (n >= 18 && memcmp(payload, "{\"message\":\"error\"", 18) == 0) {
+                    st.errors++;
+                    fprintf(stderr, "%.*s\n", (int)(n < 300 ? n : 300), payload);
+                }
+                st.ready++;
+            } else {
+                if (st.counting) {
+                    st.messages++;
+                    st.bytes += (long)n;
+                }
+                if (c->log && st.recording) {
+                    int64_t seq = seq_of(payload, n);
+                    if (seq >= 0) log_add(c->log, seq, now_ns());
+                    if (n <= SAMPLE_MAX) {
+                        memcpy(st.sample, payload, n);
+                        st.sample_len = n;
+                    }
+                }
+            }
+        } else if (opcode == 9) {
+            send_frame(c->fd, 10, payload, n);
+        } else if (opcode == 8) {
+            int code = n >= 2 ? (payload[0] << 8) | payload[1] : 1005;
+            if (code >= 0 && code < 5000) st.close_codes[code]++;
+            c->closed = 1;
+        }
+        at += head + n;
+    }
+    if (at) {
+        memmove(c->buf, c->buf + at, c->len - at);
+        c->len -= at;
+    }
+}
+
+static int read_client(Client *c) {
+    for (;;) {
+        if (c->cap - c->len < 65536) {
+            c->cap = c->cap * 2 + 65536;
+            c->buf = realloc(c->buf, c->cap);
+            if (!c->buf) die("realloc");
+        }
+        ssize_t k = read(c->fd, c->buf + c->len, c->cap - c->len);
+        if (k > 0) {
+            c->len += (size_t)k;
+            take(c);
+            if (c->closed) return -1;
+            if ((size_t)k < 65536) return 0; /* drained, most likely: epoll says if not */
+            continue;
+        }
+        if (k == 0) return -1;
+        if (errno == EAGAIN || errno == EINTR) return 0;
+        return -1;
+    }
+}
+
+static int connect_one(int port, const char *source) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) die("socket");
+    if (source) {
+        struct sockaddr_in local = {.sin_family = AF_INET};
+        inet_pton(AF_INET, source, &local.sin_addr);
+        if (bind(fd, (struct sockaddr *)&local, sizeof local) < 0) die("bind");
+    }
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    for (int attempt = 0; connect(fd, (struct sockaddr *)&to, sizeof to) < 0; attempt++) {
+        if (attempt == 20) die("connect");
+        struct timespec pause = {0, 50000000};
+        nanosleep(&pause, NULL);
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char request[512];
+    int len = snprintf(request, sizeof request,
+                       "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nUpgrade: websocket\r\n"
+                       "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       "Sec-WebSocket-Version: 13\r\n\r\n",
+                       port);
+    write_all(fd, request, (size_t)len);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    return fd;
+}
+
+static void json_string(FILE *f, const unsigned char *s, size_t n) {
+    fputc('"', f);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = s[i];
+        if (ch == '"' || ch == '\\') fprintf(f, "\\%c", ch);
+        else if (ch < 0x20) fprintf(f, "\\u%04x", ch);
+        else fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+int main(int argc, char **argv) {
+    int port = 0, clients = 0, record = 0, source_ips = 0;
+    const char *out = NULL, *market = "396";
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--source-ips")) { source_ips = 1; continue; }
+        if (!v) { fprintf(stderr, "fleet: %s needs a value\n", a); return 2; }
+        if (!strcmp(a, "--port")) port = atoi(v);
+        else if (!strcmp(a, "--clients")) clients = atoi(v);
+        else if (!strcmp(a, "--record")) record = atoi(v);
+        else if (!strcmp(a, "--out")) out = v;
+        else if (!strcmp(a, "--market")) market = v;
+        else { fprintf(stderr, "fleet: unknown argument %s\n", a); return 2; }
+        i++;
+    }
+    if (!port || clients <= 0 || !out) {
+        fprintf(stderr, "usage: fleet --port P --clients N --record R --out FILE [--market M] [--source-ips]\n");
+        return 2;
+    }
+    struct rlimit nofile;
+    getrlimit(RLIMIT_NOFILE, &nofile);
+    nofile.rlim_cur = nofile.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &nofile);
+    static char request[128];
+    snprintf(request, sizeof request, "{\"topic\":\"orderbook\",\"market_id\":\"%s\"}", market);
+    subscribe_request = request;
+
+    int every = record > 0 ? (clients / record > 0 ? clients / record : 1) : 0;
+    Client *cs = calloc((size_t)clients, sizeof(Client));
+    int ep = epoll_create1(0);
+    if (!cs || ep < 0) die("setup");
+    int64_t started = now_ns();
+    int logs = 0;
+    for (int i = 0; i < clients; i++) {
+        char source[32];
+        snprintf(source, sizeof source, "127.0.0.%d", 2 + i / PER_IP);
+        cs[i].fd = connect_one(port, source_ips ? source : NULL);
+        if (every && i % every == 0 && logs < record) {
+            cs[i].log = calloc(1, sizeof(Log));
+            logs++;
+        }
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
+        if (epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev) < 0) die("epoll_ctl");
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
+    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
+
+    char line[256];
+    size_t line_len = 0;
+    int said_ready = 0, stopping = 0;
+    double cpu_start = 0, cpu_mark = 0;
+    int64_t t_start = 0, t_mark = 0, t_stop = 0;
+    long sleeps_start = 0, messages_at_mark = 0, bytes_at_mark = 0;
+    static char marks[1 << 16];
+    size_t marks_len = 0;
+    struct epoll_event events[256];
+    while (!stopping) {
+        if (!said_ready && (st.ready >= clients || now_ns() - started > 60000000000LL)) {
+            said_ready = 1;
+            printf("{\"ready\": %ld, \"clients\": %d, \"failures\": 0, \"failure\": [], "
+                   "\"connect_s\": %.2f, \"errors\": %ld}\n",
+                   st.ready, clients, (now_ns() - started) / 1e9, st.errors);
+            fflush(stdout);
+        }
+        int n = epoll_wait(ep, events, 256, said_ready ? -1 : 100);
+        for (int k = 0; k < n; k++) {
+            uint32_t i = events[k].data.u32;
+            if (i == UINT32_MAX) {
+                ssize_t got = read(0, line + line_len, sizeof line - 1 - line_len);
+                if (got <= 0) { stopping = 1; t_stop = now_ns(); break; }
+                line_len += (size_t)got;
+                char *nl;
+                while ((nl = memchr(line, '\n', line_len))) {
+                    *nl = 0;
+                    if (!strcmp(line, "start")) {
+                        st.messages = st.bytes = 0;
+                        st.counting = st.recording = 1;
+                        t_start = now_ns();
+                        cpu_start = cpu_s();
+                        sleeps_start = sleeps();
+                    } else if (!strcmp(line, "mark")) {
+                        t_mark = now_ns();
+                        cpu_mark = cpu_s();
+                        messages_at_mark = st.messages;
+                        bytes_at_mark = st.bytes;
+                        marks_len += (size_t)snprintf(marks + marks_len, sizeof marks - marks_len,
+                                                      "%s[%lld, %ld, %.6f, %ld]", marks_len ? ", " : "",
+                                                      (long long)t_mark, st.messages, cpu_mark, sleeps());
+                    } else if (!strcmp(line, "stop")) {
+                        st.recording = 0;
+                        t_stop = now_ns();
+                        stopping = 1;
+                    }
+                    size_t used = (size_t)(nl - line) + 1;
+                    memmove(line, nl + 1, line_len - used);
+                    line_len -= used;
+                }
+                continue;
+            }
+            Client *c = &cs[i];
+            if (c->fd < 0) continue;
+            if (read_client(c) < 0) {
+                epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                close(c->fd);
+                c->fd = -1;
+                st.disconnected++;
+            }
+        }
+    }
+    FILE *f = fopen(out, "w");
+    if (!f) die(out);
+    fprintf(f, "{\"t_start\": %lld, \"cpu_start\": %.6f, \"sleeps_start\": %ld, ", (long long)t_start,
+            cpu_start, sleeps_start);
+    fprintf(f, "\"t_mark\": %lld, \"cpu_mark\": %.6f, \"messages_at_mark\": %ld, \"bytes_at_mark\": %ld, ",
+            (long long)t_mark, cpu_mark, messages_at_mark, bytes_at_mark);
+    fprintf(f, "\"marks\": [%s], \"t_stop\": %lld, \"messages_total\": %ld, ", marks, (long long)t_stop,
+            st.messages);
+    int connected = 0;
+    for (int i = 0; i < clients; i++) connected += cs[i].fd >= 0 || cs[i].open;
+    fprintf(f, "\"clients\": %d, \"connected\": %d, \"ready\": %ld, \"disconnected\": %ld, ", clients,
+            connected, st.ready, st.disconnected);
+    fprintf(f, "\"close_codes\": {");
+    int comma = 0;
+    for (int code = 0; code < 5000; code++)
+        if (st.close_codes[code]) {
+            fprintf(f, "%s\"%d\": %ld", comma ? ", " : "", code, st.close_codes[code]);
+            comma = 1;
+        }
+    fprintf(f, "}, \"errors\": %ld, \"failures\": 0, \"sample\": ", st.errors);
+    json_string(f, st.sample, st.sample_len);
+    fprintf(f, ", \"logs\": {");
+    comma = 0;
+    for (int i = 0; i < clients; i++) {
+        Log *log = cs[i].log;
+        if (!log) continue;
+        fprintf(f, "%s\"%d\": [", comma ? ", " : "", i);
+        for (size_t j = 0; j < log->n; j++)
+            fprintf(f, "%s[%lld, %lld]", j ? ", " : "", (long long)log->seq[j], (long long)log->t[j]);
+        fprintf(f, "]");
+        comma = 1;
+    }
+    fprintf(f, "}}\n");
+    fclose(f);
+    for (int i = 0; i < clients; i++)
+        if (cs[i].fd >= 0) close(cs[i].fd);
+    printf("{\"done\": true}\n");
+    fflush(stdout);
+    return 0;
+}

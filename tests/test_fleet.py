@@ -1,0 +1,78 @@
+"""bench/fleet.c, the C subscribers of scenario 6, against a real server: it answers the
+server's pings, reads every push and logs each one's seq and arrival, as loadgen.py does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.server.conftest import API_KEY, spawn_server
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILER = os.environ.get("CC", "cc")
+
+pytestmark = pytest.mark.skipif(shutil.which(COMPILER) is None, reason="no C compiler")
+
+
+def post(port: int, path: str, body: dict[str, object]) -> dict[str, object]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"x-api-key": API_KEY, "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer: dict[str, object] = json.loads(response.read())["data"]
+        return answer
+
+
+def test_the_fleet_answers_pings_and_logs_every_push(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet"
+    subprocess.run([COMPILER, "-O2", "-o", str(fleet), str(ROOT / "bench" / "fleet.c")], check=True)
+    # The server pings a silent client after 0.2 s and closes it 0.3 s later without a pong.
+    server = spawn_server(tmp_path / "e.db", "--ping-interval", "0.2", "--ping-timeout", "0.3")
+    out = tmp_path / "subs.json"
+    cmd = [str(fleet), "--port", str(server.port), "--clients", "5", "--record", "5"]
+    fleet_proc = subprocess.Popen(
+        [*cmd, "--out", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        with fleet_proc as proc:
+            assert proc.stdin is not None and proc.stdout is not None
+            ready = json.loads(proc.stdout.readline())
+            assert ready["ready"] == 5 and ready["errors"] == 0
+            maker = "0x" + "ab" * 32
+            post(server.port, "/deposit", {"userAddress": maker, "amount": 10**12})
+            proc.stdin.write("start\n")
+            proc.stdin.flush()
+            seqs = []
+            for k in range(8):
+                order = {"userAddress": maker, "marketId": 396, "tradeSide": True}
+                order |= {"direction": False, "size": 500, "price": 5990 - k, "leverage": 10}
+                seqs.append(int(str(post(server.port, "/placeLimitOrder", order)["seq"])))
+                time.sleep(0.25)  # each one a ping interval apart: the pings come meanwhile
+            time.sleep(0.5)
+            proc.stdin.write("mark\nstop\n")
+            proc.stdin.flush()
+            assert json.loads(proc.stdout.readline()) == {"done": True}
+            assert proc.wait(10) == 0
+    finally:
+        if fleet_proc.poll() is None:
+            fleet_proc.kill()
+        server.terminate()
+    result = json.loads(out.read_text())
+    assert result["disconnected"] == 0 and result["close_codes"] == {}
+    assert result["messages_at_mark"] >= 5 * len(seqs)  # every client saw every order
+    assert sorted(result["logs"]) == ["0", "1", "2", "3", "4"]
+    for log in result["logs"].values():
+        logged = [seq for seq, _ in log]
+        assert logged == sorted(logged) and set(seqs) <= set(logged)
+        times = [t for _, t in log]
+        assert times == sorted(times) and times[0] >= result["t_start"]
+    assert result["sample"].startswith('{"data":[') and result["sample"].endswith(f"{seqs[-1]}}}")
