@@ -116,6 +116,8 @@ class Proc:
     lines: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    _read_all: bool = False  # the stdout pump has seen the end of the stream
+    _exit_seen: float | None = None  # when wait_line first found the process exited
 
     @property
     def pid(self) -> int:
@@ -140,7 +142,14 @@ class Proc:
                         return match
                 seen = len(self.lines)
                 left = deadline - time.monotonic()
-                if self.popen.poll() is not None and seen == len(self.lines):
+                # Exited, and every line it wrote read: a process that prints its last line
+                # and exits at once (bench/fleet.c) must not lose the race with the pump. (A
+                # child holding its stdout open would keep the pump going: 2 s at most.)
+                if self.popen.poll() is not None and self._exit_seen is None:
+                    self._exit_seen = time.monotonic()
+                if self._exit_seen is not None and (
+                    self._read_all or time.monotonic() - self._exit_seen > 2
+                ):
                     raise RuntimeError(
                         f"{self.name} exited ({self.popen.returncode}) before printing "
                         f"{pattern!r}: {self.tail()}"
@@ -158,6 +167,7 @@ class Proc:
                 sink.append(line.rstrip("\n"))
                 self._cond.notify_all()
         with self._cond:
+            self._read_all = self._read_all or sink is self.lines
             self._cond.notify_all()
 
 

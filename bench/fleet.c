@@ -15,13 +15,15 @@
    (count messages from now and record arrival times), "mark" (the end of a counting
    segment), "stop" (write the results to FILE as loadgen.py does, print {"done": true},
    exit). R clients, evenly spread, log (seq, CLOCK_MONOTONIC ns) for every message; seq is
-   read from the message's end ("...,"seq":N}"). Pings are answered; server frames are
-   unmasked and whole (RFC 6455 5.1, 5.4: the server never fragments a push). */
+   read from the message's end ("...,"seq":N}"). Pings are answered. Server frames are
+   unmasked (RFC 6455 5.1); this server never fragments a push, so a fragmented message is
+   not reassembled (its pieces would be counted, and logged only if one ends in a seq). */
 
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -35,7 +37,7 @@
 #include <unistd.h>
 
 #define PER_IP 900
-#define SAMPLE_MAX 65536
+#define SAMPLE_MAX (1 << 20)
 
 typedef struct {
     int64_t *seq, *t;
@@ -77,16 +79,17 @@ static void die(const char *what) {
 
 static void write_all(int fd, const void *data, size_t len) {
     const char *p = data;
+    int waits = 0;
     while (len) {
-        ssize_t k = write(fd, p, len);
+        ssize_t k = send(fd, p, len, MSG_NOSIGNAL);
         if (k < 0) {
             if (errno == EINTR) continue;
-            if (errno == EAGAIN) { /* tiny control frames into an empty socket: rare */
+            if (errno == EAGAIN && waits++ < 1000) { /* small frames into a full socket: rare */
                 struct timespec pause = {0, 100000};
                 nanosleep(&pause, NULL);
                 continue;
             }
-            return; /* the connection is gone: its close is counted on read */
+            return; /* gone, or not read for 0.1 s: its close or reset is counted on read */
         }
         p += k;
         len -= (size_t)k;
@@ -131,7 +134,7 @@ static int64_t seq_of(const unsigned char *p, size_t len) {
 static struct {
     int counting, recording;
     long messages, bytes, ready, disconnected, errors;
-    long close_codes[5000];
+    long close_codes[65536];
     unsigned char sample[SAMPLE_MAX];
     size_t sample_len;
 } st;
@@ -200,7 +203,7 @@ static void take(Client *c) {
             send_frame(c->fd, 10, payload, n);
         } else if (opcode == 8) {
             int code = n >= 2 ? (payload[0] << 8) | payload[1] : 1005;
-            if (code >= 0 && code < 5000) st.close_codes[code]++;
+            st.close_codes[code]++;
             c->closed = 1;
         }
         at += head + n;
@@ -243,9 +246,21 @@ static int connect_one(int port, const char *source) {
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
     for (int attempt = 0; connect(fd, (struct sockaddr *)&to, sizeof to) < 0; attempt++) {
-        if (attempt == 20) die("connect");
-        struct timespec pause = {0, 50000000};
+        if (attempt == 4) { /* as loadgen.py: five tries, then a failure, not the end */
+            perror("fleet: connect");
+            close(fd);
+            return -1;
+        }
+        close(fd);
+        struct timespec pause = {0, 200000000L * (attempt + 1)};
         nanosleep(&pause, NULL);
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) die("socket");
+        if (source) {
+            struct sockaddr_in local = {.sin_family = AF_INET};
+            inet_pton(AF_INET, source, &local.sin_addr);
+            if (bind(fd, (struct sockaddr *)&local, sizeof local) < 0) die("bind");
+        }
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -290,6 +305,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: fleet --port P --clients N --record R --out FILE [--market M] [--source-ips]\n");
         return 2;
     }
+    signal(SIGPIPE, SIG_IGN); /* a write to a connection the server closed fails, not kills */
     struct rlimit nofile;
     getrlimit(RLIMIT_NOFILE, &nofile);
     nofile.rlim_cur = nofile.rlim_max;
@@ -303,11 +319,15 @@ int main(int argc, char **argv) {
     int ep = epoll_create1(0);
     if (!cs || ep < 0) die("setup");
     int64_t started = now_ns();
-    int logs = 0;
+    int logs = 0, failures = 0;
     for (int i = 0; i < clients; i++) {
         char source[32];
         snprintf(source, sizeof source, "127.0.0.%d", 2 + i / PER_IP);
         cs[i].fd = connect_one(port, source_ips ? source : NULL);
+        if (cs[i].fd < 0) {
+            failures++;
+            continue;
+        }
         if (every && i % every == 0 && logs < record) {
             cs[i].log = calloc(1, sizeof(Log));
             logs++;
@@ -328,23 +348,26 @@ int main(int argc, char **argv) {
     size_t marks_len = 0;
     struct epoll_event events[256];
     while (!stopping) {
-        if (!said_ready && (st.ready >= clients || now_ns() - started > 60000000000LL)) {
+        if (!said_ready && (st.ready >= clients - failures || now_ns() - started > 120000000000LL)) {
             said_ready = 1;
-            printf("{\"ready\": %ld, \"clients\": %d, \"failures\": 0, \"failure\": [], "
+            printf("{\"ready\": %ld, \"clients\": %d, \"failures\": %d, \"failure\": [], "
                    "\"connect_s\": %.2f, \"errors\": %ld}\n",
-                   st.ready, clients, (now_ns() - started) / 1e9, st.errors);
+                   st.ready, clients, failures, (now_ns() - started) / 1e9, st.errors);
             fflush(stdout);
         }
         int n = epoll_wait(ep, events, 256, said_ready ? -1 : 100);
         for (int k = 0; k < n; k++) {
             uint32_t i = events[k].data.u32;
             if (i == UINT32_MAX) {
+                if (line_len == sizeof line - 1) line_len = 0; /* no command is this long */
                 ssize_t got = read(0, line + line_len, sizeof line - 1 - line_len);
                 if (got <= 0) { stopping = 1; t_stop = now_ns(); break; }
                 line_len += (size_t)got;
                 char *nl;
-                while ((nl = memchr(line, '\n', line_len))) {
-                    *nl = 0;
+                while (!stopping && (nl = memchr(line, '\n', line_len))) {
+                    size_t used = (size_t)(nl - line) + 1;
+                    while (nl > line && (nl[-1] == ' ' || nl[-1] == '\r' || nl[-1] == '\t')) nl--;
+                    *nl = 0; /* a command without its trailing white space, as loadgen strips */
                     if (!strcmp(line, "start")) {
                         st.messages = st.bytes = 0;
                         st.counting = st.recording = 1;
@@ -356,18 +379,21 @@ int main(int argc, char **argv) {
                         cpu_mark = cpu_s();
                         messages_at_mark = st.messages;
                         bytes_at_mark = st.bytes;
-                        marks_len += (size_t)snprintf(marks + marks_len, sizeof marks - marks_len,
-                                                      "%s[%lld, %ld, %.6f, %ld]", marks_len ? ", " : "",
-                                                      (long long)t_mark, st.messages, cpu_mark, sleeps());
+                        int wrote = snprintf(marks + marks_len, sizeof marks - marks_len,
+                                             "%s[%lld, %ld, %.6f, %ld]", marks_len ? ", " : "",
+                                             (long long)t_mark, st.messages, cpu_mark, sleeps());
+                        if (wrote > 0 && (size_t)wrote < sizeof marks - marks_len)
+                            marks_len += (size_t)wrote;
+                        else marks[marks_len] = 0; /* full: later marks are left out */
                     } else if (!strcmp(line, "stop")) {
                         st.recording = 0;
                         t_stop = now_ns();
                         stopping = 1;
                     }
-                    size_t used = (size_t)(nl - line) + 1;
-                    memmove(line, nl + 1, line_len - used);
+                    memmove(line, line + used, line_len - used);
                     line_len -= used;
                 }
+                if (stopping) break; /* nothing after stop counts, as loadgen.py */
                 continue;
             }
             Client *c = &cs[i];
@@ -389,17 +415,17 @@ int main(int argc, char **argv) {
     fprintf(f, "\"marks\": [%s], \"t_stop\": %lld, \"messages_total\": %ld, ", marks, (long long)t_stop,
             st.messages);
     int connected = 0;
-    for (int i = 0; i < clients; i++) connected += cs[i].fd >= 0 || cs[i].open;
+    for (int i = 0; i < clients; i++) connected += cs[i].open; /* the handshake completed */
     fprintf(f, "\"clients\": %d, \"connected\": %d, \"ready\": %ld, \"disconnected\": %ld, ", clients,
             connected, st.ready, st.disconnected);
     fprintf(f, "\"close_codes\": {");
     int comma = 0;
-    for (int code = 0; code < 5000; code++)
+    for (int code = 0; code < 65536; code++)
         if (st.close_codes[code]) {
             fprintf(f, "%s\"%d\": %ld", comma ? ", " : "", code, st.close_codes[code]);
             comma = 1;
         }
-    fprintf(f, "}, \"errors\": %ld, \"failures\": 0, \"sample\": ", st.errors);
+    fprintf(f, "}, \"errors\": %ld, \"failures\": %d, \"sample\": ", st.errors, failures);
     json_string(f, st.sample, st.sample_len);
     fprintf(f, ", \"logs\": {");
     comma = 0;
