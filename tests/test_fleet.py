@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -76,3 +77,65 @@ def test_the_fleet_answers_pings_and_logs_every_push(tmp_path: Path) -> None:
         times = [t for _, t in log]
         assert times == sorted(times) and times[0] >= result["t_start"]
     assert result["sample"].startswith('{"data":[') and result["sample"].endswith(f"{seqs[-1]}}}")
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """An unmasked server frame (RFC 6455 5.2), with the 7-, 16- or 64-bit length."""
+    n = len(payload)
+    if n < 126:
+        head = bytes([0x80 | opcode, n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 127]) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def push(seq: int, size: int) -> bytes:
+    return b'{"data":[%b],"message":"orderbook","seq":%d}' % (b"1" * size, seq)
+
+
+def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(tmp_path: Path) -> None:
+    """A fake server: frames of every length form split across sends, then pings the fleet
+    answers into a connection the server has closed (SIGPIPE killed the first version)."""
+    fleet = tmp_path / "fleet"
+    subprocess.run([COMPILER, "-O2", "-o", str(fleet), str(ROOT / "bench" / "fleet.c")], check=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    out = tmp_path / "subs.json"
+    cmd = [str(fleet), "--port", str(port), "--clients", "1", "--record", "1", "--out", str(out)]
+    with (
+        listener,
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc,
+    ):
+        assert proc.stdin is not None and proc.stdout is not None
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            assert head.startswith(b"GET /ws HTTP/1.1\r\n")
+            upgraded = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+            conn.sendall(upgraded + ws_frame(1, push(0, 10)))  # the snapshot in the same send
+            assert json.loads(proc.stdout.readline())["ready"] == 1
+            proc.stdin.write("start\n")
+            proc.stdin.flush()
+            time.sleep(0.1)
+            sizes = [10, 200, 70_000, 65_400, 90]
+            for seq, size in enumerate(sizes, 1):
+                data = ws_frame(1, push(seq, size))
+                for at in range(0, len(data), max(1, len(data) // 5)):  # in pieces
+                    conn.sendall(data[at : at + max(1, len(data) // 5)])
+                    time.sleep(0.005)
+            time.sleep(0.2)
+            conn.sendall(ws_frame(9, b"p") * 3)
+        time.sleep(0.3)  # closed: the pongs meet a reset connection
+        assert proc.poll() is None
+        proc.stdin.write("mark\nstop\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"done": True}
+    result = json.loads(out.read_text())
+    assert [seq for seq, _ in result["logs"]["0"]] == [1, 2, 3, 4, 5]
+    assert result["messages_at_mark"] == 5
+    assert result["bytes_at_mark"] == sum(len(push(s, n)) for s, n in enumerate(sizes, 1))
+    assert result["disconnected"] == 1 and result["connected"] == 1
