@@ -198,11 +198,18 @@ def busy(seconds: float) -> None:
         pass
 
 
-async def main_async(args: argparse.Namespace) -> None:
+def stop_on_signals() -> asyncio.Event:
+    """An event the running loop sets on SIGINT or SIGTERM (how the suite stops a bare
+    loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    stop = stop_on_signals()
     message = message_of(args)
     if args.kind == "aiohttp-batch" and not BATCH_WRITE:
         sys.exit("aiohttp-batch needs the C extension perps_indexer.server._sendeach (not built)")

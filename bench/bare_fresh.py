@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Generator
 from typing import Any
@@ -37,6 +36,7 @@ from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.streams import StreamReader
 from websockets.utils import accept_key
 
+from bare_broadcast import message_of, stop_on_signals
 from perps_indexer.server.app import ServerConfig, text_frame
 from perps_indexer.server.batch_write import AVAILABLE as BATCH_WRITE
 from perps_indexer.server.batch_write import BatchWriter
@@ -206,16 +206,9 @@ class Peer(asyncio.Protocol):
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    stop = asyncio.Event()
+    stop = stop_on_signals()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if args.message:
-        with open(args.message, "rb") as f:
-            template = f.read().strip()
-    else:
-        template = b'{"data":["%s"],"message":"orderbook","seq":0}' % (b"x" * args.size)
-    feed = Feed(template, args.slice)
+    feed = Feed(message_of(args), args.slice)
     server = await loop.create_server(lambda: Peer(feed), "127.0.0.1", args.port, backlog=1024)
     port = server.sockets[0].getsockname()[1]
     print(f"bare fresh ws://127.0.0.1:{port}/ws", flush=True)

@@ -236,24 +236,10 @@ static int read_client(Client *c) {
 }
 
 static int connect_one(int port, const char *source) {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) die("socket");
-    if (source) {
-        struct sockaddr_in local = {.sin_family = AF_INET};
-        inet_pton(AF_INET, source, &local.sin_addr);
-        if (bind(fd, (struct sockaddr *)&local, sizeof local) < 0) die("bind");
-    }
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
-    for (int attempt = 0; connect(fd, (struct sockaddr *)&to, sizeof to) < 0; attempt++) {
-        if (attempt == 4) { /* as loadgen.py: five tries, then a failure, not the end */
-            perror("fleet: connect");
-            close(fd);
-            return -1;
-        }
-        close(fd);
-        struct timespec pause = {0, 200000000L * (attempt + 1)};
-        nanosleep(&pause, NULL);
+    int fd;
+    for (int attempt = 0;; attempt++) { /* as loadgen.py: five tries, then a failure */
         fd = socket(AF_INET, SOCK_STREAM, 0);
         if (fd < 0) die("socket");
         if (source) {
@@ -261,6 +247,14 @@ static int connect_one(int port, const char *source) {
             inet_pton(AF_INET, source, &local.sin_addr);
             if (bind(fd, (struct sockaddr *)&local, sizeof local) < 0) die("bind");
         }
+        if (connect(fd, (struct sockaddr *)&to, sizeof to) == 0) break;
+        close(fd);
+        if (attempt == 4) {
+            perror("fleet: connect");
+            return -1;
+        }
+        struct timespec pause = {0, 200000000L * (attempt + 1)};
+        nanosleep(&pause, NULL);
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);

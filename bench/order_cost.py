@@ -24,7 +24,7 @@ with ``setup.py build_ext --inplace``):
         bench/order_cost.py --orders 2000
 
 Prints one JSON object: the orders (and how many of them were cancels), their wall-clock and
-CPU microseconds each, the book messages made and the last one's size.
+CPU microseconds each, the book messages made and their mean size.
 """
 
 from __future__ import annotations
@@ -42,45 +42,29 @@ from typing import Any
 import msgspec
 
 import benchlib as b
+from command_cost import START_MS, CountingHub
 from perps_indexer.markets import default_markets
 from perps_indexer.server.rest import RestApi
 from perps_indexer.store.sqlite import SQLiteStore
 from perps_indexer.venue import Venue
 
-START_MS = 1_800_000_000_000
 DEPTH = 12  # resting orders per maker, as loadgen.py's --depth
 LEVELS = 40  # price levels in use, as loadgen.py's --levels
 
 
-class BookHub:
-    """A hub on which the market's order book is watched; it counts the messages."""
-
-    def __init__(self) -> None:
-        self.messages = 0
-        self.last = b""
-
-    def hold(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
+class BookHub(CountingHub):
+    """command_cost.py's counting hub, on which the market's order book is the one stream
+    watched."""
 
     def watched(self, stream: tuple[str, Any]) -> bool:
         return stream == ("orderbook", b.MARKET)
-
-    def publish_state(self, stream: tuple[str, Any], message: bytes) -> None:
-        self.messages += 1
-        self.last = message
-
-    def publish(self, stream: tuple[str, Any], message: bytes) -> int:
-        return 0
 
 
 async def run(
     path: Path, orders: int, warmup: int, makers: int, background: bool
 ) -> dict[str, Any]:
     ticks = iter(range(START_MS, START_MS + 10**9))
-    hub = BookHub()
+    hub = BookHub(check=False)
     store = SQLiteStore(path, synchronous="NORMAL")
     if background:
         store.checkpoint_in_background()
@@ -128,7 +112,7 @@ async def run(
 
     for i in range(warmup):  # the book at its working depth
         order(i)
-    messages, cancels[0] = hub.messages, 0
+    messages, size, cancels[0] = hub.messages, hub.bytes, 0
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(warmup, warmup + orders):
         order(i)
@@ -140,7 +124,7 @@ async def run(
         "us_per_order": round(wall / orders * 1e6, 1) if orders else 0.0,
         "cpu_us_per_order": round(cpu / orders * 1e6, 1) if orders else 0.0,
         "book_messages": hub.messages - messages,
-        "book_message_bytes": len(hub.last),
+        "book_message_bytes": (hub.bytes - size) // max(1, hub.messages - messages),
     }
 
 

@@ -68,6 +68,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ def subscribers(
     common = ["--clients", str(clients), "--record", str(record), "--source-ips", "--out", str(out)]
     if fleet:
         assert spec == "orderbook", spec
-        port = url.rsplit(":", 1)[1].split("/", 1)[0]
+        port = str(urllib.parse.urlsplit(url).port)
         cmd = [str(fleet_binary(ctx)), "--port", port, "--market", str(b.MARKET), *common]
     else:
         loadgen = [b.PYTHON, str(b.BENCH / "loadgen.py"), "subscribe"]
@@ -158,8 +159,8 @@ def subscribers(
 
 
 def fleet_binary(ctx: Context) -> Path:
-    """bench/fleet.c, compiled once per run of the suite (a C compiler is needed anyway: the
-    server's C extension is built at install)."""
+    """bench/fleet.c, compiled once per run of the suite with ``$CC`` or ``cc`` (a C compiler
+    is what the server's batch writer is built with at install, too)."""
     binary = ctx.tmp / "fleet"
     if not binary.exists():
         compiler = os.environ.get("CC", "cc")
@@ -708,22 +709,21 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
         results["ours"] = one("ours", [], server, "s6-ours")
         results[f"ours_{MANY_POSTERS}"] = one("ours", many, server, "s6-ours-many")
         target = 10 * max(results[k]["orders_per_s"] for k in ("naive", f"naive_{MANY_POSTERS}"))
-        paced = one("ours", ["--rate", f"{target:.1f}", *many], server, "s6-10x")
-        paced["target_orders_per_s"] = target
-        results["ours_at_10x_naive"] = paced
-        # The same with the main subscribers in C (bench/fleet.c): the Python ones keep the
-        # load core near full, and the figure measures them as much as the server.
-        lean = one("ours", ["--rate", f"{target:.1f}", *many], server, "s6-10x-fleet", True)
-        lean["target_orders_per_s"] = target
-        results["ours_at_10x_naive_fleet"] = lean
+
+        def paced(kind: str, server: b.Server) -> None:
+            """``kind`` at 10 x the naive rate, with the Python subscribers and again with
+            the C fleet (bench/fleet.c): the Python ones keep the load core near full, and the
+            figure measures them as much as the server."""
+            rate = ["--rate", f"{target:.1f}", *many]
+            for fleet, suffix in ((False, ""), (True, "_fleet")):
+                row = one(kind, rate, server, f"s6-{kind}-10x{suffix}", fleet)
+                results[f"{kind}_at_10x_naive{suffix}"] = row | {"target_orders_per_s": target}
+
+        paced("ours", server)
     # The limit beside us: the bare loop of the same feed (bench/bare_fresh.py), driven alike.
     bare = b.start_server("bare-fresh", None, "--message", str(bare_payload(ctx)))
     with running(bare.proc):
-        limit = one("bare", ["--rate", f"{target:.1f}", *many], bare, "s6-bare-10x")
-        lean = one("bare", ["--rate", f"{target:.1f}", *many], bare, "s6-bare-10x-fleet", True)
-    limit["target_orders_per_s"] = lean["target_orders_per_s"] = target
-    results["bare_at_10x_naive"] = limit
-    results["bare_at_10x_naive_fleet"] = lean
+        paced("bare", bare)
     return results
 
 
@@ -1093,14 +1093,14 @@ def targets(ctx: Context) -> list[str]:
                 f"(ours {paced['probe_freshness_ms']['p99']:.1f})"
             )
         lean, lean_limit = s6.get("ours_at_10x_naive_fleet"), s6.get("bare_at_10x_naive_fleet")
-        if lean and lean_limit:
+        if limit and lean and lean_limit:
             out.append(
                 f"  - the same with the main subscribers in C (bench/fleet.c): ours p99 "
                 f"{lean['freshness_ms']['p99']:.1f} ms, the bare feed "
                 f"{lean_limit['freshness_ms']['p99']:.1f} (in Python: {p99:.1f} and "
-                f"{limit['freshness_ms']['p99'] if limit else math.nan:.1f}); load CPU "
-                f"{lean['load_cpu']:.0%} and {lean_limit['load_cpu']:.0%} (in Python: "
-                f"{paced['load_cpu']:.0%} and {limit['load_cpu'] if limit else math.nan:.0%})"
+                f"{limit['freshness_ms']['p99']:.1f}); load CPU {lean['load_cpu']:.0%} and "
+                f"{lean_limit['load_cpu']:.0%} (in Python: {paced['load_cpu']:.0%} and "
+                f"{limit['load_cpu']:.0%})"
             )
     s2 = f.get("2", {}).get("5000")
     if s2:

@@ -3,28 +3,13 @@ must coalesce as the server does, or its figures say nothing."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-BARE_FRESH = Path(__file__).resolve().parent.parent / "bench" / "bare_fresh.py"
+import bare_fresh  # bench/, on pytest's pythonpath
 
-
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_bare_fresh", BARE_FRESH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bare_fresh = load()
 TEMPLATE = b'{"data":[],"message":"orderbook","seq":0}'
 
 

@@ -316,13 +316,18 @@ class SQLiteStore(EventStore):
 
     # ------------------------------------------------------------------ plumbing
 
+    def _connection(self) -> sqlite3.Connection:
+        """The open connection (the caller holds the lock); :class:`StoreError` once closed."""
+        conn = self._conn
+        if conn is None:
+            raise errors.StoreError(f"the event store {self.path} is closed")
+        return conn
+
     @contextmanager
     def _using(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         """The connection, under the lock (and inside a transaction when ``write``)."""
         with self._lock, _Translated(self.path):
-            conn = self._conn
-            if conn is None:
-                raise errors.StoreError(f"the event store {self.path} is closed")
+            conn = self._connection()
             if write:
                 with _Transaction(conn):
                     yield conn
@@ -353,12 +358,10 @@ class SQLiteStore(EventStore):
         # Encoded before the transaction, to hold the write lock briefly; checked inside it.
         segments, key_rows = encode_segments(events, self.segment_events)
         through = events[-1].seq
-        # The lock and the transaction, as _using() gives them, but spelled out: the commit
-        # of every order comes here, and generator context managers cost ~2.5 us of it.
+        # The lock and the transaction as _using() gives them, without its generator: the
+        # commit of every order comes here, and generator context managers cost ~2.5 us of it.
         with self._lock, _Translated(self.path):
-            conn = self._conn
-            if conn is None:
-                raise errors.StoreError(f"the event store {self.path} is closed")
+            conn = self._connection()
             try:
                 with _Transaction(conn):
                     last = self._int_or_zero(conn, _LAST_SEQ)
