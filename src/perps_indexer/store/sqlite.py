@@ -65,7 +65,7 @@ p99: 14-22 ms every 0.05 s, 20-30 every 0.25 s, 37-41 every 1-2 s; a pass with n
 to copy costs next to nothing."""
 
 CHECKPOINT_RESTART_FRAMES: Final = 16_384
-"""WAL frames (pages) past which the background checkpointer waits for the writer to restart
+"""WAL frames (pages) past which the background checkpointer makes the next append restart
 the WAL from its start, so that it cannot grow without bound under a writer that never
 pauses (16,384 frames of 16 KiB: 256 MiB)."""
 
@@ -109,6 +109,8 @@ _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS snapshots ("
     "name TEXT PRIMARY KEY, seq INTEGER NOT NULL, data BLOB NOT NULL)",
 )
+_CHECKPOINT: Final = "PRAGMA wal_checkpoint(PASSIVE)"
+_sync_data: Final = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 _CREATE_META: Final = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 _GET_META: Final = "SELECT value FROM meta WHERE key = ?"
@@ -633,7 +635,9 @@ class SQLiteStore(EventStore):
             return
         with self._using() as conn:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-        self._checkpointer = _Checkpointer(self.path, every, self._busy_timeout, restart_frames)
+        self._checkpointer = _Checkpointer(
+            self.path, every, self._busy_timeout, restart_frames, self._lock
+        )
         self._checkpointer.start()
 
     @property
@@ -654,13 +658,21 @@ class SQLiteStore(EventStore):
 class _Checkpointer(threading.Thread):
     """Runs PASSIVE checkpoints of one database file on a connection of its own."""
 
-    def __init__(self, path: str, every: float, busy_timeout: float, restart_frames: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        every: float,
+        busy_timeout: float,
+        restart_frames: int,
+        appends: threading.Lock,
+    ) -> None:
         super().__init__(name=f"checkpoint {os.path.basename(path)}", daemon=True)
         self.path = path
         self.every = every
         self.busy_timeout = busy_timeout
         self.restart_frames = restart_frames
         self.passes = 0
+        self._appends = appends
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -669,31 +681,57 @@ class _Checkpointer(threading.Thread):
 
     def run(self) -> None:
         try:
+            file = os.open(self.path, os.O_RDONLY)  # the database file, for fdatasync only
+        except OSError as exc:
+            logger.error("%s: background checkpoints cannot start: %s", self.path, exc)
+            return
+        try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
+            os.close(file)
             logger.error("%s: background checkpoints cannot start: %s", self.path, exc)
             return
         try:
             while not self._stopping.wait(self.every):
-                self._pass(conn)
+                self._pass(conn, file)
         finally:
+            os.close(file)
             conn.close()
 
-    def _pass(self, conn: sqlite3.Connection) -> None:
+    def _pass(self, conn: sqlite3.Connection, file: int) -> None:
         try:
-            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            busy, frames, copied = conn.execute(_CHECKPOINT).fetchone()
             if frames >= self.restart_frames and copied == frames:
-                # Everything is copied, yet no append found it so at its start: a writer that
-                # never pauses keeps adding to the WAL. RESTART waits for the write lock once,
-                # so that the next append writes the WAL from its start again.
-                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                logger.info("%s: WAL at %d frames; restarted it", self.path, frames)
-        except sqlite3.Error as exc:  # the appends go on; the WAL grows until this succeeds
+                self._restart(conn, file)
+        except (sqlite3.Error, OSError) as exc:  # the appends go on; the WAL grows meanwhile
             logger.warning("%s: background checkpoint failed: %s", self.path, exc)
             return
         self.passes += 1
         if busy:
             logger.debug("%s: checkpoint %d of %d frames (busy)", self.path, copied, frames)
+
+    def _restart(self, conn: sqlite3.Connection, file: int) -> None:
+        """Make the next append restart the WAL from its start.
+
+        SQLite restarts it when an append starts with the whole WAL copied, which never
+        happens while a writer that never pauses adds frames during every pass. So a last
+        pass runs with the store's appends held off: it copies the few frames added since
+        and, the WAL complete, fsyncs the database file. What the passes before it copied is
+        fsynced first, outside the hold, twice (the second for what a pass copied during the
+        first): a pass short of the WAL's end leaves its pages to the kernel, and their fsync
+        held appends for 30-150 ms (scenario 2; the hold is now 1-4 ms).
+
+        Not ``wal_checkpoint(RESTART)``: it takes SQLite's write lock itself, and an append
+        that finds it taken sleeps in the busy handler's steps (up to 100 ms each): stalls of
+        115-148 ms every ~12 s at scenario 2's 5,000 fills/s (BENCHMARKS.md). An append waits
+        on the store's lock instead, woken the moment it is released."""
+        _sync_data(file)
+        conn.execute(_CHECKPOINT).fetchone()
+        _sync_data(file)
+        with self._appends:
+            _, frames, copied = conn.execute(_CHECKPOINT).fetchone()
+        if copied == frames:
+            logger.info("%s: WAL at %d frames; the next append restarts it", self.path, frames)
 
 
 class _Translated:
