@@ -1073,34 +1073,38 @@ def targets(ctx: Context) -> list[str]:
             key=lambda r: r["orders_per_s"],
         )
         paced = s6["ours_at_10x_naive"]
+        # Judged with the main subscribers in C when they ran: the Python clients keep the
+        # load core 90-96 % busy and measure themselves (the bare feed, which only sends,
+        # reads 26-67 ms there against 6-11 with the fleet; BENCHMARKS.md).
+        lean, lean_limit = s6.get("ours_at_10x_naive_fleet"), s6.get("bare_at_10x_naive_fleet")
+        judged = lean or paced
         ratio = ours6["orders_per_s"] / naive["orders_per_s"]
-        p99 = paced["freshness_ms"]["p99"]
-        done = paced["orders_per_s"] >= 0.95 * paced["target_orders_per_s"]
+        p99 = judged["freshness_ms"]["p99"]
+        done = judged["orders_per_s"] >= 0.95 * judged["target_orders_per_s"]
         out.append(
             f"- freshness at 1,000 >= 10 x naive order rate with p99 <= 10 ms: "
             f"{ratio:.1f} x at full speed (p99 {ours6['freshness_ms']['p99']:.1f} ms); "
-            f"paced at 10 x ({paced['target_orders_per_s']:,.0f}/s): "
-            f"{paced['orders_per_s']:,.0f}/s, p99 {p99:.1f} ms, "
-            f"{verdict(ratio >= 10 and done and p99 <= 10)}"
+            f"paced at 10 x ({judged['target_orders_per_s']:,.0f}/s): "
+            f"{judged['orders_per_s']:,.0f}/s, p99 {p99:.1f} ms"
+            f"{' with the C fleet' if lean else ''}, {verdict(ratio >= 10 and done and p99 <= 10)}"
         )
         limit = s6.get("bare_at_10x_naive")
-        if limit:
-            out.append(
-                f"  - the bare feed at the same rate (bench/bare_fresh.py, the limit beside us): "
-                f"{limit['orders_per_s']:,.0f}/s, p99 {limit['freshness_ms']['p99']:.1f} ms "
-                f"(ours {p99:.1f}), in the probe process "
-                f"{limit['probe_freshness_ms']['p99']:.1f} ms "
-                f"(ours {paced['probe_freshness_ms']['p99']:.1f})"
-            )
-        lean, lean_limit = s6.get("ours_at_10x_naive_fleet"), s6.get("bare_at_10x_naive_fleet")
         if limit and lean and lean_limit:
             out.append(
-                f"  - the same with the main subscribers in C (bench/fleet.c): ours p99 "
-                f"{lean['freshness_ms']['p99']:.1f} ms, the bare feed "
-                f"{lean_limit['freshness_ms']['p99']:.1f} (in Python: {p99:.1f} and "
-                f"{limit['freshness_ms']['p99']:.1f}); load CPU {lean['load_cpu']:.0%} and "
-                f"{lean_limit['load_cpu']:.0%} (in Python: {paced['load_cpu']:.0%} and "
-                f"{limit['load_cpu']:.0%})"
+                f"  - judged with the main subscribers in C (bench/fleet.c; load CPU "
+                f"{lean['load_cpu']:.0%}); with loadgen.py's Python clients (load CPU "
+                f"{paced['load_cpu']:.0%}) ours p99 {paced['freshness_ms']['p99']:.1f} ms, and "
+                f"the bare feed, which only sends, {limit['freshness_ms']['p99']:.1f}: that "
+                f"figure is the clients'"
+            )
+        if limit:
+            beside = lean_limit or limit
+            out.append(
+                f"  - the bare feed at the same rate (bench/bare_fresh.py, the limit beside us): "
+                f"{beside['orders_per_s']:,.0f}/s, p99 {beside['freshness_ms']['p99']:.1f} ms "
+                f"(ours {p99:.1f}), in the probe process "
+                f"{beside['probe_freshness_ms']['p99']:.1f} ms "
+                f"(ours {judged['probe_freshness_ms']['p99']:.1f})"
             )
     s2 = f.get("2", {}).get("5000")
     if s2:
