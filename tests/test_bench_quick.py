@@ -102,3 +102,23 @@ def test_order_cost_changes_the_book_with_every_order(background: bool) -> None:
     assert result["cancels"] == 60  # at its depth, a maker cancels its oldest, then places
     assert result["book_message_bytes"] > 1_000  # a book some dozen levels deep
     assert finite(result["cpu_us_per_order"]) and result["cpu_us_per_order"] > 0
+
+
+def test_restart_stall_times_flushes_across_wal_restarts(tmp_path: Path) -> None:
+    """bench/restart_stall.py drives scenario 2's commands past several WAL restarts (a bound
+    of 50 frames) and times every flush."""
+    args = ["--commands", "1000", "--restart-frames", "50", "--db", str(tmp_path / "p.db")]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "restart_stall.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["restarts"] >= 1
+    assert result["flush_ms"]["n"] == 500
+    assert 0 < result["flush_ms"]["p50"] <= result["flush_ms"]["p99"] <= result["flush_ms"]["max"]
+    assert all(ms > 5.0 for _, ms in result["slow_flushes"])

@@ -1,0 +1,124 @@
+"""How long an append waits while the background checkpointer restarts the WAL.
+
+    python bench/restart_stall.py [--commands 8000] [--restart-frames 4000] [--group 2]
+
+Scenario 2's commands (:mod:`command_cost`'s market buys, each filling 5 resting asks) run
+through :meth:`Venue.flush` every ``--group`` commands with a short pause after each flush,
+a writer that never stops for long, with checkpoints on their thread as the server runs them
+(every 0.05 s) and the WAL restarted past ``--restart-frames`` frames (the server's default
+is 16,384; fewer restarts sooner). Every flush is timed. Before 2026-12-06 the checkpointer
+restarted the WAL with ``wal_checkpoint(RESTART)`` and the flush after it took 30-150 ms;
+now it should stay near the others.
+
+Prints one JSON object: the restarts (from the store's log), the flushes' p50 / p99 / max in
+ms, and every flush over ``--slow`` ms with its time since the first command (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import benchlib as b
+import command_cost as cc
+from perps_indexer import commands
+from perps_indexer.markets import default_markets
+from perps_indexer.store.sqlite import CHECKPOINT_EVERY, SQLiteStore
+from perps_indexer.venue import Venue
+
+ACCOUNTS = 10_000
+
+
+class Restarts(logging.Handler):
+    """Counts the checkpointer's "WAL at N frames" lines (one a restart)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "WAL at" in record.getMessage():
+            self.count += 1
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    db = cc.prefilled(Path(args.db), ACCOUNTS, args.commands)
+    restarts = Restarts()
+    store_log = logging.getLogger("perps_indexer.store.sqlite")
+    store_log.setLevel(logging.INFO)
+    store_log.addHandler(restarts)
+    with tempfile.TemporaryDirectory(prefix="bench-restart-stall-") as tmp:
+        path = Path(tmp) / "run.db"
+        shutil.copyfile(db, path)
+        ticks = iter(range(cc.START_MS, cc.START_MS + 10**9))
+        store = SQLiteStore(path, synchronous="NORMAL")
+        store.checkpoint_in_background(CHECKPOINT_EVERY, restart_frames=args.restart_frames)
+        venue = Venue(
+            default_markets(),
+            store,
+            clock=lambda: next(ticks),
+            hub=cc.CountingHub(False),  # type: ignore[arg-type]
+        )
+        gc.freeze()
+        orders = [
+            commands.PlaceMarketOrder(
+                address=b.address((j * cc.SWEEP % ACCOUNTS + ACCOUNTS // 2) % ACCOUNTS),
+                market_id=b.MARKET,
+                is_long=True,
+                is_close=False,
+                size=500 * cc.SWEEP,
+                leverage=10,
+            )
+            for j in range(args.commands)
+        ]
+        flushes: list[float] = []
+        slow: list[tuple[int, float]] = []
+        started = time.perf_counter()
+        for n, order in enumerate(orders, 1):
+            venue._run(order)
+            if n % args.group == 0 or n == args.commands:
+                at = time.perf_counter()
+                venue.flush()
+                ms = (time.perf_counter() - at) * 1000
+                flushes.append(ms)
+                if ms > args.slow:
+                    slow.append((round((at - started) * 1000), round(ms, 1)))
+                time.sleep(args.pause)
+        seconds = time.perf_counter() - started
+        store.close()
+    store_log.removeHandler(restarts)
+    flushes.sort()
+    return {
+        "commands": args.commands,
+        "seconds": round(seconds, 2),
+        "restarts": restarts.count,
+        "flush_ms": {
+            "n": len(flushes),
+            "p50": round(flushes[len(flushes) // 2], 2),
+            "p99": round(flushes[int(len(flushes) * 0.99)], 2),
+            "max": round(flushes[-1], 2),
+        },
+        "slow_flushes": slow,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commands", type=int, default=8_000)
+    parser.add_argument("--restart-frames", type=int, default=4_000)
+    parser.add_argument("--group", type=int, default=2, help="commands per flush")
+    parser.add_argument("--pause", type=float, default=0.0008, help="seconds after a flush")
+    parser.add_argument("--slow", type=float, default=5.0, help="list flushes over this (ms)")
+    parser.add_argument("--db", default=str(Path(tempfile.gettempdir()) / "perps-restart-stall.db"))
+    print(json.dumps(run(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    main()
