@@ -19,6 +19,21 @@ def finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def run_bench(script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
+    """Run bench/``script`` with ``args``; its one line of JSON."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
 @pytest.mark.slow
 def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
@@ -88,16 +103,7 @@ def test_order_cost_changes_the_book_with_every_order(background: bool) -> None:
     their depth of 12 resting orders within the warm-up, so cancels and places alternate."""
     args = ["--orders", "120", "--warmup", "60", "--makers", "4"]
     args += ["--background"] if background else []
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "order_cost.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout)
+    result = run_bench("order_cost.py", *args)
     assert result["orders"] == 120 and result["book_messages"] == 120
     assert result["cancels"] == 60  # at its depth, a maker cancels its oldest, then places
     assert result["book_message_bytes"] > 1_000  # a book some dozen levels deep
@@ -108,16 +114,7 @@ def test_restart_stall_times_flushes_across_wal_restarts(tmp_path: Path) -> None
     """bench/restart_stall.py drives scenario 2's commands past several WAL restarts (a bound
     of 50 frames) and times every flush."""
     args = ["--commands", "1000", "--restart-frames", "50", "--db", str(tmp_path / "p.db")]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "restart_stall.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout)
+    result = run_bench("restart_stall.py", *args, timeout=120)
     assert result["restarts"] >= 1
     assert result["flush_ms"]["n"] == 500
     assert 0 < result["flush_ms"]["p50"] <= result["flush_ms"]["p99"] <= result["flush_ms"]["max"]
