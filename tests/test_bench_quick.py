@@ -118,4 +118,3 @@ def test_restart_stall_times_flushes_across_wal_restarts(tmp_path: Path) -> None
     assert result["restarts"] >= 1
     assert result["flush_ms"]["n"] == 500
     assert 0 < result["flush_ms"]["p50"] <= result["flush_ms"]["p99"] <= result["flush_ms"]["max"]
-    assert all(ms > 5.0 for _, ms in result["slow_flushes"])

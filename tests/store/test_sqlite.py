@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -604,33 +605,41 @@ def test_background_checkpoints_refuse_a_bad_interval_and_skip_memory() -> None:
         assert store.checkpoints == 0
 
 
+def wal_restarts(db: Path) -> int:
+    """The checkpoint sequence number in the WAL's header: SQLite adds one at every restart of
+    the WAL (https://sqlite.org/fileformat2.html, 4.1)."""
+    with open(db.with_name(db.name + "-wal"), "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
 def test_a_wal_past_the_bound_is_restarted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    db = tmp_path / "r.db"
     events = deposits(20_000)
-    with SQLiteStore(tmp_path / "r.db", synchronous="NORMAL") as store:
+    with SQLiteStore(db, synchronous="NORMAL") as store:
         store.checkpoint_in_background(every=0.01, restart_frames=2)
         deadline = time.monotonic() + 10
         i = 0
-        while "the next append restarts it" not in caplog.text:
+        while i == 0 or wal_restarts(db) == 0:
             assert time.monotonic() < deadline, "the WAL was never restarted"
             if i < len(events):
                 store.append(events[i : i + 500])
                 i += 500
             time.sleep(0.005)
+        assert "the next append restarts it" in caplog.text
         assert [e.seq for e in store.read()] == list(range(1, i + 1))
 
 
 def test_a_wal_restart_never_holds_sqlites_write_lock_against_an_append(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A writer that never pauses: the checkpointer restarts the WAL over and over, and no
-    append ever finds SQLite's write lock taken (with a busy timeout of 0 it would fail at
+    """A writer that never pauses: the checkpointer makes the WAL restart over and over, and
+    no append ever finds SQLite's write lock taken (with a busy timeout of 0 it would fail at
     once, "database is locked"); an append waits on the store's own lock instead, which wakes
-    it the moment the restart is done (SQLite's busy handler sleeps in steps of up to 100 ms).
-    The WAL stays near its bound: restarted, it is written again from its start (without
-    restarts it would hold at least a page for each of the 3,000 appends)."""
+    it the moment the restart's pass is done (SQLite's busy handler sleeps in steps of up to
+    100 ms)."""
     caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
     db = tmp_path / "w.db"
     events = deposits(30_000)
@@ -638,8 +647,61 @@ def test_a_wal_restart_never_holds_sqlites_write_lock_against_an_append(
         store.checkpoint_in_background(every=0.002, restart_frames=8)
         for i in range(0, len(events), 10):
             store.append(events[i : i + 10])
-        restarts = caplog.text.count("the next append restarts it")
-        wal = db.with_name(db.name + "-wal").stat().st_size
+        restarts = wal_restarts(db)
         assert [e.seq for e in store.read()] == list(range(1, len(events) + 1))
     assert restarts >= 5
-    assert wal < 3_000 * PAGE_SIZE / 4
+
+
+def test_an_idle_wal_past_the_bound_is_readied_for_a_restart_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the bound with no append coming, the checkpointer readies the restart once, not
+    at every pass: until an append restarts the WAL, another round of fsyncs and a held pass
+    could only do the same again."""
+    caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    db = tmp_path / "idle.db"
+    with SQLiteStore(db, synchronous="NORMAL") as store:
+        store.checkpoint_in_background(every=0.005, restart_frames=2)
+        append_in_batches(store, deposits(2_000), size=100)
+        deadline = time.monotonic() + 10
+        while "the next append restarts it" not in caplog.text:
+            assert time.monotonic() < deadline, "the restart was never readied"
+            time.sleep(0.005)
+        readied = caplog.text.count("the next append restarts it")
+        before = store.checkpoints
+        while store.checkpoints < before + 20:  # twenty passes with no append
+            assert time.monotonic() < deadline, "the checkpointer stopped"
+            time.sleep(0.005)
+        assert caplog.text.count("the next append restarts it") == readied
+        restarts = wal_restarts(db)
+        store.append(deposits(2_001)[2_000:])  # this append restarts the WAL
+        assert wal_restarts(db) == restarts + 1
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="reads Linux's /proc/locks")
+def test_closing_a_store_keeps_another_connections_locks_on_the_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpointer fsyncs the database file through a descriptor of its own before a
+    restart. Closing any descriptor of a file drops every POSIX lock the process holds on it,
+    so that descriptor is never closed: another connection of the process keeps its lock,
+    which tells other processes the WAL is in use."""
+    caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    db = tmp_path / "two.db"
+    with SQLiteStore(db, synchronous="NORMAL") as other:
+        store = SQLiteStore(db, synchronous="NORMAL")
+        store.checkpoint_in_background(every=0.005, restart_frames=2)
+        append_in_batches(store, deposits(2_000), size=100)
+        deadline = time.monotonic() + 10
+        while "the next append restarts it" not in caplog.text:  # the descriptor is open
+            assert time.monotonic() < deadline, "the restart was never readied"
+            time.sleep(0.005)
+        store.close()
+        assert other.last_seq() == 2_000
+        inode, pid = os.stat(db).st_ino, os.getpid()
+        held = [
+            line
+            for line in Path("/proc/locks").read_text().splitlines()
+            if f" {pid} " in line and line.split()[5].endswith(f":{inode}")
+        ]
+        assert held, "the process lost its locks on the database file"

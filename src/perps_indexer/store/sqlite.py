@@ -111,6 +111,39 @@ _SCHEMA: Final = (
 )
 _CHECKPOINT: Final = "PRAGMA wal_checkpoint(PASSIVE)"
 _sync_data: Final = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+PRESYNC_ROUNDS: Final = 4
+"""Unlocked passes, each followed by an fsync of the database file, the checkpointer runs at
+most before the locked pass of a restart (see :meth:`_Checkpointer._restart`)."""
+
+PRESYNC_FRAMES: Final = 64
+"""A pass that copied fewer frames than this ends the unlocked passes: the locked one then
+has about as few to copy."""
+
+_SYNC_FILES: dict[tuple[int, int], int] = {}
+"""File descriptors of database files, kept for fsyncs, by (device, inode); never closed."""
+_SYNC_FILES_LOCK = threading.Lock()
+
+
+def _sync_file(path: str) -> int:
+    """A descriptor of the database file at ``path``, for fsync only, opened once per file and
+    process and never closed: closing any descriptor of a file drops every POSIX lock the
+    process holds on it, SQLite's included (https://sqlite.org/howtocorrupt.html, 2.2), so a
+    close here while another connection of this process is open could let a second process
+    delete a WAL still in use."""
+    with _SYNC_FILES_LOCK:
+        info = os.stat(path)
+        key = (info.st_dev, info.st_ino)
+        fd = _SYNC_FILES.get(key)
+        if fd is None:
+            # Read-write: Windows' fsync (FlushFileBuffers) needs write access.
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+            opened = os.fstat(fd)
+            # Replaced between the stat and the open: kept under the file it is (not closed).
+            _SYNC_FILES[(opened.st_dev, opened.st_ino)] = fd
+        return fd
+
+
 _CREATE_META: Final = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 _GET_META: Final = "SELECT value FROM meta WHERE key = ?"
@@ -673,6 +706,9 @@ class _Checkpointer(threading.Thread):
         self.restart_frames = restart_frames
         self.passes = 0
         self._appends = appends
+        self._primed = -1
+        """The WAL's frames when a restart was last readied: while they stay the same, no
+        append came to restart it, and another pass could only repeat the same work."""
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -681,56 +717,67 @@ class _Checkpointer(threading.Thread):
 
     def run(self) -> None:
         try:
-            file = os.open(self.path, os.O_RDONLY)  # the database file, for fdatasync only
-        except OSError as exc:
-            logger.error("%s: background checkpoints cannot start: %s", self.path, exc)
-            return
-        try:
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
-            os.close(file)
             logger.error("%s: background checkpoints cannot start: %s", self.path, exc)
             return
         try:
             while not self._stopping.wait(self.every):
-                self._pass(conn, file)
+                self._pass(conn)
         finally:
-            os.close(file)
             conn.close()
 
-    def _pass(self, conn: sqlite3.Connection, file: int) -> None:
+    def _pass(self, conn: sqlite3.Connection) -> None:
         try:
             busy, frames, copied = conn.execute(_CHECKPOINT).fetchone()
-            if frames >= self.restart_frames and copied == frames:
-                self._restart(conn, file)
-        except (sqlite3.Error, OSError) as exc:  # the appends go on; the WAL grows meanwhile
+            if (
+                not busy
+                and frames >= self.restart_frames
+                and copied == frames
+                and frames != self._primed
+            ):
+                self._restart(conn, copied)
+        except sqlite3.Error as exc:  # the appends go on; the WAL grows meanwhile
             logger.warning("%s: background checkpoint failed: %s", self.path, exc)
             return
         self.passes += 1
         if busy:
             logger.debug("%s: checkpoint %d of %d frames (busy)", self.path, copied, frames)
 
-    def _restart(self, conn: sqlite3.Connection, file: int) -> None:
-        """Make the next append restart the WAL from its start.
+    def _restart(self, conn: sqlite3.Connection, copied: int) -> None:
+        """Make the next append of this store restart the WAL from its start.
 
         SQLite restarts it when an append starts with the whole WAL copied, which never
         happens while a writer that never pauses adds frames during every pass. So a last
-        pass runs with the store's appends held off: it copies the few frames added since
-        and, the WAL complete, fsyncs the database file. What the passes before it copied is
-        fsynced first, outside the hold, twice (the second for what a pass copied during the
-        first): a pass short of the WAL's end leaves its pages to the kernel, and their fsync
-        held appends for 30-150 ms (scenario 2; the hold is now 1-4 ms).
+        pass runs with the store's calls held off: it copies the few frames added since and,
+        the WAL complete, fsyncs the database file. A pass short of the WAL's end does not
+        fsync that file: what the passes before copied waits in the kernel, and its fsync in
+        the held pass kept appends waiting 30-122 ms (scenario 2, BENCHMARKS.md). So first,
+        unheld, the file is fsynced and the frames added meanwhile copied, in rounds until a
+        round copies few (:data:`PRESYNC_FRAMES`), so the held pass has little to do.
 
         Not ``wal_checkpoint(RESTART)``: it takes SQLite's write lock itself, and an append
         that finds it taken sleeps in the busy handler's steps (up to 100 ms each): stalls of
-        115-148 ms every ~12 s at scenario 2's 5,000 fills/s (BENCHMARKS.md). An append waits
-        on the store's lock instead, woken the moment it is released."""
-        _sync_data(file)
-        conn.execute(_CHECKPOINT).fetchone()
-        _sync_data(file)
+        115-145 ms every ~12 s at scenario 2's 5,000 fills/s. An append waits on the store's
+        lock instead, woken the moment it is released.
+
+        This bounds the WAL when this store is its writer; another writer's appends (another
+        connection or process) are not held off, and under one that never pauses the WAL is
+        not restarted."""
+        try:
+            file = _sync_file(self.path)
+            for _ in range(PRESYNC_ROUNDS):
+                _sync_data(file)
+                busy, frames, now = conn.execute(_CHECKPOINT).fetchone()
+                if busy or now - copied < PRESYNC_FRAMES:
+                    break
+                copied = now
+        except OSError as exc:  # only the hold gets longer: the held pass fsyncs anyway
+            logger.warning("%s: cannot fsync before restarting the WAL: %s", self.path, exc)
         with self._appends:
-            _, frames, copied = conn.execute(_CHECKPOINT).fetchone()
-        if copied == frames:
+            busy, frames, copied = conn.execute(_CHECKPOINT).fetchone()
+        if not busy and copied == frames:
+            self._primed = frames  # not again until an append has restarted it
             logger.info("%s: WAL at %d frames; the next append restarts it", self.path, frames)
 
 
