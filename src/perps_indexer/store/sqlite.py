@@ -658,10 +658,14 @@ class SQLiteStore(EventStore):
         appending 13,000 events a second, during which no command was answered and no update
         pushed (BENCHMARKS.md, scenario 2). The thread's checkpoints are PASSIVE: they never
         take the write lock, so appends go on meanwhile (SQLite releases the GIL while it
-        works). What an append survives is unchanged (see the class docstring): with NORMAL
-        the WAL is still fsynced at each checkpoint, and FULL fsyncs it at every commit.
-        :meth:`close` stops the thread. A file store only; calling it again does nothing.
-        ``restart_frames``: see :data:`CHECKPOINT_RESTART_FRAMES`."""
+        works), except for one short pass holding this store's lock when the WAL has grown
+        past ``restart_frames`` and must be restarted (a few ms at scenario 2's rate; see
+        ``_Checkpointer._restart``). The thread keeps a descriptor of the database file for
+        its fsyncs, open until the process ends. What an append survives is unchanged (see
+        the class docstring): with NORMAL the WAL is still fsynced at each checkpoint, and
+        FULL fsyncs it at every commit. :meth:`close` stops the thread. A file store only;
+        calling it again does nothing. ``restart_frames``: see
+        :data:`CHECKPOINT_RESTART_FRAMES`."""
         if every <= 0:
             raise ValueError(f"every must be positive, got {every}")
         if self._checkpointer is not None or self.path == ":memory:":
