@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from collections.abc import Iterator
 
 import pytest
 
-from perps_indexer.heap import HeapPolicy, full_collection, keep_heap
+from perps_indexer.heap import OLD_THRESHOLD, HeapPolicy, full_collection, keep_heap
 
 
 @pytest.fixture
@@ -72,3 +73,23 @@ def test_keep_heap_freezes_what_survives(unfrozen: None) -> None:
 
     assert gc.get_freeze_count() == 0
     assert asyncio.run(run()) > 0
+
+
+def test_keep_heap_makes_old_collections_rare_while_it_runs(unfrozen: None) -> None:
+    """The oldest generation's automatic collections scan what survived since the last freeze
+    and freed nothing there: the policy raises their threshold, and gives the process its own
+    back when it stops."""
+    before = gc.get_threshold()
+
+    async def run() -> tuple[int, int, int]:
+        task = asyncio.create_task(keep_heap(freeze_every=0.02, full_every=0))
+        await asyncio.sleep(0.05)
+        during = gc.get_threshold()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return during
+
+    during = asyncio.run(run())
+    assert during == (before[0], before[1], OLD_THRESHOLD)
+    assert gc.get_threshold() == before

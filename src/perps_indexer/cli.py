@@ -269,8 +269,9 @@ async def _serve(args: argparse.Namespace) -> int:
     await server.start()
     # The replayed state is long-lived: move it out of the collector's reach so that full
     # collections do not rescan it (they paused a large venue for up to 0.9 s), and keep doing
-    # so for what survives later (connections): see perps_indexer.heap. The default thresholds
-    # stay: a larger young generation made young collections the new tail.
+    # so for what survives later (connections): see perps_indexer.heap. The young and middle
+    # thresholds stay (a larger young generation made young collections the new tail); the
+    # policy makes the oldest generation's automatic collections rare (heap.OLD_THRESHOLD).
     gc.collect()
     gc.freeze()
     heap = None

@@ -25,11 +25,19 @@ import asyncio
 import gc
 import logging
 import time
-from typing import Literal
+from typing import Final, Literal
 
 log = logging.getLogger(__name__)
 
 Action = Literal["freeze", "full"]
+
+OLD_THRESHOLD: Final = 1_000
+"""Collections of the middle generation between two automatic collections of the oldest while
+the policy runs (CPython's default: 10). With the heap frozen every second, the oldest
+generation holds only what survived since the last freeze; its automatic collections freed
+nothing there (``collected: 0``) and paused the server 9-27 ms at scenario 6's order rate and
+44-105 ms with scenario 2's 10,000 connections, several times a minute (BENCHMARKS.md). The
+freeze and the scheduled full collection do their work."""
 
 
 class HeapPolicy:
@@ -74,20 +82,26 @@ def full_collection() -> tuple[int, float]:
 
 
 async def keep_heap(freeze_every: float, full_every: float) -> None:
-    """Apply :class:`HeapPolicy` to this process until cancelled."""
+    """Apply :class:`HeapPolicy` to this process until cancelled, with the oldest generation's
+    automatic collections made rare (:data:`OLD_THRESHOLD`; restored when cancelled)."""
     clock = time.monotonic
     policy = HeapPolicy(freeze_every, full_every, clock())
-    while True:
-        await asyncio.sleep(policy.sleep_for(clock()))
-        action = policy.due(clock())
-        if action == "freeze":
-            gc.freeze()
-        elif action == "full":
-            freed, paused = full_collection()
-            log.info(
-                "scheduled full garbage collection: %d objects freed, %.0f ms paused, "
-                "%d objects frozen",
-                freed,
-                paused * 1000,
-                gc.get_freeze_count(),
-            )
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, OLD_THRESHOLD)
+    try:
+        while True:
+            await asyncio.sleep(policy.sleep_for(clock()))
+            action = policy.due(clock())
+            if action == "freeze":
+                gc.freeze()
+            elif action == "full":
+                freed, paused = full_collection()
+                log.info(
+                    "scheduled full garbage collection: %d objects freed, %.0f ms paused, "
+                    "%d objects frozen",
+                    freed,
+                    paused * 1000,
+                    gc.get_freeze_count(),
+                )
+    finally:
+        gc.set_threshold(young, middle, old)
