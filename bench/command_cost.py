@@ -109,22 +109,17 @@ def prefilled(db: Path, accounts: int, commands_: int) -> Path:
     return db
 
 
-def run(db: Path, work: Path, accounts: int, count: int, group: int, check: bool) -> dict[str, Any]:
-    path = work / "run.db"
-    shutil.copyfile(db, path)
+def counting_venue(store: SQLiteStore, hub: CountingHub) -> Venue:
+    """A venue on ``store`` whose clock counts up from :data:`START_MS` (runs repeat exactly)
+    and whose hub only counts."""
     ticks = iter(range(START_MS, START_MS + 10**9))
-    hub = CountingHub(check)
-    venue = Venue(
-        default_markets(),
-        SQLiteStore(path, synchronous="NORMAL"),
-        clock=lambda: next(ticks),
-        hub=hub,  # type: ignore[arg-type]
-    )
-    # As the server does (every second): the state rebuilt at start is left out of the
-    # collector's scans, so a full collection during the run costs what the run allocated.
-    gc.freeze()
-    first_seq = venue.engine.seq + 1
-    orders = [
+    return Venue(default_markets(), store, clock=lambda: next(ticks), hub=hub)  # type: ignore[arg-type]
+
+
+def market_buys(count: int, accounts: int) -> list[commands.PlaceMarketOrder]:
+    """``count`` market buys as ``loadgen.py --mode fills --sweep 5`` sends them, each filling
+    the 5 resting asks of 5 consecutive accounts, the taker an account half the range away."""
+    return [
         commands.PlaceMarketOrder(
             address=b.address((j * SWEEP % accounts + accounts // 2) % accounts),
             market_id=b.MARKET,
@@ -135,6 +130,18 @@ def run(db: Path, work: Path, accounts: int, count: int, group: int, check: bool
         )
         for j in range(count)
     ]
+
+
+def run(db: Path, work: Path, accounts: int, count: int, group: int, check: bool) -> dict[str, Any]:
+    path = work / "run.db"
+    shutil.copyfile(db, path)
+    hub = CountingHub(check)
+    venue = counting_venue(SQLiteStore(path, synchronous="NORMAL"), hub)
+    # As the server does (every second): the state rebuilt at start is left out of the
+    # collector's scans, so a full collection during the run costs what the run allocated.
+    gc.freeze()
+    first_seq = venue.engine.seq + 1
+    orders = market_buys(count, accounts)
     wall = time.perf_counter()
     cpu = time.process_time()
     for n, order in enumerate(orders, 1):

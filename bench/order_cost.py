@@ -42,11 +42,9 @@ from typing import Any
 import msgspec
 
 import benchlib as b
-from command_cost import START_MS, CountingHub
-from perps_indexer.markets import default_markets
+from command_cost import CountingHub, counting_venue
 from perps_indexer.server.rest import RestApi
 from perps_indexer.store.sqlite import SQLiteStore
-from perps_indexer.venue import Venue
 
 DEPTH = 12  # resting orders per maker, as loadgen.py's --depth
 LEVELS = 40  # price levels in use, as loadgen.py's --levels
@@ -63,12 +61,11 @@ class BookHub(CountingHub):
 async def run(
     path: Path, orders: int, warmup: int, makers: int, background: bool
 ) -> dict[str, Any]:
-    ticks = iter(range(START_MS, START_MS + 10**9))
     hub = BookHub(check=False)
     store = SQLiteStore(path, synchronous="NORMAL")
     if background:
         store.checkpoint_in_background()
-    venue = Venue(default_markets(), store, clock=lambda: next(ticks), hub=hub)  # type: ignore[arg-type]
+    venue = counting_venue(store, hub)
     api = RestApi(venue, b.API_KEY)
     key = b.API_KEY.encode()
     encode = msgspec.json.encode

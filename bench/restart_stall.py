@@ -29,10 +29,7 @@ from typing import Any
 
 import benchlib as b
 import command_cost as cc
-from perps_indexer import commands
-from perps_indexer.markets import default_markets
 from perps_indexer.store.sqlite import CHECKPOINT_EVERY, SQLiteStore
-from perps_indexer.venue import Venue
 
 ACCOUNTS = 10_000
 
@@ -48,53 +45,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-restart-stall-") as tmp:
         path = Path(tmp) / "run.db"
         shutil.copyfile(db, path)
-        ticks = iter(range(cc.START_MS, cc.START_MS + 10**9))
         with SQLiteStore(path, synchronous="NORMAL") as store:
             store.checkpoint_in_background(CHECKPOINT_EVERY, restart_frames=args.restart_frames)
-            venue = Venue(
-                default_markets(),
-                store,
-                clock=lambda: next(ticks),
-                hub=cc.CountingHub(False),  # type: ignore[arg-type]
-            )
+            venue = cc.counting_venue(store, cc.CountingHub(False))
             gc.freeze()
-            orders = [
-                commands.PlaceMarketOrder(
-                    address=b.address((j * cc.SWEEP % ACCOUNTS + ACCOUNTS // 2) % ACCOUNTS),
-                    market_id=b.MARKET,
-                    is_long=True,
-                    is_close=False,
-                    size=500 * cc.SWEEP,
-                    leverage=10,
-                )
-                for j in range(args.commands)
-            ]
-            flushes: list[float] = []
+            orders = cc.market_buys(args.commands, ACCOUNTS)
+            flushes: list[int] = []  # ns
             slow: list[tuple[int, float]] = []
-            started = time.perf_counter()
+            started = time.perf_counter_ns()
             for n, order in enumerate(orders, 1):
                 venue._run(order)
                 if n % args.group == 0 or n == args.commands:
-                    at = time.perf_counter()
+                    at = time.perf_counter_ns()
                     venue.flush()
-                    ms = (time.perf_counter() - at) * 1000
-                    flushes.append(ms)
-                    if ms > args.slow:
-                        slow.append((round((at - started) * 1000), round(ms, 1)))
+                    flushes.append(time.perf_counter_ns() - at)
+                    if flushes[-1] > args.slow * 1e6:
+                        slow.append(((at - started) // 10**6, round(flushes[-1] / 1e6, 1)))
                     time.sleep(args.pause)
-            seconds = time.perf_counter() - started
+            seconds = (time.perf_counter_ns() - started) / 1e9
             restarts = wal_restarts(path)
-    flushes.sort()
     return {
         "commands": args.commands,
         "seconds": round(seconds, 2),
         "restarts": restarts,
-        "flush_ms": {
-            "n": len(flushes),
-            "p50": round(flushes[len(flushes) // 2], 2),
-            "p99": round(flushes[int(len(flushes) * 0.99)], 2),
-            "max": round(flushes[-1], 2),
-        },
+        "flush_ms": b.summary_ms(flushes),
         "slow_flushes": slow,
     }
 

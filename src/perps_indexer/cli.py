@@ -137,7 +137,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--gc-freeze-every",
         type=float,
         default=1.0,
-        help="seconds between moves of the surviving heap out of the garbage collector's scans "
+        help="seconds between moves of the surviving heap out of the garbage collector's scans; "
+        "while on, the oldest generation's automatic collections are rare "
         "(default 1; 0: the interpreter's default collector)",
     )
     p.add_argument(
