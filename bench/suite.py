@@ -95,6 +95,9 @@ class Context:
     """Scenario 7's loops to run, by label (``--bare``); None: all of them."""
     profiler: str = "py-spy"
     """What ``--profile`` records: py-spy (the Python stacks) or perf (the kernel's too)."""
+    fleet_fanout: bool = False
+    """Scenario 8's subscribers, ours and the bare loop's, are bench/fleet.c's (``--fleet-fanout``,
+    a sensitivity check: not the setup the target is judged on)."""
 
     def subscriber_counts(self) -> list[int]:
         if self.counts:
@@ -454,12 +457,13 @@ def scenario_1(ctx: Context) -> dict[str, Any]:
     return {str(n): fanout_run(ctx, n, n in (1_000, max(counts))) for n in counts}
 
 
-def fanout_run(ctx: Context, n: int, profile: bool = False) -> dict[str, Any]:
-    """Scenario 1 at ``n`` subscribers: a fresh server, the book changed as fast as it takes."""
+def fanout_run(ctx: Context, n: int, profile: bool = False, fleet: bool = False) -> dict[str, Any]:
+    """Scenario 1 at ``n`` subscribers: a fresh server, the book changed as fast as it takes
+    (``fleet``: the subscribers are bench/fleet.c's)."""
     server = b.start_server("ours", ctx.db("s1"))
     with running(server.proc):
         # Three windows, as scenario 7 counts its bare loops: like is compared with like.
-        run, ready = book_run(ctx, server, n, f"s1-{n}", [], profile, segments=3)
+        run, ready = book_run(ctx, server, n, f"s1-{n}", [], profile, segments=3, fleet=fleet)
     gc_pauses = b.gc_report(server.proc, run.drive["t_start"]) if b.GC_PROBE[0] else None
     sample = run.subs["sample"]
     if sample and (ctx.payload is None or n == 1_000):
@@ -478,6 +482,9 @@ def fanout_run(ctx: Context, n: int, profile: bool = False) -> dict[str, Any]:
         "client_sleeps_per_s": client_sleeps(run.subs),
         "commands": run.drive["commands"],
         "rejected": run.drive["rejected"],
+        # The whole run's (the warm-up's too): how many commands a group commit carried.
+        "server_commands": run.metrics.get("commands_accepted_total", 0),
+        "server_commits": run.metrics.get("store_commits_total", 0),
         "latency_ms": lat,
         "server_cpu": run.server_cpu,
         "load_cpu": load_cpu(run),
@@ -765,15 +772,19 @@ def bare_payload(ctx: Context) -> Path:
     return ctx.payload
 
 
-def bare_run(ctx: Context, kind: str, label: str, extra: list[str], n: int) -> dict[str, Any]:
-    """One bare loop at ``n`` clients, counted in three windows (the best is its limit)."""
+def bare_run(
+    ctx: Context, kind: str, label: str, extra: list[str], n: int, fleet: bool = False
+) -> dict[str, Any]:
+    """One bare loop at ``n`` clients, counted in three windows (the best is its limit);
+    ``fleet``: the clients are bench/fleet.c's (their subscriptions are ignored)."""
     segments = 3
     seconds = 0.5 if ctx.quick else 3.0
     server = b.start_server(
         f"bare-{kind}", None, "--clients", str(n), "--message", str(bare_payload(ctx)), *extra
     )
     with running(server.proc):
-        subs, out, _ = subscribers(ctx, server.ws_url, n, "none", 0, f"s7-{kind}-{n}")
+        spec = "orderbook" if fleet else "none"
+        subs, out, _ = subscribers(ctx, server.ws_url, n, spec, 0, f"s7-{kind}-{n}", fleet)
         with running(subs):
             load = b.loadavg()
             cpu = [b.cpu_seconds(server.proc.pid)]
@@ -814,8 +825,8 @@ def scenario_8(ctx: Context) -> dict[str, Any]:
     n = 20 if ctx.quick else 1_000
     pairs = []
     for _ in range(1 if ctx.quick else PAIRS):
-        ours = fanout_run(ctx, n)
-        bare = bare_run(ctx, "picows", "picows", [], n)
+        ours = fanout_run(ctx, n, fleet=ctx.fleet_fanout)
+        bare = bare_run(ctx, "picows", "picows", [], n, fleet=ctx.fleet_fanout)
         best, mean = fanout_ratios(ours, bare)
         pairs.append(
             {
@@ -824,6 +835,10 @@ def scenario_8(ctx: Context) -> dict[str, Any]:
                 "book_changes_per_s": ours["book_changes_per_s"],
                 "picows_per_s": bare["messages_per_s"],
                 "picows_mean_per_s": bare["mean_per_s"],
+                "ours_server_cpu": ours["server_cpu"],
+                "ours_load_cpu": ours["load_cpu"],
+                "picows_server_cpu": bare["server_cpu"],
+                "picows_load_cpu": bare["load_cpu"],
                 "ours_client_sleeps_per_s": ours["client_sleeps_per_s"],
                 "picows_client_sleeps_per_s": bare["client_sleeps_per_s"],
                 "ratio_best": best,
@@ -832,6 +847,7 @@ def scenario_8(ctx: Context) -> dict[str, Any]:
         )
     return {
         "subscribers": n,
+        "subscriber_fleet": "bench/fleet.c" if ctx.fleet_fanout else "bench/loadgen.py",
         "pairs": pairs,
         "median_ratio_best": statistics.median(p["ratio_best"] for p in pairs),
         "median_ratio_mean": statistics.median(p["ratio_mean"] for p in pairs),
@@ -901,16 +917,18 @@ def report(ctx: Context) -> list[str]:
             "Scenario 1, fan-out (orderbook of one market, book changed over REST as fast as "
             "the server accepts):",
             "",
-            "| subscribers | messages/s | windows | book changes/s "
+            "| subscribers | messages/s | windows | book changes/s | commands a commit "
             "| latency p50 / p99 / max (ms) | msg bytes | server CPU | load CPU |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in s1.values():
             lat = r["latency_ms"]
+            commits = r.get("server_commits", 0)
             lines.append(
                 f"| {r['subscribers']:,} | {fmt(r['messages_per_s'])} "
                 f"| {windows(r['segments_per_s'])} "
                 f"| {fmt(r['book_changes_per_s'])} "
+                f"| {fmt(r['server_commands'] / commits, 1) if commits else '-'} "
                 f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
                 f"| {fmt(r['message_bytes_mean'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
             )
@@ -1021,19 +1039,26 @@ def report(ctx: Context) -> list[str]:
         lines += [
             "",
             f"Scenario 8, scenario 1 at {s8['subscribers']:,} subscribers and bare picows at as "
-            "many clients, in turns (messages/s, best window and mean):",
+            "many clients, in turns (messages/s, best window and mean; subscribers: "
+            f"{s8.get('subscriber_fleet', 'bench/loadgen.py')}):",
             "",
             "| pair | ours: best, mean | book changes/s | picows: best, mean | ratio: best, mean "
-            "| client sleeps/s: ours, picows |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| client sleeps/s: ours, picows | load CPU: ours, picows |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for i, p in enumerate(s8["pairs"], 1):
+            load = (
+                f"{p['ours_load_cpu']:.0%}, {p['picows_load_cpu']:.0%}"
+                if "ours_load_cpu" in p
+                else "-"
+            )
             lines.append(
                 f"| {i} | {fmt(p['ours_per_s'])}, {fmt(p['ours_mean_per_s'])} "
                 f"| {fmt(p['book_changes_per_s'])} "
                 f"| {fmt(p['picows_per_s'])}, {fmt(p['picows_mean_per_s'])} "
                 f"| {fmt(p['ratio_best'], 2)}, {fmt(p['ratio_mean'], 2)} "
-                f"| {fmt(p['ours_client_sleeps_per_s'])}, {fmt(p['picows_client_sleeps_per_s'])} |"
+                f"| {fmt(p['ours_client_sleeps_per_s'])}, {fmt(p['picows_client_sleeps_per_s'])} "
+                f"| {load} |"
             )
     lines += ["", "Targets:", "", *targets(ctx)]
     return lines
@@ -1048,10 +1073,15 @@ def targets(ctx: Context) -> list[str]:
     s8 = f.get("8")
     if s8:  # the verdict: side by side in turns, the median pair
         ratios = ", ".join(f"{p['ratio_best']:.2f}" for p in s8["pairs"])
+        judged = verdict(s8["median_ratio_best"] >= 0.8)
+        setup = "scenario 8"
+        if s8.get("subscriber_fleet") == "bench/fleet.c":
+            judged = "not judged: a sensitivity check (--fleet-fanout)"
+            setup = "scenario 8, subscribers in C"
         out.append(
             f"- fan-out at {s8['subscribers']:,} >= 0.8 x bare picows, {len(s8['pairs'])} "
-            f"pairs in turns (scenario 8): median {s8['median_ratio_best']:.2f} x best window "
-            f"to best window ({ratios}), {verdict(s8['median_ratio_best'] >= 0.8)}; median "
+            f"pairs in turns ({setup}): median {s8['median_ratio_best']:.2f} x best window "
+            f"to best window ({ratios}), {judged}; median "
             f"{s8['median_ratio_mean']:.2f} x mean to mean"
         )
     if ours and picows:
@@ -1283,6 +1313,12 @@ def main() -> int:
         + ")",
     )
     parser.add_argument(
+        "--fleet-fanout",
+        action="store_true",
+        help="scenario 8 with bench/fleet.c's subscribers for both rows (a sensitivity check; "
+        "the verdict's setup is loadgen.py's)",
+    )
+    parser.add_argument(
         "--server-args",
         default="",
         help="extra arguments for every run of the real server, e.g. '--fanout-slice 50'",
@@ -1306,6 +1342,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="perps-bench-") as tmp:
         ctx = Context(args.quick, Path(tmp), Path(args.profile) if args.profile else None)
         ctx.profiler = args.profiler
+        ctx.fleet_fanout = args.fleet_fanout
         if args.subscribers:
             ctx.counts = [int(x) for x in args.subscribers.split(",")]
         if args.bare:

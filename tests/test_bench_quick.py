@@ -34,19 +34,25 @@ def run_bench(script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
     return result
 
 
-@pytest.mark.slow
-def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
+def run_suite(tmp_path: Path, *args: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    """bench/suite.py --quick with ``args``: what it printed, and its figures."""
     out = tmp_path / "figures.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--json", str(out), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=170,
+        timeout=timeout,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    result: dict[str, Any] = json.loads(out.read_text())
+    return proc.stdout, result
+
+
+@pytest.mark.slow
+def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
+    stdout, result = run_suite(tmp_path, timeout=170)
     assert result["errors"] == {}
     assert result["failures"] == []
     figures = result["figures"]
@@ -55,6 +61,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     for run in figures["1"].values():  # fan-out
         assert run["messages_per_s"] > 0
         assert run["book_changes_per_s"] > 0
+        assert 0 < run["server_commits"] <= run["server_commands"]  # group commits
         assert run["latency_ms"]["n"] > 0 and finite(run["latency_ms"]["p99"])
     for run in figures["2"].values():  # per-address streams
         assert run["fills_per_s"] > 0
@@ -93,7 +100,18 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert pairs and all(p["ours_per_s"] > 0 and p["picows_per_s"] > 0 for p in pairs)
     assert all(finite(p["ours_client_sleeps_per_s"]) for p in pairs)
     assert finite(figures["8"]["median_ratio_best"])
-    assert "Targets:" in proc.stdout and "pairs in turns (scenario 8)" in proc.stdout
+    assert "Targets:" in stdout and "pairs in turns (scenario 8)" in stdout
+
+
+def test_fleet_fanout_runs_scenario_8_with_subscribers_in_c(tmp_path: Path) -> None:
+    """``--fleet-fanout``: both rows of scenario 8 read by bench/fleet.c, and its verdict
+    line says it is not the judged setup."""
+    stdout, result = run_suite(tmp_path, "--only", "8", "--fleet-fanout", timeout=120)
+    s8 = result["figures"]["8"]
+    assert s8["subscriber_fleet"] == "bench/fleet.c"
+    assert all(p["ours_per_s"] > 0 and p["picows_per_s"] > 0 for p in s8["pairs"])
+    assert all(p["picows_load_cpu"] > 0 and p["ours_load_cpu"] > 0 for p in s8["pairs"])
+    assert "not judged: a sensitivity check" in stdout
 
 
 @pytest.mark.parametrize("background", [False, True])

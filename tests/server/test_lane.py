@@ -18,8 +18,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from perps_indexer.server import lane
-from perps_indexer.server.lane import HANDOVER, MAX_HEAD, MAX_QUEUE, Head, Routes, parse_head
-from tests.server.conftest import API_KEY, ThreadedServer, limit_order, start_threaded
+from perps_indexer.server.lane import HANDOVER, MAX_HEAD, MAX_QUEUE, TURN, Head, Routes, parse_head
+from tests.server.conftest import (
+    API_KEY,
+    ThreadedServer,
+    limit_order,
+    metrics_value,
+    start_threaded,
+)
 
 PATHS = {b"/deposit", b"/placeLimitOrder"}
 READS = {b"/getPositions", b"/getMarketInfo"}
@@ -318,9 +324,15 @@ def test_the_lane_answers_as_aiohttp_does(pair: tuple[ThreadedServer, ThreadedSe
 
 
 def test_pipelined_writes_are_answered_in_order(server: ThreadedServer) -> None:
+    commits = metrics_value(server, "store_commits_total")
+    accepted = metrics_value(server, "commands_accepted_total")
     conn = Conn(server.server.port)
     conn.send(b"".join(deposit(A, i + 1) for i in range(20)) + deposit(A, 1, key="bad"))
     replies = [conn.reply() for _ in range(20)]
+    # Read in one turn of the loop (up to TURN a connection), they share commits, and the
+    # metrics tell an operator how many a commit carried.
+    assert metrics_value(server, "commands_accepted_total") == accepted + 20
+    assert 1 <= metrics_value(server, "store_commits_total") - commits <= 20 // TURN + 1
     assert {status for status, _, _ in replies} == {200}
     data = [json.loads(body)["data"] for _, _, body in replies]
     # Each reply tells the state its own command left, though they commit in groups: the

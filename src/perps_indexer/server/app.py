@@ -756,6 +756,13 @@ class Server:
                 venue.commands_accepted,
             ),
             (
+                "store_commits_total",
+                "counter",
+                "Store transactions committed; commands_accepted_total over this is how many "
+                "commands a group commit carries.",
+                venue.commits,
+            ),
+            (
                 "commands_rejected_total",
                 "counter",
                 "Commands the engine rejected.",
