@@ -8,6 +8,7 @@ import tempfile
 from contextlib import closing
 from pathlib import Path
 
+import lz4.block
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +19,7 @@ from perps_indexer.engine import Engine
 from perps_indexer.events import AnyEvent, to_json
 from perps_indexer.markets import default_markets
 from perps_indexer.store import event_keys
+from perps_indexer.store.base import BODY_FORMAT, PLAIN_BODY_FORMAT
 from perps_indexer.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.store.conftest import TRADER, drive_engine
 
@@ -150,6 +152,7 @@ def test_a_version_1_file_is_converted_when_opened(
     with SQLiteStore(path) as store:
         store.segment_events = 5  # conversion and later appends use the store's segment size
         assert store.get_meta("schema_version") == str(SCHEMA_VERSION)
+        assert store.get_meta("body_format") == BODY_FORMAT
         assert store.get_meta("market_spec_hash") == "abc"
         assert store.load_snapshot("engine") == (3, b"\x00v1")
         assert list(store.read()) == events
@@ -187,3 +190,73 @@ def test_a_damaged_version_1_file_is_refused_and_left_as_it_was(
         (count,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
     assert version == ("1",)
     assert count == len(events) - (damage == "hole")
+
+
+# ---------------------------------------------------------------------- plain bodies
+
+
+def bodies(path: Path) -> dict[int, tuple[bytes, bytes]]:
+    """Each segment's (ends, body), by its first seq."""
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute("SELECT first_seq, ends, body FROM segments").fetchall()
+    return {first: (ends, body) for first, ends, body in rows}
+
+
+def write_plain(path: Path, events: list[AnyEvent]) -> dict[int, bytes]:
+    """A version 2 file as perps-indexer wrote it before bodies were compressed: today's
+    layout, with each body plain JSON and the body format "json"; returns the plain bodies."""
+    with SQLiteStore(path) as store:
+        store.segment_events = 5
+        for i in range(0, len(events), 7):
+            store.append(events[i : i + 7])
+    plain = {}
+    with closing(sqlite3.connect(path)) as conn, conn:
+        for first, (ends, body) in bodies(path).items():
+            size = int.from_bytes(ends[-4:], "little")
+            plain[first] = lz4.block.decompress(body, uncompressed_size=size)
+            conn.execute("UPDATE segments SET body = ? WHERE first_seq = ?", (plain[first], first))
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'body_format'", (PLAIN_BODY_FORMAT,))
+    return plain
+
+
+def test_a_file_of_plain_bodies_is_compressed_when_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine, events = drive_engine()
+    path = tmp_path / "plain.db"
+    plain = write_plain(path, events)
+    assert plain[1].startswith(b'{"type":')
+    with SQLiteStore(path) as store:
+        assert store.get_meta("body_format") == BODY_FORMAT
+        assert list(store.read()) == events
+        for key in KEYS:
+            assert store.read_for_key(key) == for_key(events, key, 0, None, False)
+        more = engine.deposit(TRADER, 5, ts=10**7)
+        store.append(more)
+    assert f"compressed the event bodies ('json' to 'json+lz4', {len(events)} events)" in (
+        caplog.text
+    )
+    stored = bodies(path)
+    for first, body in plain.items():  # the same JSON, now as LZ4 blocks
+        assert lz4.block.decompress(stored[first][1], uncompressed_size=len(body)) == body
+    with SQLiteStore(path) as reopened:
+        assert list(reopened.read()) == events + more
+        assert Engine.replay(default_markets(), reopened.read()).state() == engine.state()
+
+
+def test_a_damaged_file_of_plain_bodies_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    events = drive_engine()[1]
+    path = tmp_path / "plain.db"
+    plain = write_plain(path, events)
+    last = max(plain)
+    with closing(sqlite3.connect(path)) as conn, conn:  # one byte more than its offsets say
+        conn.execute("UPDATE segments SET body = ? WHERE first_seq = ?", (plain[last] + b" ", last))
+    with pytest.raises(errors.IntegrityError, match="is damaged"):
+        SQLiteStore(path)
+    with closing(sqlite3.connect(path)) as conn:
+        (found,) = conn.execute("SELECT value FROM meta WHERE key = 'body_format'").fetchone()
+    assert found == PLAIN_BODY_FORMAT
+    assert {first: body for first, (_, body) in bodies(path).items()} == {
+        **plain,
+        last: plain[last] + b" ",
+    }

@@ -11,6 +11,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import get_args
 
+import lz4.block
 import pytest
 
 from perps_indexer import errors
@@ -49,11 +50,15 @@ def test_every_event_type_round_trips(store: SQLiteStore, events: list[AnyEvent]
     store.append(events)
     assert list(store.read()) == events
     assert (store.first_seq(), store.last_seq()) == (1, len(events))
-    # One batch, one segment row, holding each event's canonical JSON one after the other.
+    # One batch, one segment row, holding each event's canonical JSON one after the other,
+    # as one LZ4 block (BODY_FORMAT).
     ((first, last, body),) = raw_query(
         Path(store.path), "SELECT first_seq, last_seq, body FROM segments"
     )
-    assert (first, last, body) == (1, len(events), b"".join(to_json(ev) for ev in events))
+    plain = b"".join(to_json(ev) for ev in events)
+    assert (first, last) == (1, len(events))
+    assert lz4.block.decompress(body, uncompressed_size=len(plain)) == plain
+    assert len(body) < len(plain) / 3
 
 
 def test_a_batch_larger_than_a_segment_is_split(store: SQLiteStore, db_path: Path) -> None:
@@ -161,16 +166,25 @@ def test_a_body_that_is_not_its_row_is_an_integrity_error(
         list(store.read())
     with pytest.raises(errors.IntegrityError, match="row of event 3 holds event 2"):
         store.read_for_key(LIQUIDITY)
-    junk = b"\xc1junk"
-    raw_write(db_path, update, (len(junk).to_bytes(4, "little"), junk, 3))
+    junk = b"\xc1junk"  # expands, but is no event
+    size = len(junk).to_bytes(4, "little")
+    raw_write(db_path, update, (size, lz4.block.compress(junk, store_size=False), 3))
     with pytest.raises(errors.IntegrityError, match="event 3 cannot be decoded"):
         list(store.read(2))
+    with pytest.raises(errors.IntegrityError, match="event 3 cannot be decoded"):
+        store.read_for_key(LIQUIDITY)
+    raw_write(db_path, update, (size, junk, 3))  # not an LZ4 block
+    with pytest.raises(errors.IntegrityError, match=r"events 3\.\.3 cannot be expanded"):
+        list(store.read(2))
+    with pytest.raises(errors.IntegrityError, match=r"events 3\.\.3 cannot be expanded"):
+        store.read_for_key(LIQUIDITY)
     # Offsets that do not fit the body: the segment is damaged.
     raw_write(db_path, update, (ends + ends, body, 3))
     with pytest.raises(errors.IntegrityError, match=r"segment of events 3\.\.3 is damaged"):
         list(store.read(2))
-    raw_write(db_path, update, (ends, body + b" ", 3))
-    with pytest.raises(errors.IntegrityError, match=r"segment of events 3\.\.3 is damaged"):
+    longer = (int.from_bytes(ends, "little") + 1).to_bytes(4, "little")
+    raw_write(db_path, update, (longer, body, 3))
+    with pytest.raises(errors.IntegrityError, match=r"events 3\.\.3 expands to \d+ bytes, not"):
         list(store.read(2))
     raw_write(db_path, update, (ends + b"\x00", body, 3))
     with pytest.raises(errors.IntegrityError, match="offsets column of 5 bytes is damaged"):
@@ -558,7 +572,9 @@ def events_in_main_file(db: Path, tmp_path: Path) -> int:
 def test_appends_checkpoint_inline_by_default(tmp_path: Path) -> None:
     db = tmp_path / "inline.db"
     with SQLiteStore(db, synchronous="NORMAL") as store:
-        append_in_batches(store, deposits(100_000))  # past SQLite's 1,000-page WAL threshold
+        # A frame or more a commit: past SQLite's 1,000-frame WAL threshold (in batches, the
+        # compressed events would need far more than this to get there).
+        append_in_batches(store, deposits(3_000), size=1)
         assert events_in_main_file(db, tmp_path) > 0
         assert store.checkpoints == 0
 

@@ -10,6 +10,11 @@ Layout (schema version 2): the log is stored in *segments*, up to
 segment, the key interned as an integer id. Version 1 stored one row per event and one index
 row per key and event: about three times the cost per appended event. A version 1 file is
 converted to version 2 when it is opened (in one transaction; the events are unchanged).
+
+A segment's body is LZ4-compressed JSON (:data:`~perps_indexer.store.base.BODY_FORMAT`); a file
+whose bodies are plain JSON (written before that format) has them compressed when it is
+opened, in the same way. The pages this frees are reused by later appends (``VACUUM`` gives
+them back to the filesystem).
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from operator import itemgetter
 from types import TracebackType
 from typing import Final
 
+import lz4.block
+
 from perps_indexer import errors
 from perps_indexer.events import AnyEvent
 from perps_indexer.store.base import (
     BODY_FORMAT,
+    PLAIN_BODY_FORMAT,
     SEGMENT_EVENTS,
     EventStore,
     KeyRow,
@@ -38,6 +46,7 @@ from perps_indexer.store.base import (
     decode_part,
     decode_segment,
     encode_segments,
+    expand_body,
     key_offsets,
     segment_ends,
     segment_key_rows,
@@ -162,6 +171,11 @@ _INSERT_KEY_SEGMENT: Final = (
 _SEGMENTS_AFTER: Final = (
     "SELECT first_seq, last_seq, ends, body FROM segments WHERE first_seq > ? ORDER BY first_seq"
 )
+_SEGMENTS_AFTER_LIMIT: Final = (
+    "SELECT first_seq, last_seq, ends, body FROM segments WHERE first_seq > ? "
+    "ORDER BY first_seq LIMIT ?"
+)
+_SET_BODY: Final = "UPDATE segments SET body = ? WHERE first_seq = ?"
 _SEGMENT: Final = "SELECT last_seq, ends FROM segments WHERE first_seq = ?"
 _KEY_ID: Final = "SELECT id FROM index_keys WHERE key = ?"
 _ADD_KEY: Final = "INSERT INTO index_keys (key) VALUES (?) RETURNING id"
@@ -173,7 +187,7 @@ _READ: Final = (
     "COALESCE((SELECT MAX(first_seq) FROM segments WHERE first_seq <= ?), 0) "
     "AND last_seq >= ? ORDER BY first_seq LIMIT ?"
 )
-# Without the bodies: only the events picked are read, from the body (see _read_picked).
+# Without the bodies: only the bodies of the segments picked are read (see _read_picked).
 _READ_KEY: Final = (
     "SELECT k.first_seq, k.offsets, s.last_seq, s.ends "
     "FROM key_segments k JOIN segments s ON s.first_seq = k.first_seq "
@@ -316,14 +330,42 @@ class SQLiteStore(EventStore):
                     f"{self.path}: unknown old schema version {version} (the first version is {V1})"
                 )
             row = conn.execute(_GET_META, (BODY_FORMAT_KEY,)).fetchone()
-            if row is None or row[0] != BODY_FORMAT:
-                found = None if row is None else row[0]
+            found = None if row is None else row[0]
+            if found not in (BODY_FORMAT, PLAIN_BODY_FORMAT):
                 raise errors.StoreError(
                     f"{self.path}: event bodies are stored as {found!r}; "
-                    f"this perps-indexer reads {BODY_FORMAT!r}"
+                    f"this perps-indexer reads {BODY_FORMAT!r} (and converts "
+                    f"{PLAIN_BODY_FORMAT!r})"
                 )
             if int(version) == V1:
-                self._migrate_v1(conn)
+                self._migrate_v1(conn)  # its segments are written in BODY_FORMAT
+            elif found == PLAIN_BODY_FORMAT:
+                self._compress_bodies(conn)
+            if found != BODY_FORMAT:
+                conn.execute(_SET_META, (BODY_FORMAT_KEY, BODY_FORMAT))
+
+    def _compress_bodies(self, conn: sqlite3.Connection) -> None:
+        """Compress every plain segment body, inside the opening transaction: if anything
+        fails (a damaged segment) the file stays as it was."""
+        after = count = 0
+        while rows := conn.execute(_SEGMENTS_AFTER_LIMIT, (after, MIGRATE_CHUNK)).fetchall():
+            updates = []
+            for first, last, ends_data, body in rows:
+                ends = segment_ends(first, last, ends_data)
+                if (ends[-1] if ends else 0) != len(body):
+                    raise errors.IntegrityError(f"the segment of events {first}..{last} is damaged")
+                updates.append((lz4.block.compress(body, store_size=False), first))
+                count += last - first + 1
+            conn.executemany(_SET_BODY, updates)
+            after = rows[-1][0]
+            logger.info("%s: compressed the segments through event %d", self.path, rows[-1][1])
+        logger.warning(
+            "%s: compressed the event bodies (%r to %r, %d events)",
+            self.path,
+            PLAIN_BODY_FORMAT,
+            BODY_FORMAT,
+            count,
+        )
 
     def _migrate_v1(self, conn: sqlite3.Connection) -> None:
         """Rewrite a version 1 log as segments, inside the opening transaction: if anything
@@ -564,20 +606,15 @@ class SQLiteStore(EventStore):
     def _read_picked(
         conn: sqlite3.Connection, picked: list[tuple[int, int, bytes, list[int]]]
     ) -> list[AnyEvent]:
-        """Decode the picked events, reading only the span of each body that holds them.
-
-        A key's events are often one or two of a segment's; SQLite's incremental blob I/O
-        reads just those bytes, where selecting the body would copy all of it (twice), which
-        made a sparse key's history several times slower than with one row per event."""
+        """Decode the picked events: each picked segment's body is read (through SQLite's
+        incremental blob I/O, which copies it once, where selecting it would copy it twice)
+        and expanded, and only the picked events are decoded."""
         events: list[AnyEvent] = []
         for first, last, ends_data, offsets in picked:
+            ends = segment_ends(first, last, ends_data)
             with conn.blobopen("segments", "body", first, readonly=True) as blob:
-                ends = segment_ends(first, last, ends_data, len(blob))
-                low, high = min(offsets), max(offsets)
-                base = ends[low - 1] if low else 0
-                blob.seek(base)
-                part = blob.read(ends[high] - base)
-            events += decode_part(first, ends, part, offsets, base)
+                body = blob.read()
+            events += decode_part(first, ends, expand_body(first, last, ends, body), offsets)
         return events
 
     @staticmethod
