@@ -19,6 +19,7 @@ from perps_indexer.engine import Engine
 from perps_indexer.events import AnyEvent, to_json
 from perps_indexer.markets import default_markets
 from perps_indexer.store import event_keys
+from perps_indexer.store import sqlite as sqlite_store
 from perps_indexer.store.base import BODY_FORMAT, PLAIN_BODY_FORMAT
 from perps_indexer.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.store.conftest import TRADER, drive_engine
@@ -220,12 +221,13 @@ def write_plain(path: Path, events: list[AnyEvent]) -> dict[int, bytes]:
 
 
 def test_a_file_of_plain_bodies_is_compressed_when_opened(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine, events = drive_engine()
     path = tmp_path / "plain.db"
     plain = write_plain(path, events)
-    assert plain[1].startswith(b'{"type":')
+    assert plain[1].startswith(b'{"type":') and len(plain) > 2
+    monkeypatch.setattr(sqlite_store, "COMPRESS_CHUNK", 2)  # several steps
     with SQLiteStore(path) as store:
         assert store.get_meta("body_format") == BODY_FORMAT
         assert list(store.read()) == events

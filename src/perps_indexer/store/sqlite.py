@@ -106,6 +106,10 @@ oldest, leaving it that much less behind. All 2,048 at once held a small append 
 MIGRATE_CHUNK: Final = 4_096
 """Version 1 events converted per step (the whole conversion is one transaction)."""
 
+COMPRESS_CHUNK: Final = 64
+"""Segments compressed per step when plain bodies are converted (up to 64 x 128 events of
+~1 KiB in memory at once; the whole conversion is one transaction)."""
+
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS segments ("
     "first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, "
@@ -347,8 +351,8 @@ class SQLiteStore(EventStore):
     def _compress_bodies(self, conn: sqlite3.Connection) -> None:
         """Compress every plain segment body, inside the opening transaction: if anything
         fails (a damaged segment) the file stays as it was."""
-        after = count = 0
-        while rows := conn.execute(_SEGMENTS_AFTER_LIMIT, (after, MIGRATE_CHUNK)).fetchall():
+        after = count = logged = 0
+        while rows := conn.execute(_SEGMENTS_AFTER_LIMIT, (after, COMPRESS_CHUNK)).fetchall():
             updates = []
             for first, last, ends_data, body in rows:
                 ends = segment_ends(first, last, ends_data)
@@ -358,7 +362,9 @@ class SQLiteStore(EventStore):
                 count += last - first + 1
             conn.executemany(_SET_BODY, updates)
             after = rows[-1][0]
-            logger.info("%s: compressed the segments through event %d", self.path, rows[-1][1])
+            if count - logged >= 100_000:
+                logger.info("%s: compressed the segments through event %d", self.path, rows[-1][1])
+                logged = count
         logger.warning(
             "%s: compressed the event bodies (%r to %r, %d events)",
             self.path,
