@@ -103,6 +103,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert "Targets:" in stdout and "pairs in turns (scenario 8)" in stdout
 
 
+@pytest.mark.slow
 def test_fleet_fanout_runs_scenario_8_with_subscribers_in_c(tmp_path: Path) -> None:
     """``--fleet-fanout``: both rows of scenario 8 read by bench/fleet.c, and its verdict
     line says it is not the judged setup."""

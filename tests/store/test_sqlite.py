@@ -186,6 +186,14 @@ def test_a_body_that_is_not_its_row_is_an_integrity_error(
     raw_write(db_path, update, (longer, body, 3))
     with pytest.raises(errors.IntegrityError, match=r"events 3\.\.3 expands to \d+ bytes, not"):
         list(store.read(2))
+    # A size no block of this length expands to is refused before anything is allocated
+    # (2**31 and up would not even fit the codec's argument).
+    for huge in (0x7FFF_FFF0, 0x8000_0000, 0xFFFF_FFFF):
+        raw_write(db_path, update, (huge.to_bytes(4, "little"), body, 3))
+        with pytest.raises(errors.IntegrityError, match=r"events 3\.\.3 is damaged: \d+ stored"):
+            list(store.read(2))
+        with pytest.raises(errors.IntegrityError, match=r"events 3\.\.3 is damaged: \d+ stored"):
+            store.read_for_key(LIQUIDITY)
     raw_write(db_path, update, (ends + b"\x00", body, 3))
     with pytest.raises(errors.IntegrityError, match="offsets column of 5 bytes is damaged"):
         list(store.read(2))

@@ -48,6 +48,10 @@ repeat: a segment compresses 4-7 times, and the bytes not written to the WAL, th
 the checkpoints, cost more than LZ4 does (about 0.7 µs an event to compress, 0.3 to expand;
 BENCHMARKS.md, "Compressed segments")."""
 
+LZ4_MAX_RATIO: Final = 255
+"""At most how many times its own length an LZ4 block expands to (a run of one byte: each
+further 255 bytes of it cost one byte of the block)."""
+
 PLAIN_BODY_FORMAT: Final = "json"
 """The body format before :data:`BODY_FORMAT`: the same JSON, uncompressed. A store of it is
 converted when opened."""
@@ -239,6 +243,13 @@ def expand_body(first: int, last: int, ends: Sequence[int], body: bytes) -> byte
     """A stored segment body, expanded (``ends`` from :func:`segment_ends`): exactly its
     events' JSON, or :class:`~perps_indexer.errors.IntegrityError`."""
     size = ends[-1] if ends else 0
+    if size > LZ4_MAX_RATIO * len(body) + 16:
+        # More than any LZ4 block of this length expands to: a damaged offset, which must not
+        # make the reader allocate it (up to 4 GiB) before finding out.
+        raise errors.IntegrityError(
+            f"the segment of events {first}..{last} is damaged: {len(body)} stored bytes "
+            f"cannot expand to {size}"
+        )
     try:
         plain: bytes = lz4.block.decompress(body, uncompressed_size=size)
     except lz4.block.LZ4BlockError as exc:

@@ -14,7 +14,8 @@ converted to version 2 when it is opened (in one transaction; the events are unc
 A segment's body is LZ4-compressed JSON (:data:`~perps_indexer.store.base.BODY_FORMAT`); a file
 whose bodies are plain JSON (written before that format) has them compressed when it is
 opened, in the same way. The pages this frees are reused by later appends (``VACUUM`` gives
-them back to the filesystem).
+them back to the filesystem). A process of an older version must not have the file open then:
+it checks the body format only when it opens a file, and would go on appending plain bodies.
 """
 
 from __future__ import annotations
