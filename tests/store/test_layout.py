@@ -262,3 +262,19 @@ def test_a_damaged_file_of_plain_bodies_is_refused_and_left_as_it_was(tmp_path: 
         **plain,
         last: plain[last] + b" ",
     }
+
+
+def test_a_plain_body_in_a_converted_file_is_named_as_such(tmp_path: Path) -> None:
+    """What a process of an older version appends when it still had the file open at the
+    conversion: plain JSON among the compressed bodies. Reading it fails, and says why."""
+    events = drive_engine()[1]
+    path = tmp_path / "plain.db"
+    plain = write_plain(path, events)
+    SQLiteStore(path).close()  # converted
+    last = max(plain)
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("UPDATE segments SET body = ? WHERE first_seq = ?", (plain[last], last))
+    with SQLiteStore(path) as store, pytest.raises(errors.IntegrityError) as caught:
+        list(store.read())
+    assert f"events {last}..{len(events)} cannot be expanded" in str(caught.value)
+    assert "older perps-indexer that still had this file open" in str(caught.value)

@@ -253,8 +253,16 @@ def expand_body(first: int, last: int, ends: Sequence[int], body: bytes) -> byte
     try:
         plain: bytes = lz4.block.decompress(body, uncompressed_size=size)
     except lz4.block.LZ4BlockError as exc:
+        hint = ""
+        if len(body) == size and body.startswith(b'{"type":'):
+            # Plain JSON in a converted file: what a process of an older version appends when
+            # it still had the file open at the conversion (it checks the format only once).
+            hint = (
+                f"; it holds {PLAIN_BODY_FORMAT!r}, not {BODY_FORMAT!r}: was it written by an "
+                "older perps-indexer that still had this file open?"
+            )
         raise errors.IntegrityError(
-            f"the body of the segment of events {first}..{last} cannot be expanded: {exc}"
+            f"the body of the segment of events {first}..{last} cannot be expanded: {exc}{hint}"
         ) from exc
     if len(plain) != size:  # the size given is a bound: a short body expands short
         raise errors.IntegrityError(
