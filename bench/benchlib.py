@@ -107,6 +107,13 @@ def summary_ms(values_ns: Sequence[int]) -> dict[str, float]:
     }
 
 
+def wal_restarts(db: Path) -> int:
+    """The checkpoint sequence number in the header of ``db``'s WAL: SQLite adds one at every
+    restart of the WAL (https://sqlite.org/fileformat2.html, 4.1)."""
+    with open(db.with_name(db.name + "-wal"), "rb") as wal:
+        return int.from_bytes(wal.read(16)[12:16], "big")
+
+
 @dataclass
 class Proc:
     """A process started by :func:`spawn`, in its own process group, output collected."""

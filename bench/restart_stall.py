@@ -34,12 +34,6 @@ from perps_indexer.store.sqlite import CHECKPOINT_EVERY, SQLiteStore
 ACCOUNTS = 10_000
 
 
-def wal_restarts(path: Path) -> int:
-    """The checkpoint sequence number in the WAL's header: SQLite adds one at every restart."""
-    with open(path.with_name(path.name + "-wal"), "rb") as wal:
-        return int.from_bytes(wal.read(16)[12:16], "big")
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     db = cc.prefilled(Path(args.db), ACCOUNTS, args.commands)
     with tempfile.TemporaryDirectory(prefix="bench-restart-stall-") as tmp:
@@ -63,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         slow.append(((at - started) // 10**6, round(flushes[-1] / 1e6, 1)))
                     time.sleep(args.pause)
             seconds = (time.perf_counter_ns() - started) / 1e9
-            restarts = wal_restarts(path)
+            restarts = b.wal_restarts(path)
     return {
         "commands": args.commands,
         "seconds": round(seconds, 2),

@@ -161,6 +161,11 @@ def subscribers(
     return proc, out, ready
 
 
+def subscriber_kind(fleet: bool) -> str:
+    """What a run's order book subscribers were, as its figures record it."""
+    return "bench/fleet.c" if fleet else "bench/loadgen.py"
+
+
 def fleet_binary(ctx: Context) -> Path:
     """bench/fleet.c, compiled once per run of the suite with ``$CC`` or ``cc`` (a C compiler
     is what the server's batch writer is built with at install, too)."""
@@ -694,7 +699,7 @@ def scenario_6(ctx: Context) -> dict[str, Any]:
             "reply_ms": b.summary_ms(reply_times(run.drive)),
             "client_sleeps_per_s": client_sleeps(run.subs),
             "probe_clients": probes,
-            "subscriber_fleet": "bench/fleet.c" if fleet else "bench/loadgen.py",
+            "subscriber_fleet": subscriber_kind(fleet),
             "messages_per_s": delivered(run),
             "server_cpu": run.server_cpu,
             "load_cpu": load_cpu(run),
@@ -847,7 +852,7 @@ def scenario_8(ctx: Context) -> dict[str, Any]:
         )
     return {
         "subscribers": n,
-        "subscriber_fleet": "bench/fleet.c" if ctx.fleet_fanout else "bench/loadgen.py",
+        "subscriber_fleet": subscriber_kind(ctx.fleet_fanout),
         "pairs": pairs,
         "median_ratio_best": statistics.median(p["ratio_best"] for p in pairs),
         "median_ratio_mean": statistics.median(p["ratio_mean"] for p in pairs),
@@ -923,7 +928,7 @@ def report(ctx: Context) -> list[str]:
         ]
         for r in s1.values():
             lat = r["latency_ms"]
-            commits = r.get("server_commits", 0)
+            commits = r["server_commits"]
             lines.append(
                 f"| {r['subscribers']:,} | {fmt(r['messages_per_s'])} "
                 f"| {windows(r['segments_per_s'])} "
@@ -1040,25 +1045,20 @@ def report(ctx: Context) -> list[str]:
             "",
             f"Scenario 8, scenario 1 at {s8['subscribers']:,} subscribers and bare picows at as "
             "many clients, in turns (messages/s, best window and mean; subscribers: "
-            f"{s8.get('subscriber_fleet', 'bench/loadgen.py')}):",
+            f"{s8['subscriber_fleet']}):",
             "",
             "| pair | ours: best, mean | book changes/s | picows: best, mean | ratio: best, mean "
             "| client sleeps/s: ours, picows | load CPU: ours, picows |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for i, p in enumerate(s8["pairs"], 1):
-            load = (
-                f"{p['ours_load_cpu']:.0%}, {p['picows_load_cpu']:.0%}"
-                if "ours_load_cpu" in p
-                else "-"
-            )
             lines.append(
                 f"| {i} | {fmt(p['ours_per_s'])}, {fmt(p['ours_mean_per_s'])} "
                 f"| {fmt(p['book_changes_per_s'])} "
                 f"| {fmt(p['picows_per_s'])}, {fmt(p['picows_mean_per_s'])} "
                 f"| {fmt(p['ratio_best'], 2)}, {fmt(p['ratio_mean'], 2)} "
                 f"| {fmt(p['ours_client_sleeps_per_s'])}, {fmt(p['picows_client_sleeps_per_s'])} "
-                f"| {load} |"
+                f"| {p['ours_load_cpu']:.0%}, {p['picows_load_cpu']:.0%} |"
             )
     lines += ["", "Targets:", "", *targets(ctx)]
     return lines
@@ -1075,7 +1075,7 @@ def targets(ctx: Context) -> list[str]:
         ratios = ", ".join(f"{p['ratio_best']:.2f}" for p in s8["pairs"])
         judged = verdict(s8["median_ratio_best"] >= 0.8)
         setup = "scenario 8"
-        if s8.get("subscriber_fleet") == "bench/fleet.c":
+        if s8["subscriber_fleet"] == subscriber_kind(True):
             judged = "not judged: a sensitivity check (--fleet-fanout)"
             setup = "scenario 8, subscribers in C"
         out.append(

@@ -19,8 +19,8 @@ def finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def run_bench(script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
-    """Run bench/``script`` with ``args``; its one line of JSON."""
+def run_script(script: str, *args: str, timeout: float) -> str:
+    """Run bench/``script`` with ``args``, which must succeed; what it printed."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
         cwd=ROOT,
@@ -29,25 +29,22 @@ def run_bench(script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
         timeout=timeout,
         check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result: dict[str, Any] = json.loads(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def run_bench(script: str, *args: str, timeout: float = 60) -> dict[str, Any]:
+    """Run bench/``script`` with ``args``; its one line of JSON."""
+    result: dict[str, Any] = json.loads(run_script(script, *args, timeout=timeout))
     return result
 
 
 def run_suite(tmp_path: Path, *args: str, timeout: float) -> tuple[str, dict[str, Any]]:
     """bench/suite.py --quick with ``args``: what it printed, and its figures."""
     out = tmp_path / "figures.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "suite.py"), "--quick", "--json", str(out), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    stdout = run_script("suite.py", "--quick", "--json", str(out), *args, timeout=timeout)
     result: dict[str, Any] = json.loads(out.read_text())
-    return proc.stdout, result
+    return stdout, result
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from typing import get_args
 import lz4.block
 import pytest
 
+from benchlib import wal_restarts
 from perps_indexer import errors
 from perps_indexer.engine import Engine
 from perps_indexer.events import AnyEvent, Fill, to_json
@@ -627,13 +628,6 @@ def test_background_checkpoints_refuse_a_bad_interval_and_skip_memory() -> None:
             store.checkpoint_in_background(every=0)
         store.checkpoint_in_background()  # an in-memory database has no WAL: nothing to do
         assert store.checkpoints == 0
-
-
-def wal_restarts(db: Path) -> int:
-    """The checkpoint sequence number in the WAL's header: SQLite adds one at every restart of
-    the WAL (https://sqlite.org/fileformat2.html, 4.1)."""
-    with open(db.with_name(db.name + "-wal"), "rb") as wal:
-        return int.from_bytes(wal.read(16)[12:16], "big")
 
 
 def test_a_wal_past_the_bound_is_restarted(

@@ -186,7 +186,6 @@ def encode_segments(
     key_rows: list[KeyRow] = []
     encode_into = to_json_into
     pack = struct.pack
-    compress = lz4.block.compress
     for start in range(0, len(events), size):
         chunk = events[start : start + size]
         body = bytearray()
@@ -196,7 +195,7 @@ def encode_segments(
             ends.append(len(body))
         first = chunk[0].seq
         ends_data = pack(f"<{len(ends)}I", *ends)
-        segments.append((first, chunk[-1].seq, ends_data, compress(body, store_size=False)))
+        segments.append((first, chunk[-1].seq, ends_data, compress_body(body)))
         key_rows += segment_key_rows(first, chunk)
     return segments, key_rows
 
@@ -237,6 +236,13 @@ def segment_ends(first: int, last: int, ends_data: bytes) -> tuple[int, ...]:
     if len(ends) != last - first + 1:
         raise errors.IntegrityError(f"the segment of events {first}..{last} is damaged")
     return ends
+
+
+def compress_body(plain: bytes | bytearray) -> bytes:
+    """A segment's events' JSON as it is stored (:data:`BODY_FORMAT`): one LZ4 block, its size
+    left to the segment's ``ends`` (see :func:`expand_body`)."""
+    block: bytes = lz4.block.compress(plain, store_size=False)
+    return block
 
 
 def expand_body(first: int, last: int, ends: Sequence[int], body: bytes) -> bytes:

@@ -31,8 +31,6 @@ from operator import itemgetter
 from types import TracebackType
 from typing import Final
 
-import lz4.block
-
 from perps_indexer import errors
 from perps_indexer.events import AnyEvent
 from perps_indexer.store.base import (
@@ -43,6 +41,7 @@ from perps_indexer.store.base import (
     KeyRow,
     check_bounds,
     check_contiguous,
+    compress_body,
     decode_event,
     decode_part,
     decode_segment,
@@ -359,7 +358,7 @@ class SQLiteStore(EventStore):
                 ends = segment_ends(first, last, ends_data)
                 if (ends[-1] if ends else 0) != len(body):
                     raise errors.IntegrityError(f"the segment of events {first}..{last} is damaged")
-                updates.append((lz4.block.compress(body, store_size=False), first))
+                updates.append((compress_body(body), first))
                 count += last - first + 1
             conn.executemany(_SET_BODY, updates)
             after = rows[-1][0]
