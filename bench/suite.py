@@ -1193,6 +1193,12 @@ print(round(best))
 from hour to hour, and figures of different runs compare only beside it."""
 
 
+def host_text(host: dict[str, float]) -> str:
+    """A scenario's host figures for people: the speed before it (when measured), the steal."""
+    speed = f"host speed {host['speed']:,.0f} ops/s, " if "speed" in host else ""
+    return f"{speed}{host['steal']:.1%} of the server's CPU stolen"
+
+
 def calibrate() -> int:
     """Operations per second of :data:`CALIBRATION` on the server's CPU (best of five)."""
     proc = subprocess.run(
@@ -1351,8 +1357,15 @@ def main() -> int:
             if unknown:
                 parser.error(f"--bare: no such loop {', '.join(sorted(unknown))}")
         errors: dict[str, str] = {}
+        hosts: dict[str, dict[str, float]] = {}
+        info["hosts"] = hosts
         for number in chosen:
             name, scenario = SCENARIOS[number]
+            # The host's speed just before each scenario and the time stolen from the server's
+            # CPU during it: the VM's speed moves within a run, so a scenario's figure is read
+            # beside its own (the quick mode skips the 0.4-second calibrations).
+            host: dict[str, float] = {} if args.quick else {"speed": calibrate()}
+            ticks = b.cpu_ticks(b.SERVER_CPU)
             t = time.monotonic()
             print(f"scenario {number}: {name} ...", flush=True)
             try:
@@ -1361,7 +1374,10 @@ def main() -> int:
                 traceback.print_exc()
                 errors[str(number)] = f"{type(exc).__name__}: {exc}"
                 ctx.failures.append(f"scenario {number} failed: {exc}")
-            print(f"scenario {number}: done in {time.monotonic() - t:.1f} s", flush=True)
+            host["steal"] = b.steal_share(ticks, b.cpu_ticks(b.SERVER_CPU))
+            hosts[str(number)] = host
+            done = f"done in {time.monotonic() - t:.1f} s; {host_text(host)}"
+            print(f"scenario {number}: {done}", flush=True)
         info["loadavg_end"] = b.loadavg()
         info["calibration_end"] = calibrate()
         info["server_args"] = args.server_args
@@ -1384,6 +1400,10 @@ def main() -> int:
         f"load average {info['loadavg_start']} -> "
         f"{info['loadavg_end']}, {info['seconds']} s; host speed (a fixed Python loop on the "
         f"server's CPU) {info['calibration_start']:,} -> {info['calibration_end']:,} ops/s"
+    )
+    print(
+        "each scenario's host: "
+        + "; ".join(f"{number}: {host_text(host)}" for number, host in hosts.items())
     )
     print("\n".join(lines))
     print(f"\nfigures: {out}")

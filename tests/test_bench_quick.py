@@ -98,6 +98,10 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert all(finite(p["ours_client_sleeps_per_s"]) for p in pairs)
     assert finite(figures["8"]["median_ratio_best"])
     assert "Targets:" in stdout and "pairs in turns (scenario 8)" in stdout
+    hosts = result["machine"]["hosts"]  # the time stolen from the server's CPU, per scenario
+    assert sorted(hosts) == sorted(figures)
+    assert all(0 <= host["steal"] <= 1 and "speed" not in host for host in hosts.values())
+    assert "each scenario's host: 1: " in stdout
 
 
 @pytest.mark.slow
