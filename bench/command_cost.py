@@ -16,12 +16,14 @@ Commands: market buys of 2,500 lots (leverage 10), each filling 5 resting asks o
 6 addresses. Timestamps come from a counter, not the clock. The heap rebuilt at start is frozen
 (``gc.freeze``), as the server freezes its surviving heap every second.
 
-The prefilled log is written once to ``--db`` (default: a file in the system's temporary
-directory, reused when it exists) and copied for each run, so runs start from the same file.
+The prefilled log holds enough asks for ``max(--commands, --prefill-for)`` market buys. It is
+written once to ``--db`` (default: a file of that size in the system's temporary directory,
+reused when it exists) and copied for each run, so runs start from the same file.
 
 Instructions per command, repeatable on a busy machine: run under callgrind with ``--commands
 0`` and with ``--commands N`` and divide the difference by N (opening the venue replays the
-prefilled log, which the difference removes):
+prefilled log, which the difference removes). Both runs must open the same log: for N above
+2,000, give both ``--prefill-for N``.
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg0 .venv/bin/python \\
         bench/command_cost.py --commands 0
@@ -41,7 +43,9 @@ import gc
 import hashlib
 import json
 import math
+import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -93,19 +97,48 @@ class CountingHub:
         return 1
 
 
+def prefill_rounds(accounts: int, commands_: int) -> int:
+    """Resting asks an account needs for ``commands_`` market buys."""
+    return max(1, math.ceil(commands_ * SWEEP / accounts))
+
+
+def default_db(accounts: int, commands_: int) -> Path:
+    """Where the prefilled log for ``commands_`` is kept when ``--db`` is not given: one file
+    per size, so runs of different sizes do not rebuild each other's."""
+    rounds = prefill_rounds(accounts, commands_)
+    return Path(tempfile.gettempdir()) / f"perps-command-cost-{accounts}x{rounds}.db"
+
+
 def prefilled(db: Path, accounts: int, commands_: int) -> Path:
     """A prefilled log with enough asks for ``commands_`` (kept at ``db``; rebuilt when it
-    has too few)."""
-    rounds = max(1, math.ceil(commands_ * SWEEP / accounts))
+    was made for another size).
+
+    It is built under a name of its own and moved into place whole, so that runs started
+    together (say, the two callgrind runs of the module's recipe) never read a half-built
+    log: each builds its own and the last move wins, with the same content."""
+    rounds = prefill_rounds(accounts, commands_)
     meta = db.with_suffix(".json")
     want = {"accounts": accounts, "rounds": rounds}
-    if not db.exists() or not meta.exists() or json.loads(meta.read_text()) != want:
-        for stale in (db, *(db.with_name(db.name + s) for s in ("-wal", "-shm"))):
-            stale.unlink(missing_ok=True)
-        b.prefill(db, accounts=accounts, asks_per_account=rounds)
-        with SQLiteStore(db) as store:  # folds the WAL into the file, so one file is copied
+    if db.exists() and meta.exists() and json.loads(meta.read_text()) == want:
+        return db
+    building = db.with_name(f"{db.name}.building-{os.getpid()}")
+    parts = [building.with_name(building.name + s) for s in ("", "-wal", "-shm")]
+    for stale in parts:
+        stale.unlink(missing_ok=True)
+    print(f"building the prefilled log {db} ({accounts:,} accounts x {rounds})", file=sys.stderr)
+    try:
+        b.prefill(building, accounts=accounts, asks_per_account=rounds)
+        with SQLiteStore(building) as store:  # folds the WAL into the file: one file to move
             store.last_seq()
-        meta.write_text(json.dumps(want))
+        for stale in (db.with_name(db.name + s) for s in ("-wal", "-shm")):
+            stale.unlink(missing_ok=True)  # a crashed run's, which SQLite would apply to it
+        building.replace(db)
+        written = meta.with_name(f"{meta.name}.{os.getpid()}")
+        written.write_text(json.dumps(want))
+        written.replace(meta)
+    finally:
+        for stale in parts:
+            stale.unlink(missing_ok=True)
     return db
 
 
@@ -183,10 +216,14 @@ def main() -> None:
         "--check", action="store_true", help="print digests of the messages and events"
     )
     args = parser.parse_args()
-    db = Path(args.db or Path(tempfile.gettempdir()) / "perps-command-cost.db")
-    prefilled(db, args.accounts, max(args.commands, args.prefill_for))
+    size = max(args.commands, args.prefill_for)
+    db = Path(args.db) if args.db else default_db(args.accounts, size)
+    prefilled(db, args.accounts, size)
     with tempfile.TemporaryDirectory(prefix="bench-command-cost-") as tmp:
-        print(json.dumps(run(db, Path(tmp), args.accounts, args.commands, args.group, args.check)))
+        result = run(db, Path(tmp), args.accounts, args.commands, args.group, args.check)
+    # Which log the run opened: two runs' instructions subtract only over the same one.
+    result["prefill_rounds"] = prefill_rounds(args.accounts, size)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -138,3 +138,28 @@ def test_restart_stall_times_flushes_across_wal_restarts(tmp_path: Path) -> None
     assert result["restarts"] >= 1
     assert result["flush_ms"]["n"] == 500
     assert 0 < result["flush_ms"]["p50"] <= result["flush_ms"]["p99"] <= result["flush_ms"]["max"]
+
+
+def test_command_cost_runs_started_together_share_one_prefilled_log(tmp_path: Path) -> None:
+    """Two bench/command_cost.py runs started at once on a log not built yet, as the module's
+    callgrind recipe starts them: each builds the log under a name of its own and moves it
+    into place whole, so both succeed with the same messages and events, digest for digest,
+    and only the log and its marker are left. (Before, both built it in place, and a run
+    under callgrind, 50 times slower, read the log while the other rebuilt it.)"""
+    db = tmp_path / "prefill.db"
+    args = ["--accounts", "200", "--commands", "40", "--prefill-for", "40", "--check"]
+    args += ["--db", str(db)]
+    cmd = [sys.executable, str(ROOT / "bench" / "command_cost.py"), *args]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    first, second = (json.loads(out) for out, _ in outs)
+    timings = ("seconds", "cpu_s", "us_per_command")
+    assert {k: v for k, v in first.items() if k not in timings} == {
+        k: v for k, v in second.items() if k not in timings
+    }
+    assert first["events"] == 40 * 6 and first["prefill_rounds"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prefill.db", "prefill.json"]
