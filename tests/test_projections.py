@@ -530,12 +530,14 @@ def test_messages_are_encoded_once_per_change(
         calls.append(topic)
         return wire.join_message(topic, parts, seq)
 
-    def counting_rows(row: Any) -> bytes:
-        rows.append(row)
-        return wire.encode_row(row)
+    encode = projections._encode
+
+    def counting_rows(entry: Any) -> bytes:
+        rows.append(entry.row())
+        return encode(entry)
 
     monkeypatch.setattr(projections, "join_message", counting)
-    monkeypatch.setattr(projections, "encode_row", counting_rows)
+    monkeypatch.setattr(projections, "_encode", counting_rows)
     p = venue.proj
     first = p.message("orderbook", 396)
     b_history = p.message("order_history", B)

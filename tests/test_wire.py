@@ -593,3 +593,55 @@ def test_added_margin_alone_may_or_may_not_change_a_position_row() -> None:
     big = 6_050_000 * 10**9
     assert wire.same_position_row(position(value=big), position(value=big, added_margin=1), SPEC)
     assert not wire.same_position_row(position(), position(added_margin=1), SPEC)
+
+
+# Any int a field may hold (negative pnl, trade ids past 64 bits), any string an address or a
+# status may be (quotes, backslashes, control characters and non-ASCII need JSON escaping).
+ANY_INT = st.integers(-(10**30), 10**30)
+ANY_STR = st.text(max_size=70)
+
+
+@given(
+    ints=st.lists(ANY_INT, min_size=11, max_size=11),
+    flags=st.lists(st.booleans(), min_size=3, max_size=3),
+    address=ANY_STR,
+    status=ANY_STR,
+)
+def test_order_rows_written_straight_to_json_are_the_encoded_rows(
+    ints: list[int], flags: list[bool], address: str, status: str
+) -> None:
+    order_id, market_id, order_type, price, size, remaining, leverage, trade_id, value = ints[:9]
+    created, updated = ints[9:]
+    order = OrderState(
+        order_id=order_id,
+        market_id=market_id,
+        address=address,
+        is_long=flags[0],
+        is_close=flags[1],
+        is_market=flags[2],
+        restriction=0,
+        order_type=order_type,
+        price=price,
+        size=size,
+        remaining=remaining,
+        leverage=leverage,
+        trade_id=trade_id,
+        status=status,
+        value=value,
+        created=created,
+        updated=updated,
+    )
+    assert wire.order_history_json(order) == wire.encode_row(wire.order_history_row(order))
+    assert wire.open_order_json(order) == wire.encode_row(wire.open_order_row(order))
+
+
+@given(ints=st.lists(ANY_INT, min_size=8, max_size=8), address=ANY_STR, is_ask=st.booleans())
+def test_trade_and_level_rows_written_straight_to_json_are_the_encoded_rows(
+    ints: list[int], address: str, is_ask: bool
+) -> None:
+    fee, market_id, order_type, pnl, price, size, ts, trade_id = ints
+    values = (address, fee, market_id, order_type, pnl, price, size, ts, trade_id)
+    assert wire.trade_json(*values) == wire.encode_row(wire.trade_row_of(*values))
+    level = (market_id, is_ask, price, size, ts)
+    assert wire.orderbook_json(*level) == wire.encode_row(wire.orderbook_row(*level))
+    assert json.loads(wire.trade_json(*values))["address"] == address  # escaped, not raw
