@@ -343,6 +343,7 @@ def prefill(
     history_address: str | None = None,
     history_fills: int = 0,
     spare_asks: int = 0,
+    ts_ms: int | None = None,
 ) -> int:
     """Write an event log for the server to replay at start (faster than REST for setup).
 
@@ -351,13 +352,15 @@ def prefill(
     a market buy of ``k`` x 500 lots fills the next ``k`` orders, which belong to ``k``
     consecutive accounts. ``history_address`` is given ``history_fills`` fills (each a market
     buy against a maker's ask, so as many trade rows and order rows), and ``spare_asks`` more
-    asks of the maker are left resting for later fills. Returns the events written."""
+    asks of the maker are left resting for later fills. Every event is stamped ``ts_ms``
+    (default: a minute ago, for a server whose clock is the real one); with it given, the log
+    is the same byte for byte however often it is built. Returns the events written."""
     from perps_indexer.engine import Engine
     from perps_indexer.markets import default_markets
     from perps_indexer.store.sqlite import SQLiteStore
 
     engine = Engine(default_markets())
-    ts = time.time_ns() // 1_000_000 - 60_000
+    ts = time.time_ns() // 1_000_000 - 60_000 if ts_ms is None else ts_ms
     batch: list[Any] = []
     written = 0
     with SQLiteStore(db, synchronous="NORMAL") as store:

@@ -61,6 +61,10 @@ from perps_indexer.venue import Venue
 ACCOUNT_TOPICS = frozenset({"positions", "trade_history", "open_orders", "order_history"})
 SWEEP = 5
 START_MS = 1_800_000_000_000
+PREFILL_MS = START_MS - 60_000
+"""The prefilled log's events' time, before the venue's clock starts: a fixed one, not the
+real one, so that every build is the same log and runs started together get the same log
+whichever build they copy (and ``--check`` digests compare across machines)."""
 
 
 class CountingHub:
@@ -102,10 +106,9 @@ def prefill_rounds(accounts: int, commands_: int) -> int:
     return max(1, math.ceil(commands_ * SWEEP / accounts))
 
 
-def default_db(accounts: int, commands_: int) -> Path:
-    """Where the prefilled log for ``commands_`` is kept when ``--db`` is not given: one file
-    per size, so runs of different sizes do not rebuild each other's."""
-    rounds = prefill_rounds(accounts, commands_)
+def default_db(accounts: int, rounds: int) -> Path:
+    """Where the prefilled log of ``rounds`` asks an account is kept when ``--db`` is not
+    given: one file per size, so runs of different sizes do not rebuild each other's."""
     return Path(tempfile.gettempdir()) / f"perps-command-cost-{accounts}x{rounds}.db"
 
 
@@ -115,10 +118,12 @@ def prefilled(db: Path, accounts: int, commands_: int) -> Path:
 
     It is built under a name of its own and moved into place whole, so that runs started
     together (say, the two callgrind runs of the module's recipe) never read a half-built
-    log: each builds its own and the last move wins, with the same content."""
+    log: each builds its own and the last move wins. The builds are the same byte for byte
+    (their events are stamped by a fixed clock), so which one wins does not matter."""
     rounds = prefill_rounds(accounts, commands_)
     meta = db.with_suffix(".json")
-    want = {"accounts": accounts, "rounds": rounds}
+    # The stamp too: a log kept from before it was fixed (stamped by the real clock) is rebuilt.
+    want = {"accounts": accounts, "rounds": rounds, "ts_ms": PREFILL_MS}
     if db.exists() and meta.exists() and json.loads(meta.read_text()) == want:
         return db
     building = db.with_name(f"{db.name}.building-{os.getpid()}")
@@ -127,7 +132,7 @@ def prefilled(db: Path, accounts: int, commands_: int) -> Path:
         stale.unlink(missing_ok=True)
     print(f"building the prefilled log {db} ({accounts:,} accounts x {rounds})", file=sys.stderr)
     try:
-        b.prefill(building, accounts=accounts, asks_per_account=rounds)
+        b.prefill(building, accounts=accounts, asks_per_account=rounds, ts_ms=PREFILL_MS)
         with SQLiteStore(building) as store:  # folds the WAL into the file: one file to move
             store.last_seq()
         for stale in (db.with_name(db.name + s) for s in ("-wal", "-shm")):
@@ -217,12 +222,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     size = max(args.commands, args.prefill_for)
-    db = Path(args.db) if args.db else default_db(args.accounts, size)
+    rounds = prefill_rounds(args.accounts, size)
+    db = Path(args.db) if args.db else default_db(args.accounts, rounds)
     prefilled(db, args.accounts, size)
     with tempfile.TemporaryDirectory(prefix="bench-command-cost-") as tmp:
         result = run(db, Path(tmp), args.accounts, args.commands, args.group, args.check)
     # Which log the run opened: two runs' instructions subtract only over the same one.
-    result["prefill_rounds"] = prefill_rounds(args.accounts, size)
+    result["prefill_rounds"] = rounds
     print(json.dumps(result))
 
 

@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+import command_cost  # bench/, on pytest's pythonpath
+from perps_indexer.store.sqlite import SQLiteStore
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -163,3 +166,14 @@ def test_command_cost_runs_started_together_share_one_prefilled_log(tmp_path: Pa
     }
     assert first["events"] == 40 * 6 and first["prefill_rounds"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prefill.db", "prefill.json"]
+
+
+def test_command_cost_builds_the_same_prefilled_log_every_time(tmp_path: Path) -> None:
+    """What makes runs started together agree: a log built later holds the same events (the
+    real clock would stamp each build differently, and a run's messages carry the stamps)."""
+    logs = []
+    for name in ("first.db", "second.db"):
+        db = command_cost.prefilled(tmp_path / name, accounts=50, commands_=10)
+        with SQLiteStore(db) as store:
+            logs.append(list(store.read()))
+    assert logs[0] and logs[0] == logs[1]

@@ -148,7 +148,18 @@ class _Entry(Protocol):
         ...
 
 
-class _Order(msgspec.Struct, gc=False):
+class _RowEntry(msgspec.Struct, gc=False):
+    """Base of the entries: the row's JSON through the row struct, for those without a way
+    around it (see :func:`perps_indexer.wire.order_history_json`)."""
+
+    def row(self) -> Row:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        return encode_row(self.row())
+
+
+class _Order(_RowEntry, gc=False):
     """An order's history row."""
 
     state: OrderState
@@ -161,7 +172,7 @@ class _Order(msgspec.Struct, gc=False):
         return order_history_json(self.state)
 
 
-class _Open(msgspec.Struct, gc=False):
+class _Open(_RowEntry, gc=False):
     """A resting order's open_orders row."""
 
     state: OrderState
@@ -174,7 +185,7 @@ class _Open(msgspec.Struct, gc=False):
         return open_order_json(self.state)
 
 
-class _Position(msgspec.Struct, gc=False):
+class _Position(_RowEntry, gc=False):
     """An open position's row."""
 
     state: PositionState
@@ -184,11 +195,8 @@ class _Position(msgspec.Struct, gc=False):
     def row(self) -> PositionRow:
         return position_row(self.state, self.spec)
 
-    def encode(self) -> bytes:
-        return encode_row(self.row())
 
-
-class _Trade(msgspec.Struct, gc=False):
+class _Trade(_RowEntry, gc=False):
     """One party's side of a fill: the values its trade_history row shows (not the event,
     which would keep both parties' order and position states alive)."""
 
@@ -220,7 +228,7 @@ class _Trade(msgspec.Struct, gc=False):
         )
 
 
-class _Recent(msgspec.Struct, gc=False):
+class _Recent(_RowEntry, gc=False):
     """A market's public fill."""
 
     fill: Fill
@@ -229,11 +237,8 @@ class _Recent(msgspec.Struct, gc=False):
     def row(self) -> RecentTradeRow:
         return recent_trade_row(self.fill)
 
-    def encode(self) -> bytes:
-        return encode_row(self.row())
 
-
-class _Level(msgspec.Struct, gc=False):
+class _Level(_RowEntry, gc=False):
     """An aggregated price level: total remaining lots and when it last changed."""
 
     market_id: int
@@ -250,7 +255,7 @@ class _Level(msgspec.Struct, gc=False):
         return orderbook_json(self.market_id, self.is_ask, self.price, self.size, self.ts)
 
 
-class _Best(msgspec.Struct, gc=False):
+class _Best(_RowEntry, gc=False):
     """A market's best ``(price, size)`` of each side (None: that side is empty)."""
 
     market_id: int
@@ -262,11 +267,8 @@ class _Best(msgspec.Struct, gc=False):
     def row(self) -> BestPriceRow:
         return best_price_row(self.market_id, self.bid, self.ask, self.ts)
 
-    def encode(self) -> bytes:
-        return encode_row(self.row())
 
-
-class _Deposit(msgspec.Struct, gc=False):
+class _Deposit(_RowEntry, gc=False):
     """A deposit or a withdrawal."""
 
     event: Deposited | Withdrew
@@ -274,9 +276,6 @@ class _Deposit(msgspec.Struct, gc=False):
 
     def row(self) -> DepositWithdrawRow:
         return deposit_withdraw_row(self.event)
-
-    def encode(self) -> bytes:
-        return encode_row(self.row())
 
 
 class _Funding(msgspec.Struct, array_like=True, gc=False):

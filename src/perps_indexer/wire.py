@@ -291,6 +291,7 @@ _TRADE_JSON: Final = (
 )
 _LEVEL_JSON: Final = b'{"is_ask":%b,"last_updated":"%d","market_id":"%d","price":"%d","size":"%d"}'
 _encode_str: Final[Callable[[str], bytes]] = _encoder.encode
+_JSON_BOOL: Final = (b"false", b"true")  # indexed by the bool
 
 
 def order_history_json(order: OrderState) -> bytes:
@@ -298,7 +299,7 @@ def order_history_json(order: OrderState) -> bytes:
     o = order
     return _ORDER_HISTORY_JSON % (
         _encode_str(o.address),
-        b"true" if o.is_market else b"false",
+        _JSON_BOOL[o.is_market],
         o.updated // 1000,
         o.leverage,
         o.market_id,
@@ -361,7 +362,7 @@ def trade_json(
 
 def orderbook_json(market_id: int, is_ask: bool, price: int, size: int, ts_ms: int) -> bytes:
     """``encode_row(orderbook_row(...))`` of the same values, without building the row."""
-    return _LEVEL_JSON % (b"true" if is_ask else b"false", ts_ms // 1000, market_id, price, size)
+    return _LEVEL_JSON % (_JSON_BOOL[is_ask], ts_ms // 1000, market_id, price, size)
 
 
 def _tail(topic: str) -> bytes:
