@@ -645,3 +645,52 @@ def test_trade_and_level_rows_written_straight_to_json_are_the_encoded_rows(
     level = (market_id, is_ask, price, size, ts)
     assert wire.orderbook_json(*level) == wire.encode_row(wire.orderbook_row(*level))
     assert json.loads(wire.trade_json(*values))["address"] == address  # escaped, not raw
+
+
+@given(
+    value=ANY_INT,
+    size=st.integers(1, 10**30),
+    leverage=st.integers(1, 1_000),
+    added_margin=st.integers(0, 10**30),
+    others=st.lists(ANY_INT, min_size=4, max_size=4),
+    stops=st.lists(st.none() | ANY_INT, min_size=2, max_size=2),
+    is_long=st.booleans(),
+    address=ANY_STR,
+)
+def test_position_rows_written_straight_to_json_are_the_encoded_rows(
+    value: int,
+    size: int,
+    leverage: int,
+    added_margin: int,
+    others: list[int],
+    stops: list[int | None],
+    is_long: bool,
+    address: str,
+) -> None:
+    margin, market_id, trade_id, updated = others
+    pos = position(
+        address=address,
+        market_id=market_id,
+        is_long=is_long,
+        trade_id=trade_id,
+        leverage=leverage,
+        size=size,
+        value=value,
+        margin=margin,
+        added_margin=added_margin,
+        sl=stops[0],
+        tp=stops[1],
+        updated=updated,
+    )
+    try:
+        expected = wire.encode_row(wire.position_row(pos, SPEC))
+    except (ArithmeticError, ValueError) as exc:  # a value of 0 with margin added, overflow
+        with pytest.raises(type(exc)):
+            wire.position_json(pos, SPEC)
+    else:
+        assert wire.position_json(pos, SPEC) == expected
+
+
+def test_a_position_with_no_size_has_no_row_either_way() -> None:
+    with pytest.raises(ValueError, match="no size"):
+        wire.position_json(position(size=0), SPEC)

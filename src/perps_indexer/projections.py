@@ -113,6 +113,7 @@ from perps_indexer.wire import (
     order_history_row,
     orderbook_json,
     orderbook_row,
+    position_json,
     position_row,
     recent_trade_row,
     same_order_history_row,
@@ -194,6 +195,9 @@ class _Position(_RowEntry, gc=False):
 
     def row(self) -> PositionRow:
         return position_row(self.state, self.spec)
+
+    def encode(self) -> bytes:
+        return position_json(self.state, self.spec)
 
 
 class _Trade(_RowEntry, gc=False):

@@ -274,7 +274,8 @@ own method, not a function around it: one Python call less for every pushed row.
 # Building it (keyword arguments, a str() per number) was about 60 % of a row's cost, and the
 # projections encode one or more such rows for every order change and fill. The structs stay
 # the schema: tests/test_wire.py checks the two agree for any values. Strings go through the
-# encoder (JSON escaping); every other field is an int, which "%d" writes as str() does.
+# encoder (JSON escaping); every other field is an int, which "%d" writes as str() does, except a
+# position's entry and liquidation prices, decimal texts that hold nothing JSON escapes.
 _ORDER_HISTORY_JSON: Final = (
     b'{"address":%b,"is_market_order":%b,"last_updated":"%d","leverage":%d,"market_id":"%d",'
     b'"order_id":"%d","order_type":%d,"order_value":"%d","price":"%d","size":"%d",'
@@ -290,6 +291,11 @@ _TRADE_JSON: Final = (
     b'"pnl":"%d","price":"%d","size":"%d","timestamp":"%d","trade_id":"%d"}'
 )
 _LEVEL_JSON: Final = b'{"is_ask":%b,"last_updated":"%d","market_id":"%d","price":"%d","size":"%d"}'
+_POSITION_JSON: Final = (
+    b'{"address":%b,"entry_price":"%b","is_long":%b,"last_updated":"%d","leverage":%d,'
+    b'"liq_price":"%b","margin":"%d","market_id":"%d","size":"%d","sl":%b,"tp":%b,'
+    b'"trade_id":"%d","value":"%d"}'
+)
 _encode_str: Final[Callable[[str], bytes]] = _encoder.encode
 _JSON_BOOL: Final = (b"false", b"true")  # indexed by the bool
 
@@ -363,6 +369,34 @@ def trade_json(
 def orderbook_json(market_id: int, is_ask: bool, price: int, size: int, ts_ms: int) -> bytes:
     """``encode_row(orderbook_row(...))`` of the same values, without building the row."""
     return _LEVEL_JSON % (_JSON_BOOL[is_ask], ts_ms // 1000, market_id, price, size)
+
+
+def position_json(pos: PositionState, spec: MarketSpec) -> bytes:
+    """``encode_row(position_row(pos, spec))``, without building the row."""
+    value, size = pos.value, pos.size
+    if size <= 0:
+        raise ValueError(f"position {pos.trade_id} has no size: it is not an open position")
+    liq = liquidation_price(
+        value, size, pos.leverage, pos.is_long, spec.maintenance_margin_bps, pos.added_margin
+    )
+    # Both texts are ASCII digits, a sign, a point or an exponent: nothing JSON escapes.
+    entry = b"%d" % (value // size) if value % size == 0 else format_ratio(value, size).encode()
+    sl, tp = pos.sl, pos.tp
+    return _POSITION_JSON % (
+        _encode_str(pos.address),
+        entry,
+        _JSON_BOOL[pos.is_long],
+        pos.updated // 1000,
+        pos.leverage,
+        format_float(liq).encode(),
+        pos.margin,
+        pos.market_id,
+        size,
+        b"null" if sl is None else b'"%d"' % sl,
+        b"null" if tp is None else b'"%d"' % tp,
+        pos.trade_id,
+        value,
+    )
 
 
 def _tail(topic: str) -> bytes:
