@@ -373,29 +373,22 @@ def orderbook_json(market_id: int, is_ask: bool, price: int, size: int, ts_ms: i
 
 def position_json(pos: PositionState, spec: MarketSpec) -> bytes:
     """``encode_row(position_row(pos, spec))``, without building the row."""
-    value, size = pos.value, pos.size
-    if size <= 0:
-        raise ValueError(f"position {pos.trade_id} has no size: it is not an open position")
-    liq = liquidation_price(
-        value, size, pos.leverage, pos.is_long, spec.maintenance_margin_bps, pos.added_margin
-    )
-    # Both texts are ASCII digits, a sign, a point or an exponent: nothing JSON escapes.
-    entry = b"%d" % (value // size) if value % size == 0 else format_ratio(value, size).encode()
+    entry, liq = _position_prices(pos, spec)
     sl, tp = pos.sl, pos.tp
     return _POSITION_JSON % (
         _encode_str(pos.address),
-        entry,
+        entry.encode(),  # decimal texts: nothing in them needs JSON escaping
         _JSON_BOOL[pos.is_long],
         pos.updated // 1000,
         pos.leverage,
-        format_float(liq).encode(),
+        liq.encode(),
         pos.margin,
         pos.market_id,
-        size,
+        pos.size,
         b"null" if sl is None else b'"%d"' % sl,
         b"null" if tp is None else b'"%d"' % tp,
         pos.trade_id,
-        value,
+        pos.value,
     )
 
 
@@ -424,8 +417,8 @@ def _opt(value: int | None) -> str | None:
     return None if value is None else str(value)
 
 
-def position_row(pos: PositionState, spec: MarketSpec) -> PositionRow:
-    """The row of an open position; ``pos.size`` must be positive."""
+def _position_prices(pos: PositionState, spec: MarketSpec) -> tuple[str, str]:
+    """An open position's entry and liquidation price texts; ``pos.size`` must be positive."""
     if pos.size <= 0:
         raise ValueError(f"position {pos.trade_id} has no size: it is not an open position")
     liq = liquidation_price(
@@ -436,13 +429,19 @@ def position_row(pos: PositionState, spec: MarketSpec) -> PositionRow:
         spec.maintenance_margin_bps,
         pos.added_margin,
     )
+    return format_ratio(pos.value, pos.size), format_float(liq)
+
+
+def position_row(pos: PositionState, spec: MarketSpec) -> PositionRow:
+    """The row of an open position; ``pos.size`` must be positive."""
+    entry, liq = _position_prices(pos, spec)
     return PositionRow(
         address=pos.address,
-        entry_price=format_ratio(pos.value, pos.size),
+        entry_price=entry,
         is_long=pos.is_long,
         last_updated=seconds(pos.updated),
         leverage=pos.leverage,
-        liq_price=format_float(liq),
+        liq_price=liq,
         margin=str(pos.margin),
         market_id=str(pos.market_id),
         size=str(pos.size),
