@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,12 +64,29 @@ def test_read_only_and_limit_flags(tmp_path: Path) -> None:
         ("--fanout-share", "-0.5"),
         ("--commit-batch", "-1"),
         ("--checkpoint-every", "-0.25"),
+        ("--malloc-keep-mib", "-2"),
     ],
 )
 def test_refuses_negative_settings(tmp_path: Path, flag: str, shown: str) -> None:
     value = shown.removesuffix(".0")
     done = refused_serve(tmp_path, flag, value)
     assert f"{flag} takes 0 or more, got {shown}" in done.stderr
+
+
+def test_serve_says_how_it_set_malloc(tmp_path: Path) -> None:
+    server = spawn_server(tmp_path / "m.db", "--log-level", "INFO", "--malloc-keep-mib", "2")
+    try:
+        deadline = time.monotonic() + 10
+        while not any("malloc:" in line for line in server.banner):
+            assert time.monotonic() < deadline, server.banner
+            time.sleep(0.05)
+        said = next(line for line in server.banner if "malloc:" in line)
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            assert "blocks up to 2 MiB from the heap, up to 4 MiB kept free" in said
+        else:
+            assert "left as it is" in said
+    finally:
+        server.terminate()
 
 
 def test_serve_defaults_are_the_servers_own() -> None:

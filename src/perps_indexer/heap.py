@@ -1,4 +1,4 @@
-"""The server process's garbage-collection policy.
+"""The server process's memory policy: garbage collection, and glibc's malloc.
 
 CPython's full collections scan every tracked object. A server holding 10,000 connections
 tracks a few million objects, and a full collection of them paused it for 0.5-0.9 s, several
@@ -22,8 +22,11 @@ before an automatic full collection finds them (at 10 s, the first such collecti
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
+import os
+import platform
 import time
 from typing import Final, Literal
 
@@ -105,3 +108,40 @@ async def keep_heap(freeze_every: float, full_every: float) -> None:
                 )
     finally:
         gc.set_threshold(young, middle, old)
+
+
+# mallopt(3) parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+MALLOC_ENVIRONMENT: Final = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+"""Variables through which an operator sets glibc's malloc; when one is set, it rules."""
+
+
+def keep_large_blocks(mib: int) -> bool:
+    """Have glibc's malloc serve blocks of up to ``mib`` MiB from its heap, and keep up to
+    twice that free at the heap's top, instead of mapping fresh zeroed pages for every large
+    block and returning them when it is freed. False where that cannot be set: not glibc,
+    or an operator's setting in the environment (:data:`MALLOC_ENVIRONMENT`).
+
+    Why: by default glibc maps a block of 128 KiB or more on its own and unmaps it when it is
+    freed, and trims its heap once 128 KiB lie free at the top (thresholds that it raises
+    when a mapped block is freed, but not past two such blocks alive at once). A message
+    of a large history (1,000 rows, 345 KB), its id spliced in and its frame are such blocks,
+    made and freed on every push: each paid a page fault and a page zeroed per 4 KiB. Joining
+    a 1,000-row message took 346 µs so, and 28-43 µs from the heap (BENCHMARKS.md, issue 7).
+    What this costs: up to ``2 * mib`` MiB freed but kept by the process.
+    """
+    if mib <= 0:
+        raise ValueError(f"mib must be positive, got {mib}")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(os.environ.get(name) for name in MALLOC_ENVIRONMENT):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    # mallopt returns 1 on success; the mmap threshold is capped (32 MiB on 64-bit glibc).
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, mib << 20) == 1
+        and mallopt(_M_TRIM_THRESHOLD, (2 * mib) << 20) == 1
+    )
