@@ -129,7 +129,7 @@ def keep_large_blocks(mib: int) -> bool:
     of a large history (1,000 rows, 345 KB), its id spliced in and its frame are such blocks,
     made and freed on every push: each paid a page fault and a page zeroed per 4 KiB. Joining
     a 1,000-row message took 346 µs so, and 28-43 µs from the heap (BENCHMARKS.md, issue 7).
-    What this costs: up to ``2 * mib`` MiB freed but kept by the process.
+    What this costs: up to ``2 * mib`` MiB freed at the heap's top stays with the process.
     """
     if mib <= 0:
         raise ValueError(f"mib must be positive, got {mib}")
