@@ -73,6 +73,11 @@ def test_refuses_negative_settings(tmp_path: Path, flag: str, shown: str) -> Non
     assert f"{flag} takes 0 or more, got {shown}" in done.stderr
 
 
+def test_refuses_a_malloc_size_past_glibcs_cap(tmp_path: Path) -> None:
+    done = refused_serve(tmp_path, "--malloc-keep-mib", "64")
+    assert "--malloc-keep-mib takes 0 to 32 (glibc's cap), got 64" in done.stderr
+
+
 def test_serve_says_how_it_set_malloc(tmp_path: Path) -> None:
     server = spawn_server(tmp_path / "m.db", "--log-level", "INFO", "--malloc-keep-mib", "2")
     try:

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import pytest
 
 from perps_indexer.heap import (
-    MALLOC_ENVIRONMENT,
     OLD_THRESHOLD,
     HeapPolicy,
     full_collection,
@@ -125,7 +124,8 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def large_blocks(mode: str, **env: str) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if k not in MALLOC_ENVIRONMENT}
+    ours = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    clean = {k: v for k, v in os.environ.items() if k not in ours}
     done = subprocess.run(
         [sys.executable, "-c", _LARGE_BLOCKS, mode],
         capture_output=True,
@@ -156,6 +156,15 @@ def test_an_operators_malloc_setting_in_the_environment_rules() -> None:
     assert faults > 2_000
 
 
-def test_keep_large_blocks_takes_a_positive_size() -> None:
-    with pytest.raises(ValueError, match="mib must be positive"):
-        keep_large_blocks(0)
+@pytest.mark.skipif(not GLIBC, reason="tunes glibc's malloc")
+def test_glibc_tunables_of_malloc_rule_and_others_do_not() -> None:
+    kept, _ = large_blocks("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=131072")
+    assert kept == "False"
+    kept, faults = large_blocks("keep", GLIBC_TUNABLES="glibc.cpu.x86_shstk=permissive")
+    assert kept == "True" and faults < 2_000
+
+
+@pytest.mark.parametrize("mib", [0, -1, 33])
+def test_keep_large_blocks_takes_a_size_glibc_allows(mib: int) -> None:
+    with pytest.raises(ValueError, match="mib must be 1 to 32"):
+        keep_large_blocks(mib)

@@ -13,7 +13,7 @@ from typing import Any
 
 from perps_indexer import __version__
 from perps_indexer.errors import ConfigurationError, PerpsIndexerError
-from perps_indexer.heap import keep_heap, keep_large_blocks
+from perps_indexer.heap import MAX_KEEP_MIB, keep_heap, keep_large_blocks
 
 log = logging.getLogger("perps_indexer")
 
@@ -155,8 +155,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=4,
         help="glibc's malloc serves blocks up to this many MiB from its heap and keeps twice "
         "that free, instead of mapping and zeroing fresh pages for every large message "
-        "(default 4; 0: glibc's defaults; ignored where MALLOC_MMAP_THRESHOLD_, "
-        "MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES is set)",
+        "(default 4, at most 32; 0: glibc's defaults; ignored where MALLOC_MMAP_THRESHOLD_, "
+        "MALLOC_TRIM_THRESHOLD_ or a glibc.malloc tunable in GLIBC_TUNABLES is set)",
     )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
 
@@ -276,15 +276,12 @@ async def _serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 0:
             option = "--" + flag.replace("_", "-")
             raise ConfigurationError(f"{option} takes 0 or more, got {getattr(args, flag)}")
+    if args.malloc_keep_mib > MAX_KEEP_MIB:
+        raise ConfigurationError(
+            f"--malloc-keep-mib takes 0 to {MAX_KEEP_MIB} (glibc's cap), got {args.malloc_keep_mib}"
+        )
     if args.malloc_keep_mib > 0:
-        if keep_large_blocks(args.malloc_keep_mib):
-            log.info(
-                "malloc: blocks up to %d MiB from the heap, up to %d MiB kept free",
-                args.malloc_keep_mib,
-                2 * args.malloc_keep_mib,
-            )
-        else:
-            log.info("malloc: left as it is (not glibc, or set by the environment)")
+        keep_large_blocks(args.malloc_keep_mib)  # logs what it did
     server = Server(config)
     await server.start()
     # The replayed state is long-lived: move it out of the collector's reach so that full

@@ -113,15 +113,25 @@ async def keep_heap(freeze_every: float, full_every: float) -> None:
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD: Final = -1
 _M_MMAP_THRESHOLD: Final = -3
-MALLOC_ENVIRONMENT: Final = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-"""Variables through which an operator sets glibc's malloc; when one is set, it rules."""
+MAX_KEEP_MIB: Final = 32
+"""glibc's cap on its mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)."""
+
+
+def malloc_environment() -> str | None:
+    """The operator's setting of glibc's malloc in the environment, if there is one."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        if os.environ.get(name):
+            return name
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES"
+    return None
 
 
 def keep_large_blocks(mib: int) -> bool:
     """Have glibc's malloc serve blocks of up to ``mib`` MiB from its heap, and keep up to
     twice that free at the heap's top, instead of mapping fresh zeroed pages for every large
-    block and returning them when it is freed. False where that cannot be set: not glibc,
-    or an operator's setting in the environment (:data:`MALLOC_ENVIRONMENT`).
+    block and returning them when it is freed. Logs what it did; False where it did nothing:
+    not glibc, or an operator's setting in the environment (:func:`malloc_environment`).
 
     Why: by default glibc maps a block of 128 KiB or more on its own and unmaps it when it is
     freed, and trims its heap once 128 KiB lie free at the top (thresholds that it raises
@@ -131,17 +141,20 @@ def keep_large_blocks(mib: int) -> bool:
     a 1,000-row message took 346 µs so, and 28-43 µs from the heap (BENCHMARKS.md, issue 7).
     What this costs: up to ``2 * mib`` MiB freed at the heap's top stays with the process.
     """
-    if mib <= 0:
-        raise ValueError(f"mib must be positive, got {mib}")
+    if not 0 < mib <= MAX_KEEP_MIB:
+        raise ValueError(f"mib must be 1 to {MAX_KEEP_MIB}, got {mib}")
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        log.info("malloc: left as it is (the C library is not glibc)")
         return False
-    if any(os.environ.get(name) for name in MALLOC_ENVIRONMENT):
+    setting = malloc_environment()
+    if setting is not None:
+        log.info("malloc: left as %s sets it", setting)
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # mallopt returns 1 on success; the mmap threshold is capped (32 MiB on 64-bit glibc).
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, mib << 20) == 1
-        and mallopt(_M_TRIM_THRESHOLD, (2 * mib) << 20) == 1
-    )
+    if mallopt(_M_MMAP_THRESHOLD, mib << 20) != 1 or mallopt(_M_TRIM_THRESHOLD, mib << 21) != 1:
+        log.warning("malloc: glibc refused the thresholds for %d MiB", mib)
+        return False
+    log.info("malloc: blocks up to %d MiB from the heap, up to %d MiB kept free", mib, 2 * mib)
+    return True
