@@ -137,8 +137,8 @@ def keep_large_blocks(mib: int) -> bool:
     freed, and trims its heap once 128 KiB lie free at the top (thresholds that it raises
     when a mapped block is freed, but not past two such blocks alive at once). A message
     of a large history (1,000 rows, 345 KB), its id spliced in and its frame are such blocks,
-    made and freed on every push: each paid a page fault and a page zeroed per 4 KiB. Joining
-    a 1,000-row message took 346 µs so, and 28-43 µs from the heap (BENCHMARKS.md, issue 7).
+    made and freed on every push: each paid a page fault and a page zeroed per 4 KiB. Building
+    a 1,000-row message took 351-429 µs so, and 35-40 µs from the heap (BENCHMARKS.md).
     What this costs: up to ``2 * mib`` MiB freed at the heap's top stays with the process.
     """
     if not 0 < mib <= MAX_KEEP_MIB:
