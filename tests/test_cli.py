@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from perps_indexer.heap import on_glibc
 from tests.server.conftest import Client, spawn_server
 
 
@@ -86,7 +86,7 @@ def test_serve_says_how_it_set_malloc(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, server.banner
             time.sleep(0.05)
         said = next(line for line in server.banner if "malloc:" in line)
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        if on_glibc():
             assert "blocks up to 2 MiB from the heap, up to 4 MiB kept free" in said
         else:
             assert "left as it is" in said

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import platform
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,11 +13,13 @@ from collections.abc import Iterator
 import pytest
 
 from perps_indexer.heap import (
+    MALLOC_VARIABLES,
     OLD_THRESHOLD,
     HeapPolicy,
     full_collection,
     keep_heap,
     keep_large_blocks,
+    on_glibc,
 )
 
 
@@ -105,7 +106,7 @@ def test_keep_heap_makes_old_collections_rare_while_it_runs(unfrozen: None) -> N
     assert gc.get_threshold() == before
 
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = on_glibc()
 
 # Two 400 KiB blocks alive at once, then both freed, 200 times: the pattern of a large
 # history's message and its frame. Prints what keep_large_blocks returned and the minor page
@@ -124,8 +125,7 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def large_blocks(mode: str, **env: str) -> tuple[str, int]:
-    ours = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-    clean = {k: v for k, v in os.environ.items() if k not in ours}
+    clean = {k: v for k, v in os.environ.items() if k not in MALLOC_VARIABLES}
     done = subprocess.run(
         [sys.executable, "-c", _LARGE_BLOCKS, mode],
         capture_output=True,

@@ -117,13 +117,25 @@ MAX_KEEP_MIB: Final = 32
 """glibc's cap on its mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)."""
 
 
+MALLOC_VARIABLES: Final = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+"""The environment variables through which an operator sets glibc's malloc (the last only
+for its ``glibc.malloc.`` tunables)."""
+
+
+def on_glibc() -> bool:
+    """True when this process runs on Linux with glibc, whose malloc :func:`keep_large_blocks`
+    tunes."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def malloc_environment() -> str | None:
     """The operator's setting of glibc's malloc in the environment, if there is one."""
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+    *thresholds, tunables = MALLOC_VARIABLES
+    for name in thresholds:
         if os.environ.get(name):
             return name
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return "GLIBC_TUNABLES"
+    if "glibc.malloc." in os.environ.get(tunables, ""):
+        return tunables
     return None
 
 
@@ -143,7 +155,7 @@ def keep_large_blocks(mib: int) -> bool:
     """
     if not 0 < mib <= MAX_KEEP_MIB:
         raise ValueError(f"mib must be 1 to {MAX_KEEP_MIB}, got {mib}")
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         log.info("malloc: left as it is (the C library is not glibc)")
         return False
     setting = malloc_environment()
