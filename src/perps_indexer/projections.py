@@ -845,14 +845,33 @@ class Projections:
             if seq is None:
                 # Not cached: subscribers to unknown addresses must not grow the cache.
                 return _EMPTY[topic]
-            entries = _ENTRIES.get(topic)
-            if entries is None:
-                data = encode_message(topic, self.view(topic, key), seq)
-            else:
-                # A changed view's key has the topic's type (changed_at holds no other).
-                data = join_message(topic, _encoded(entries(self, key)), seq)
-            self._messages[cache_key] = data
+            data = self._messages[cache_key] = self._build(topic, key, seq)
         return data
+
+    def push_message(self, topic: str, key: str | int) -> bytes:
+        """:meth:`message` for the push of a view that has just changed: the same bytes, but
+        kept for later reads only when the view is a market's.
+
+        A market view (an order book) is read by many subscribers. An address view's push
+        goes to its few watchers at once and is seldom read again before it changes (a
+        subscribe then builds it from the rows' kept JSON). Keeping every address stream's
+        newest push held one message of up to ``history_limit`` rows per stream, for as long
+        as the stream did not change, and each new one was a fresh page of memory."""
+        if isinstance(key, int):
+            return self.message(topic, key)
+        cache_key = (topic, key)
+        data = self._messages.get(cache_key)
+        if data is not None:
+            return data
+        seq = self._changed_at.get(cache_key)
+        return _EMPTY[topic] if seq is None else self._build(topic, key, seq)
+
+    def _build(self, topic: str, key: str | int, seq: int) -> bytes:
+        entries = _ENTRIES.get(topic)
+        if entries is None:
+            return encode_message(topic, self.view(topic, key), seq)
+        # A changed view's key has the topic's type (changed_at holds no other).
+        return join_message(topic, _encoded(entries(self, key)), seq)
 
     # ------------------------------------------------------------------ persistence
 

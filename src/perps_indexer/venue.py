@@ -283,7 +283,7 @@ class Venue:
         self.events_applied += len(events)
         self.last_event_ms = events[-1].ts
         hub = self.hub
-        message = self.projections.message
+        message = self.projections.push_message
         hub.hold()  # a connection's streams changed by this batch leave in one write
         try:
             for stream in changed:
