@@ -5,8 +5,9 @@ the same bytes. Events carry post-states, so each view is updated by assignment 
 never by repeating the engine's arithmetic. Views keep what their rows are made of (post-states,
 or the few numbers a row shows), not rows: a row is built, and its JSON kept with it, when it is
 first read or pushed, so folding formats nothing and a history window's push encodes only its
-new rows. Each topic's push is built once per change (lazily, on the first
-:meth:`Projections.message` after it), however many subscribers read it.
+new rows. A market view's message is built once per change (lazily, on the first
+:meth:`Projections.message` after it) and kept, however many subscribers read it; an address
+view's push is built for its watchers and not kept (:meth:`Projections.push_message`).
 
 Which events change which view:
 
@@ -832,7 +833,7 @@ class Projections:
         return self._changed_at.get((topic, key), 0)
 
     def message(self, topic: str, key: str | int) -> bytes:
-        """The encoded push of a view's current state, encoded once per change.
+        """The encoded push of a view's current state, kept until the view changes.
 
         It carries ``"seq"``: the sequence number of the last event that changed the view, so
         a subscriber's messages of one stream carry increasing seqs. Each row's JSON is kept
