@@ -276,12 +276,14 @@ async def _serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 0:
             option = "--" + flag.replace("_", "-")
             raise ConfigurationError(f"{option} takes 0 or more, got {getattr(args, flag)}")
-    if args.malloc_keep_mib > MAX_KEEP_MIB:
-        raise ConfigurationError(
-            f"--malloc-keep-mib takes 0 to {MAX_KEEP_MIB} (glibc's cap), got {args.malloc_keep_mib}"
-        )
     if args.malloc_keep_mib > 0:
-        keep_large_blocks(args.malloc_keep_mib)  # logs what it did
+        try:
+            keep_large_blocks(args.malloc_keep_mib)  # logs what it did
+        except ValueError:  # past glibc's cap: keep_large_blocks checks the range
+            raise ConfigurationError(
+                f"--malloc-keep-mib takes 0 to {MAX_KEEP_MIB} (glibc's cap), "
+                f"got {args.malloc_keep_mib}"
+            ) from None
     server = Server(config)
     await server.start()
     # The replayed state is long-lived: move it out of the collector's reach so that full

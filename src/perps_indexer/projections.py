@@ -832,8 +832,9 @@ class Projections:
         """The seq of the last event that changed a view (0 if none ever did)."""
         return self._changed_at.get((topic, key), 0)
 
-    def message(self, topic: str, key: str | int) -> bytes:
-        """The encoded push of a view's current state, kept until the view changes.
+    def message(self, topic: str, key: str | int, *, keep: bool = True) -> bytes:
+        """The encoded push of a view's current state, kept until the view changes (with
+        ``keep`` False, built if it is not kept already, and not kept).
 
         It carries ``"seq"``: the sequence number of the last event that changed the view, so
         a subscriber's messages of one stream carry increasing seqs. Each row's JSON is kept
@@ -846,7 +847,14 @@ class Projections:
             if seq is None:
                 # Not cached: subscribers to unknown addresses must not grow the cache.
                 return _EMPTY[topic]
-            data = self._messages[cache_key] = self._build(topic, key, seq)
+            entries = _ENTRIES.get(topic)
+            if entries is None:
+                data = encode_message(topic, self.view(topic, key), seq)
+            else:
+                # A changed view's key has the topic's type (changed_at holds no other).
+                data = join_message(topic, _encoded(entries(self, key)), seq)
+            if keep:
+                self._messages[cache_key] = data
         return data
 
     def push_message(self, topic: str, key: str | int) -> bytes:
@@ -858,21 +866,7 @@ class Projections:
         subscribe then builds it from the rows' kept JSON). Keeping every address stream's
         newest push held one message of up to ``history_limit`` rows per stream, for as long
         as the stream did not change, and each new one was a fresh page of memory."""
-        if isinstance(key, int):
-            return self.message(topic, key)
-        cache_key = (topic, key)
-        data = self._messages.get(cache_key)
-        if data is not None:
-            return data
-        seq = self._changed_at.get(cache_key)
-        return _EMPTY[topic] if seq is None else self._build(topic, key, seq)
-
-    def _build(self, topic: str, key: str | int, seq: int) -> bytes:
-        entries = _ENTRIES.get(topic)
-        if entries is None:
-            return encode_message(topic, self.view(topic, key), seq)
-        # A changed view's key has the topic's type (changed_at holds no other).
-        return join_message(topic, _encoded(entries(self, key)), seq)
+        return self.message(topic, key, keep=isinstance(key, int))
 
     # ------------------------------------------------------------------ persistence
 
