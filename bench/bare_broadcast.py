@@ -23,7 +23,9 @@ JSON-looking filler.
 * ``aiohttp-batch``: the same, but a round's writes made by the server's batch writer
   (:class:`perps_indexer.server.batch_write.BatchWriter`: one call into C for the round, one
   ``send`` per client) to the clients whose transports hold nothing unsent, and
-  ``transport.write`` for the others: the server's own write path.
+  ``transport.write`` for the others: the server's own write path (its sends through one
+  io_uring submission a call where the kernel allows, as the server's; ``--no-io-uring``: one
+  ``send`` each).
 
 It prints ``ws://127.0.0.1:PORT/ws`` when it listens, and on SIGTERM the rounds and
 messages written.
@@ -115,7 +117,7 @@ async def run_aiohttp(args: argparse.Namespace, message: bytes, stop: asyncio.Ev
     enough = asyncio.Event()
 
     frame = text_frame(message)  # the server's own framing, once for every client
-    writer = BatchWriter()  # aiohttp-batch: the server's batch writer
+    writer = BatchWriter(args.io_uring)  # aiohttp-batch: the server's batch writer
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True, compress=False)
@@ -244,6 +246,13 @@ def main() -> None:
         help="aiohttp-direct/-batch with --slice: spin this many microseconds of CPU after each "
         "slice, as the server's order work comes between its slices (the sends' cost with gaps "
         "between them, without the orders' own effects on the caches)",
+    )
+    parser.add_argument(
+        "--io-uring",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="aiohttp-batch: the batch writer's sends through io_uring where the kernel allows "
+        "(default, as the server); --no-io-uring: one send(2) each",
     )
     args = parser.parse_args()
     if args.kind in ("picows", "aiohttp-direct", "aiohttp-batch"):

@@ -754,6 +754,8 @@ BARE_LOOPS: list[tuple[str, str, list[str]]] = [
     ("aiohttp", "aiohttp", []),
     ("aiohttp-direct", "aiohttp-direct", []),
     ("aiohttp-batch", "aiohttp-batch", []),
+    # The batch writer without io_uring: one send(2) a socket from its C loop.
+    ("aiohttp-batch", "aiohttp-batch-send", ["--no-io-uring"]),
     # The server's own write path with its fan-out slices (yield every 100 writes).
     ("aiohttp-batch", "aiohttp-batch/100", ["--slice", "100"]),
 ]

@@ -102,5 +102,6 @@ def test_serve_defaults_are_the_servers_own() -> None:
     args = build_parser().parse_args(["serve"])
     config = ServerConfig()
     names = ("fanout_slice", "fanout_share", "commit_batch", "checkpoint_every", "batch_write")
+    names += ("io_uring",)
     for name in (*names, "sync"):
         assert getattr(args, name) == getattr(config, name), name

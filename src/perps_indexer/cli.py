@@ -120,6 +120,13 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "transport write per connection)",
     )
     p.add_argument(
+        "--io-uring",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make a batch's sends with one io_uring system call where the kernel allows it "
+        "(default on; the log says which is used; --no-io-uring: one send(2) per connection)",
+    )
+    p.add_argument(
         "--commit-batch",
         type=int,
         default=8,
@@ -262,6 +269,7 @@ async def _serve(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         commit_batch=args.commit_batch,
         batch_write=args.batch_write,
+        io_uring=args.io_uring,
         rest_lane=args.rest_lane,
     )
     for flag in (

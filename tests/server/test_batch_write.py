@@ -1,9 +1,11 @@
-"""The fan-out's batch writer: ``send_each`` on real sockets, :class:`BatchWriter` on real
-transports (asyncio's and uvloop's, plain and TLS), and a real server with it on and off."""
+"""The fan-out's batch writer: ``send_each`` on real sockets (through io_uring and through its
+``send`` loop), :class:`BatchWriter` on real transports (asyncio's and uvloop's, plain and TLS),
+and a real server with it on and off."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -11,7 +13,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect as ws_connect
 
+from perps_indexer.server import _sendeach
 from perps_indexer.server.batch_write import AVAILABLE, BatchWriter
 from perps_indexer.server.batch_write import send_each as maybe_send_each
 from tests.server.conftest import limit_order, metrics_value, start_threaded
@@ -30,12 +33,34 @@ from tests.server.conftest import limit_order, metrics_value, start_threaded
 assert AVAILABLE and maybe_send_each is not None, "perps_indexer.server._sendeach is not built"
 send_each = maybe_send_each
 
+REFUSED_BY_KERNEL = ("Operation not permitted", "Function not implemented")
+"""Why io_uring may be missing for reasons outside the package (seccomp, io_uring_disabled,
+an old kernel): only these skip the io_uring runs; any other reason fails them."""
+
+
+def use(mode: str) -> None:
+    """Make ``send_each`` send the ``mode`` way (``io_uring`` or ``send``), or skip."""
+    got = _sendeach.set_io_uring(mode == "io_uring")
+    if mode == "send":
+        assert got == "send"
+    elif got != "io_uring":
+        if any(reason in got for reason in REFUSED_BY_KERNEL):
+            pytest.skip(f"this kernel refuses io_uring: {got}")
+        raise AssertionError(f"io_uring is not used: {got}")
+
+
+@pytest.fixture(params=["io_uring", "send"])
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    use(request.param)
+    yield request.param
+    _sendeach.set_io_uring(True)  # the default
+
 
 def pairs(n: int) -> list[tuple[socket.socket, socket.socket]]:
     return [socket.socketpair() for _ in range(n)]
 
 
-def test_send_each_writes_the_whole_frame_to_every_socket() -> None:
+def test_send_each_writes_the_whole_frame_to_every_socket(mode: str) -> None:
     socks = pairs(3)
     try:
         assert send_each([a.fileno() for a, _ in socks], b"frame") == []
@@ -46,7 +71,7 @@ def test_send_each_writes_the_whole_frame_to_every_socket() -> None:
             b.close()
 
 
-def test_send_each_reports_a_full_socket_a_gone_peer_and_what_is_not_a_socket() -> None:
+def test_send_each_reports_a_full_socket_a_gone_peer_and_what_is_not_a_socket(mode: str) -> None:
     (full, reader), (orphan, gone) = pairs(2)
     gone.close()
     read_end, write_end = os.pipe()
@@ -74,6 +99,79 @@ def test_send_each_reports_a_full_socket_a_gone_peer_and_what_is_not_a_socket() 
             s.close()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_batch_larger_than_the_ring_reaches_every_socket(mode: str) -> None:
+    """600 sockets in one call: more than one io_uring submission (the ring holds 256)."""
+    socks = pairs(600)
+    frame = bytes(range(256)) * 16
+    try:
+        assert send_each([a.fileno() for a, _ in socks], frame) == []
+        assert all(b.recv(len(frame), socket.MSG_WAITALL) == frame for _, b in socks)
+    finally:
+        for a, b in socks:
+            a.close()
+            b.close()
+
+
+KINDS = ("open", "full", "gone", "ours_not", "pipe")
+
+
+@settings(deadline=None, max_examples=40)
+@given(kinds=st.lists(st.sampled_from(KINDS), min_size=0, max_size=300))
+def test_io_uring_and_the_send_loop_report_the_same(kinds: list[str]) -> None:
+    """Any mix of sockets that take the frame, sockets that are full, peers gone, fds that are
+    not ours (-1) and fds that are not sockets: both ways give the same report, and every
+    socket that took the frame whole holds exactly it."""
+    frame = b"0123456789" * 100
+    reports = []
+    for way in ("io_uring", "send"):
+        use(way)
+        try:
+            fds, readers, closers = [], [], []
+            for kind in kinds:
+                if kind in ("ours_not",):
+                    fds.append(-1)
+                    readers.append(None)
+                    continue
+                if kind == "pipe":
+                    r, w = os.pipe()
+                    closers += [lambda r=r: os.close(r), lambda w=w: os.close(w)]
+                    fds.append(w)
+                    readers.append(None)
+                    continue
+                a, b = socket.socketpair()
+                closers += [a.close, b.close]
+                a.setblocking(False)
+                if kind == "full":
+                    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                    with contextlib.suppress(BlockingIOError):
+                        while True:
+                            a.send(b"x" * 65536)
+                if kind == "gone":
+                    b.close()
+                fds.append(a.fileno())
+                readers.append(b if kind == "open" else None)
+            report = send_each(fds, frame)
+            reports.append(report)
+            short = {index for index, _ in report}
+            for i, reader in enumerate(readers):
+                if reader is not None:
+                    assert i not in short
+                    assert reader.recv(len(frame) + 1) == frame
+            expected = {"full": 0, "gone": -errno.EPIPE, "ours_not": 0, "pipe": -errno.ENOTSOCK}
+            assert report == [(i, expected[k]) for i, k in enumerate(kinds) if k != "open"]
+        finally:
+            for close in closers:
+                close()
+    _sendeach.set_io_uring(True)
+    assert reports[0] == reports[1]
+
+
+def test_the_writer_says_how_it_sends() -> None:
+    assert BatchWriter(io_uring=False).mode == "send"
+    wanted = BatchWriter().mode
+    assert wanted == "io_uring" or any(reason in wanted for reason in REFUSED_BY_KERNEL), wanted
 
 
 def test_send_each_says_what_is_wrong_with_its_arguments() -> None:
@@ -280,15 +378,24 @@ def watch_book(url: str, until: Callable[[], bool], out: list[list[Any]]) -> Non
             out.append(json.loads(raw)["data"])  # every frame whole: it parses
 
 
-@pytest.mark.parametrize(("batch_write", "share"), [(True, 0.0), (False, 0.0), (True, 0.2)])
+@pytest.mark.parametrize(
+    ("batch_write", "share", "io_uring"),
+    [(True, 0.0, True), (True, 0.0, False), (False, 0.0, True), (True, 0.2, True)],
+)
 def test_a_server_fans_a_busy_book_out_with_and_without_batches(
-    tmp_path: Path, batch_write: bool, share: float
+    tmp_path: Path, batch_write: bool, share: float, io_uring: bool
 ) -> None:
     # Slices of 5 for 12 watchers: every round has turns of the loop between its slices (with
     # a share above 0, more than one while orders come).
     running, stop = start_threaded(
-        tmp_path, batch_write=batch_write, fanout_share=share, fanout_slice=5
+        tmp_path, batch_write=batch_write, fanout_share=share, fanout_slice=5, io_uring=io_uring
     )
+    if batch_write:
+        mode = running.call(lambda: running.server.batch_writer.mode)
+        if io_uring:
+            assert mode == "io_uring" or any(r in mode for r in REFUSED_BY_KERNEL), mode
+        else:
+            assert mode == "send"
     try:
         rest = running.rest
         trader = "0x" + "ab" * 32

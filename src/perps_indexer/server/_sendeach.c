@@ -1,27 +1,304 @@
 /* One frame to many sockets in one call: the fan-out's system calls without the interpreter
- * between them.
+ * between them, and where the kernel allows it without one system call per socket.
  *
  * send_each(fds, data) sends the bytes of ``data`` to every file descriptor in the list
- * ``fds`` (a list of ints), each with one non-blocking send(2), with the GIL released for the
- * whole loop. It returns a list of (index, result) for every socket that did not take all of
+ * ``fds`` (a list of ints), each with one non-blocking send, with the GIL released for the
+ * whole batch. It returns a list of (index, result) for every socket that did not take all of
  * ``data``: result is the number of bytes it took (0 when it would block, or when its fd is
  * negative, meaning "not a socket of ours") or -errno when the send failed. The caller hands
  * the rest to the connection's own transport, which buffers it or reports the error.
  *
  * Only sockets whose transport holds nothing unsent may be given here: bytes written behind a
  * transport's back must not overtake bytes it still buffers.
+ *
+ * The sends are made in one of two ways, with the same results:
+ *
+ * - "io_uring" (Linux 5.6 and later, where io_uring is not disabled or filtered): the sends
+ *   of a batch go into an io_uring submission queue as IORING_OP_SEND with MSG_DONTWAIT, and
+ *   one io_uring_enter(2) submits them all and collects their completions. A send that
+ *   would block completes at once with -EAGAIN (MSG_DONTWAIT makes the request "nowait":
+ *   io_uring does not park it to retry later), so every request has completed when the
+ *   call returns, as with send(2). The kernel does the same work for each socket; what goes
+ *   is a system call's entry and exit per socket, which on a virtual machine can cost more
+ *   than the send itself (BENCHMARKS.md, issue 7).
+ * - "send": one send(2) per socket, in a loop.
+ *
+ * The ring is set up on first use (or by set_io_uring(True)); when that fails the module uses
+ * "send" for good and mode() says why. One ring serves the process; a call made while
+ * another thread's call is using it, or after a fork, takes the "send" loop or a new ring.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
 #include <limits.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0 /* Python ignores SIGPIPE anyway; some systems lack the flag */
 #endif
+
+#define SEND_FLAGS (MSG_DONTWAIT | MSG_NOSIGNAL)
+
+/* -------------------------------------------------------------------- the send(2) loop */
+
+/* Sends to handles[i] for i in [from, to), recording each result in sent[i]. */
+static void
+send_loop(const int *handles, Py_ssize_t *sent, Py_ssize_t from, Py_ssize_t to,
+          const void *buf, size_t len)
+{
+    for (Py_ssize_t i = from; i < to; i++) {
+        if (handles[i] < 0) {
+            sent[i] = 0;
+            continue;
+        }
+        ssize_t r;
+        do {
+            r = send(handles[i], buf, len, SEND_FLAGS);
+        } while (r < 0 && errno == EINTR);
+        if (r >= 0) {
+            sent[i] = (Py_ssize_t)r;
+        }
+        else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            sent[i] = 0;
+        }
+        else {
+            sent[i] = -(Py_ssize_t)errno;
+        }
+    }
+}
+
+/* -------------------------------------------------------------------- the io_uring path */
+
+#if defined(__linux__) && __has_include(<linux/io_uring.h>)
+#define HAVE_IO_URING 1
+#include <linux/io_uring.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef IORING_FEAT_FAST_POLL /* headers of Linux 5.7 or later (IORING_OP_SEND is an enum) */
+#undef HAVE_IO_URING
+#endif
+#endif
+
+#ifdef HAVE_IO_URING
+
+/* Submission entries of the ring: a batch larger than this goes in several submissions. The
+ * server's batches are its fan-out slices (100 by default). */
+#define RING_ENTRIES 256
+
+typedef struct {
+    int fd; /* -1: no ring */
+    pid_t pid; /* the process that set it up: a forked child must not share it */
+    int busy; /* a call is using it (with the GIL released) */
+    unsigned *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    struct io_uring_sqe *sqes;
+    struct io_uring_cqe *cqes;
+    void *sq_map, *cq_map;
+    size_t sq_len, cq_len, sqes_len;
+    unsigned entries;
+} Ring;
+
+static Ring ring = {.fd = -1};
+
+static void
+ring_close(void)
+{
+    if (ring.sqes != NULL && ring.sqes != MAP_FAILED) {
+        munmap(ring.sqes, ring.sqes_len);
+    }
+    if (ring.cq_map != NULL && ring.cq_map != MAP_FAILED && ring.cq_map != ring.sq_map) {
+        munmap(ring.cq_map, ring.cq_len);
+    }
+    if (ring.sq_map != NULL && ring.sq_map != MAP_FAILED) {
+        munmap(ring.sq_map, ring.sq_len);
+    }
+    if (ring.fd >= 0) {
+        close(ring.fd);
+    }
+    memset(&ring, 0, sizeof ring);
+    ring.fd = -1;
+}
+
+/* Sets the ring up; 0, or an errno value (the ring is then closed). */
+static int
+ring_open(void)
+{
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    int fd = (int)syscall(__NR_io_uring_setup, RING_ENTRIES, &p);
+    if (fd < 0) {
+        return errno;
+    }
+    memset(&ring, 0, sizeof ring);
+    ring.fd = fd;
+    if (!(p.features & IORING_FEAT_FAST_POLL)) {
+        /* Before Linux 5.7: IORING_OP_SEND may be missing (5.6), and what is there was not
+         * measured; the plain loop is used. */
+        ring_close();
+        return ENOSYS;
+    }
+    ring.pid = getpid();
+    ring.entries = p.sq_entries;
+    ring.sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    ring.cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    int single = (p.features & IORING_FEAT_SINGLE_MMAP) != 0;
+    if (single && ring.cq_len > ring.sq_len) {
+        ring.sq_len = ring.cq_len;
+    }
+    ring.sq_map = mmap(NULL, ring.sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                       IORING_OFF_SQ_RING);
+    if (ring.sq_map == MAP_FAILED) {
+        int err = errno;
+        ring_close();
+        return err;
+    }
+    ring.cq_map = single ? ring.sq_map
+                         : mmap(NULL, ring.cq_len, PROT_READ | PROT_WRITE,
+                                MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+    if (ring.cq_map == MAP_FAILED) {
+        int err = errno;
+        ring_close();
+        return err;
+    }
+    ring.sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+    ring.sqes = mmap(NULL, ring.sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                     IORING_OFF_SQES);
+    if (ring.sqes == MAP_FAILED) {
+        int err = errno;
+        ring_close();
+        return err;
+    }
+    char *sq = ring.sq_map, *cq = ring.cq_map;
+    ring.sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    ring.sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    ring.sq_array = (unsigned *)(sq + p.sq_off.array);
+    ring.cq_head = (unsigned *)(cq + p.cq_off.head);
+    ring.cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    ring.cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    ring.cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    return 0;
+}
+
+/* Takes every completion in the ring into sent[]; returns how many. */
+static unsigned
+ring_reap(Py_ssize_t *sent)
+{
+    unsigned head = *ring.cq_head; /* only this side moves it */
+    unsigned tail = __atomic_load_n(ring.cq_tail, __ATOMIC_ACQUIRE);
+    unsigned mask = *ring.cq_mask, taken = 0;
+    for (; head != tail; head++, taken++) {
+        struct io_uring_cqe *cqe = &ring.cqes[head & mask];
+        int res = cqe->res;
+        sent[cqe->user_data] = res == -EAGAIN || res == -EWOULDBLOCK ? 0 : (Py_ssize_t)res;
+    }
+    __atomic_store_n(ring.cq_head, head, __ATOMIC_RELEASE);
+    return taken;
+}
+
+/* Sends to handles[i] for i in [from, to) through the ring, recording each result in sent[i].
+ * Returns the index from which the sends are still to be made (``to`` when all were): less
+ * only when io_uring itself failed, and the ring has then been closed. */
+static Py_ssize_t
+ring_send(const int *handles, Py_ssize_t *sent, Py_ssize_t from, Py_ssize_t to,
+          const void *buf, size_t len)
+{
+    Py_ssize_t i = from;
+    while (i < to) {
+        /* Fill the queue with up to ring.entries sends. */
+        unsigned tail = *ring.sq_tail, mask = *ring.sq_mask, queued = 0;
+        Py_ssize_t first = i;
+        for (; i < to && queued < ring.entries; i++) {
+            if (handles[i] < 0) {
+                sent[i] = 0;
+                continue;
+            }
+            unsigned slot = tail & mask;
+            struct io_uring_sqe *sqe = &ring.sqes[slot];
+            memset(sqe, 0, sizeof *sqe);
+            sqe->opcode = IORING_OP_SEND;
+            sqe->fd = handles[i];
+            sqe->addr = (unsigned long)buf;
+            sqe->len = (unsigned)len;
+            sqe->msg_flags = SEND_FLAGS;
+            sqe->user_data = (unsigned long long)i;
+            ring.sq_array[slot] = slot;
+            tail++;
+            queued++;
+        }
+        if (queued == 0) {
+            continue;
+        }
+        __atomic_store_n(ring.sq_tail, tail, __ATOMIC_RELEASE);
+        /* Submit them and wait for every completion: each completes inline (nowait). */
+        unsigned submitted = 0, completed = 0;
+        while (completed < queued) {
+            unsigned to_submit = queued - submitted;
+            long r = syscall(__NR_io_uring_enter, ring.fd, to_submit, queued - completed,
+                             IORING_ENTER_GETEVENTS, NULL, 0);
+            if (r < 0) {
+                if (errno == EINTR) {
+                    completed += ring_reap(sent);
+                    continue;
+                }
+                /* io_uring itself failed (not a send): the ring goes, and what it did not
+                 * complete is sent the plain way, so nothing is sent twice or left out. */
+                completed += ring_reap(sent);
+                ring_close();
+                for (Py_ssize_t j = first; j < i; j++) {
+                    if (handles[j] >= 0 && sent[j] == PY_SSIZE_T_MIN) {
+                        send_loop(handles, sent, j, j + 1, buf, len);
+                    }
+                }
+                return i;
+            }
+            submitted += (unsigned)r;
+            completed += ring_reap(sent);
+        }
+    }
+    return to;
+}
+
+/* The io_uring mode: 1 use it (set up on first use), 0 do not. */
+static int want_ring = 1;
+/* Why the ring could not be set up (an errno value), 0 if it could or was not tried. */
+static int ring_error = 0;
+
+/* Whether the ring is set up (setting it up if it is wanted and was never tried). */
+static int
+ring_ready(void)
+{
+    if (!want_ring || ring_error != 0) {
+        return 0;
+    }
+    if (ring.fd >= 0 && ring.pid != getpid() && !ring.busy) {
+        ring_close(); /* a fork's copy: the parent's ring is not this process's to use */
+    }
+    if (ring.fd < 0) {
+        ring_error = ring_open();
+    }
+    return ring_error == 0;
+}
+
+/* The ring, held by this call (ring.busy) until it gives it back; 0 if the loop must be used:
+ * no ring, or another thread's call holds it. */
+static int
+ring_take(void)
+{
+    if (ring.busy || !ring_ready()) {
+        return 0;
+    }
+    ring.busy = 1;
+    return 1;
+}
+
+#endif /* HAVE_IO_URING */
+
+/* -------------------------------------------------------------------- the module */
 
 static PyObject *
 send_each(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -58,29 +335,30 @@ send_each(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto done;
         }
         handles[i] = (int)fd;
+        sent[i] = PY_SSIZE_T_MIN; /* not sent yet */
     }
 
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (handles[i] < 0) {
-            sent[i] = 0;
-            continue;
+#ifdef HAVE_IO_URING
+    if (n > 1 && ring_take()) {
+        Py_ssize_t resume;
+        Py_BEGIN_ALLOW_THREADS
+        resume = ring_send(handles, sent, 0, n, view.buf, (size_t)view.len);
+        if (resume < n) {
+            send_loop(handles, sent, resume, n, view.buf, (size_t)view.len);
         }
-        ssize_t r;
-        do {
-            r = send(handles[i], view.buf, (size_t)view.len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } while (r < 0 && errno == EINTR);
-        if (r >= 0) {
-            sent[i] = (Py_ssize_t)r;
-        }
-        else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            sent[i] = 0;
-        }
-        else {
-            sent[i] = -(Py_ssize_t)errno;
+        Py_END_ALLOW_THREADS
+        ring.busy = 0;
+        if (resume < n && ring_error == 0) {
+            ring_error = EIO; /* io_uring failed after it was set up: not used again */
         }
     }
-    Py_END_ALLOW_THREADS
+    else
+#endif
+    {
+        Py_BEGIN_ALLOW_THREADS
+        send_loop(handles, sent, 0, n, view.buf, (size_t)view.len);
+        Py_END_ALLOW_THREADS
+    }
 
     result = PyList_New(0);
     if (result == NULL) {
@@ -106,11 +384,53 @@ done:
     return result;
 }
 
+static PyObject *
+mode(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    (void)module;
+#ifdef HAVE_IO_URING
+    if (ring_ready()) {
+        return PyUnicode_FromString("io_uring");
+    }
+    if (want_ring) {
+        return PyUnicode_FromFormat("send (io_uring unavailable: %s)", strerror(ring_error));
+    }
+    return PyUnicode_FromString("send");
+#else
+    return PyUnicode_FromString("send (io_uring not built)");
+#endif
+}
+
+static PyObject *
+set_io_uring(PyObject *module, PyObject *arg)
+{
+    int enable = PyObject_IsTrue(arg);
+    if (enable < 0) {
+        return NULL;
+    }
+#ifdef HAVE_IO_URING
+    want_ring = enable;
+    if (!enable && ring.fd >= 0 && !ring.busy) {
+        ring_close();
+    }
+#else
+    (void)enable;
+#endif
+    return mode(module, NULL);
+}
+
 static PyMethodDef methods[] = {
     {"send_each", (PyCFunction)(void (*)(void))send_each, METH_FASTCALL,
      "send_each(fds, data, /) -> list[tuple[int, int]]\n\n"
      "Send data to every socket in fds; return (index, bytes taken or -errno) for each that\n"
      "did not take all of it."},
+    {"mode", (PyCFunction)mode, METH_NOARGS,
+     "mode() -> str\n\n"
+     "How send_each sends: \"io_uring\", or \"send\" (with why io_uring is not used, if it\n"
+     "was wanted). Sets the ring up if it is wanted and not set up yet."},
+    {"set_io_uring", (PyCFunction)set_io_uring, METH_O,
+     "set_io_uring(enabled, /) -> str\n\n"
+     "Use io_uring for send_each's batches (the default) or not; returns mode()."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -163,6 +163,9 @@ class ServerConfig:
     batch_write: bool = True
     """Fan-out rounds write one frame to many connections in one call into C
     (:mod:`perps_indexer.server.batch_write`), when the extension is built."""
+    io_uring: bool = True
+    """The batch writer submits a batch's sends through io_uring, one system call for the
+    batch, where the kernel allows it (else one ``send`` each, as with False)."""
     direct_write_limit: int = 256 * 1024
     """Fan-out fast path: a push is written straight to a connection's socket while it has
     nothing queued and fewer bytes than this buffered; 0 sends everything through the outbox."""
@@ -292,7 +295,8 @@ class Server:
             self.venue.hub.framer = text_frame
             self.venue.hub.write_limit = self.config.direct_write_limit
             if self.config.batch_write and BATCH_WRITE:
-                self.batch_writer = self.venue.hub.write_each = BatchWriter()
+                self.batch_writer = self.venue.hub.write_each = BatchWriter(self.config.io_uring)
+                log.info("fan-out batch writes: %s", self.batch_writer.mode)
             elif self.config.batch_write:
                 log.warning(
                     "the C extension perps_indexer.server._sendeach is not built (no C compiler "

@@ -5,6 +5,13 @@ through its transport's ``write``, the interpreter adds about a microsecond to e
 :func:`~perps_indexer.server._sendeach.send_each` (``_sendeach.c``, built when the package is
 installed) makes them all from one C loop. Measured in BENCHMARKS.md ("batch writes").
 
+On Linux it goes further where the kernel allows: the batch's sends go through one io_uring
+submission (one system call for the batch instead of one per socket; the kernel's work for
+each socket is the same). On a virtual machine a system call's entry and exit can cost more
+than a small send (BENCHMARKS.md, "io_uring"). Where io_uring is missing or refused (a kernel
+before 5.7, ``kernel.io_uring_disabled``, a container's seccomp filter) the C loop of
+``send`` calls is used; :attr:`BatchWriter.mode` says which, and the server logs it.
+
 It writes only to sockets whose transport holds nothing unsent (:class:`~perps_indexer.session.Hub`
 checks), so its bytes never overtake the transport's; what a socket does not take goes to the
 transport, which buffers it, or reports the error and closes, as for any other write. Without
@@ -19,9 +26,10 @@ from typing import Any
 from perps_indexer.session import Sink
 
 try:
-    from perps_indexer.server._sendeach import send_each
+    from perps_indexer.server._sendeach import send_each, set_io_uring
 except ImportError:  # pragma: no cover - built without a C compiler
     send_each = None  # type: ignore[assignment]
+    set_io_uring = None  # type: ignore[assignment]
 
 AVAILABLE = send_each is not None
 
@@ -29,9 +37,13 @@ AVAILABLE = send_each is not None
 class BatchWriter:
     """Writes one frame to many connections' sockets in one call."""
 
-    __slots__ = ("batches", "short_writes")
+    __slots__ = ("batches", "mode", "short_writes")
 
-    def __init__(self) -> None:
+    def __init__(self, io_uring: bool = True) -> None:
+        assert set_io_uring is not None, "the C extension is not built"
+        self.mode: str = set_io_uring(io_uring)
+        """How the sends are made: ``io_uring``, or ``send`` (with why not io_uring, when it
+        was wanted). The setting is the process's: the last writer made decides."""
         self.batches = 0
         """Calls, each one frame to one batch of connections."""
         self.short_writes = 0
