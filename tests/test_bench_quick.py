@@ -93,6 +93,7 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         "aiohttp",
         "aiohttp-direct",
         "aiohttp-batch",
+        "aiohttp-batch-send",
         "aiohttp-batch/100",
     }
     assert all(r["messages_per_s"] > 0 for r in bare)
