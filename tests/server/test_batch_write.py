@@ -114,14 +114,17 @@ def test_a_batch_larger_than_the_ring_reaches_every_socket(mode: str) -> None:
             b.close()
 
 
-KINDS = ("open", "full", "gone", "ours_not", "pipe")
+KINDS = ("open", "full", "gone", "ours_not", "pipe", "closed")
+NOT_OPEN = 999_999
+"""A file descriptor number no test opens (the limit here is 20,000 descriptors at most)."""
 
 
 @settings(deadline=None, max_examples=40)
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=0, max_size=300))
 def test_io_uring_and_the_send_loop_report_the_same(kinds: list[str]) -> None:
     """Any mix of sockets that take the frame, sockets that are full, peers gone, fds that are
-    not ours (-1) and fds that are not sockets: both ways give the same report, and every
+    not ours (-1), fds that are not sockets and fds not open: both ways give the same report
+    (an io_uring request that fails does not stop the others behind it), and every
     socket that took the frame whole holds exactly it."""
     frame = b"0123456789" * 100
     reports = []
@@ -130,8 +133,8 @@ def test_io_uring_and_the_send_loop_report_the_same(kinds: list[str]) -> None:
         try:
             fds, readers, closers = [], [], []
             for kind in kinds:
-                if kind in ("ours_not",):
-                    fds.append(-1)
+                if kind in ("ours_not", "closed"):
+                    fds.append(-1 if kind == "ours_not" else NOT_OPEN)
                     readers.append(None)
                     continue
                 if kind == "pipe":
@@ -159,7 +162,13 @@ def test_io_uring_and_the_send_loop_report_the_same(kinds: list[str]) -> None:
                 if reader is not None:
                     assert i not in short
                     assert reader.recv(len(frame) + 1) == frame
-            expected = {"full": 0, "gone": -errno.EPIPE, "ours_not": 0, "pipe": -errno.ENOTSOCK}
+            expected = {
+                "full": 0,
+                "gone": -errno.EPIPE,
+                "ours_not": 0,
+                "pipe": -errno.ENOTSOCK,
+                "closed": -errno.EBADF,
+            }
             assert report == [(i, expected[k]) for i, k in enumerate(kinds) if k != "open"]
         finally:
             for close in closers:
