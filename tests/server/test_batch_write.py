@@ -405,6 +405,7 @@ def test_a_server_fans_a_busy_book_out_with_and_without_batches(
             assert mode == "io_uring" or any(r in mode for r in REFUSED_BY_KERNEL), mode
         else:
             assert mode == "send"
+        assert metrics_value(running, "fanout_io_uring") == (mode == "io_uring")
     try:
         rest = running.rest
         trader = "0x" + "ab" * 32

@@ -706,6 +706,12 @@ class Server:
                 self.batch_writer.batches if self.batch_writer is not None else 0,
             ),
             (
+                "fanout_io_uring",
+                "gauge",
+                "1 when the batch writer submits its sends through io_uring, 0 otherwise.",
+                int(self.batch_writer is not None and self.batch_writer.mode == "io_uring"),
+            ),
+            (
                 "fanout_short_writes_total",
                 "counter",
                 "Batch writes a socket did not take whole (its transport buffered the rest).",
