@@ -21,7 +21,12 @@ from perps_indexer.events import AnyEvent, Fill, to_json
 from perps_indexer.markets import default_markets
 from perps_indexer.store import event_keys, market_key
 from perps_indexer.store.base import SEGMENT_EVENTS
-from perps_indexer.store.sqlite import PAGE_SIZE, SCHEMA_VERSION, SQLiteStore
+from perps_indexer.store.sqlite import (
+    CHECKPOINT_RESTART_FRAMES,
+    PAGE_SIZE,
+    SCHEMA_VERSION,
+    SQLiteStore,
+)
 from tests.store.conftest import LIQUIDITY, MAKER, TRADER, deposits
 
 
@@ -648,6 +653,28 @@ def test_a_wal_past_the_bound_is_restarted(
             time.sleep(0.005)
         assert "the next append restarts it" in caplog.text
         assert [e.seq for e in store.read()] == list(range(1, i + 1))
+
+
+def test_the_default_bound_keeps_the_wal_small_under_a_steady_writer(tmp_path: Path) -> None:
+    """A server's rhythm (a small append every half millisecond) with the server's default
+    checkpoints: the WAL is restarted as it passes 1,024 frames (16 MiB), so its file stays
+    within a small multiple of that (with the old bound, 16,384 frames, it was never restarted
+    here)."""
+    db = tmp_path / "steady.db"
+    wal = Path(f"{db}-wal")
+    events = deposits(20_000)
+    largest = 0
+    with SQLiteStore(db, synchronous="NORMAL") as store:
+        store.checkpoint_in_background()
+        for i in range(0, len(events), 5):
+            store.append(events[i : i + 5])
+            time.sleep(0.0005)
+            if i % 500 == 0:
+                largest = max(largest, wal.stat().st_size)
+        restarts = wal_restarts(db)
+        assert [e.seq for e in store.read()] == list(range(1, len(events) + 1))
+    assert restarts >= 2
+    assert largest < 3 * CHECKPOINT_RESTART_FRAMES * (PAGE_SIZE + 24), largest
 
 
 def test_a_wal_restart_never_holds_sqlites_write_lock_against_an_append(

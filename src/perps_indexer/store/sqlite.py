@@ -73,10 +73,14 @@ less with the appending thread for the core. Scenario 2 of BENCHMARKS.md at 5,00
 p99: 14-22 ms every 0.05 s, 20-30 every 0.25 s, 37-41 every 1-2 s; a pass with nothing
 to copy costs next to nothing."""
 
-CHECKPOINT_RESTART_FRAMES: Final = 16_384
+CHECKPOINT_RESTART_FRAMES: Final = 1_024
 """WAL frames (pages) past which the background checkpointer makes the next append restart
 the WAL from its start, so that it cannot grow without bound under a writer that never
-pauses (16,384 frames of 16 KiB: 256 MiB)."""
+pauses (1,024 frames of 16 KiB: 16 MiB). Small, because every page the WAL grows by is a new
+page of the kernel's page cache, and on a virtual machine new pages are dear: at scenario 2's
+5,000 fills a second a bound of 16,384 let the WAL grow to 180 MB in a window, and the server
+used 79-85 % of its core against 74-75 % with this bound (BENCHMARKS.md, issue 7). A restart
+then comes about once a second at that rate, each holding appends off for a few ms."""
 
 SYNCHRONOUS_MODES: Final = ("EXTRA", "FULL", "NORMAL")
 """Accepted ``synchronous`` settings; OFF is left out: it may corrupt the file on power loss."""
