@@ -127,54 +127,62 @@ def test_io_uring_and_the_send_loop_report_the_same(kinds: list[str]) -> None:
     (an io_uring request that fails does not stop the others behind it), and every
     socket that took the frame whole holds exactly it."""
     frame = b"0123456789" * 100
-    reports = []
-    for way in ("io_uring", "send"):
-        use(way)
-        try:
-            fds, readers, closers = [], [], []
-            for kind in kinds:
-                if kind in ("ours_not", "closed"):
-                    fds.append(-1 if kind == "ours_not" else NOT_OPEN)
-                    readers.append(None)
-                    continue
-                if kind == "pipe":
-                    r, w = os.pipe()
-                    closers += [lambda r=r: os.close(r), lambda w=w: os.close(w)]
-                    fds.append(w)
-                    readers.append(None)
-                    continue
-                a, b = socket.socketpair()
-                closers += [a.close, b.close]
-                a.setblocking(False)
-                if kind == "full":
-                    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-                    with contextlib.suppress(BlockingIOError):
-                        while True:
-                            a.send(b"x" * 65536)
-                if kind == "gone":
-                    b.close()
-                fds.append(a.fileno())
-                readers.append(b if kind == "open" else None)
-            report = send_each(fds, frame)
-            reports.append(report)
-            short = {index for index, _ in report}
-            for i, reader in enumerate(readers):
-                if reader is not None:
-                    assert i not in short
-                    assert reader.recv(len(frame) + 1) == frame
-            expected = {
-                "full": 0,
-                "gone": -errno.EPIPE,
-                "ours_not": 0,
-                "pipe": -errno.ENOTSOCK,
-                "closed": -errno.EBADF,
-            }
-            assert report == [(i, expected[k]) for i, k in enumerate(kinds) if k != "open"]
-        finally:
-            for close in closers:
-                close()
-    _sendeach.set_io_uring(True)
+    try:
+        reports = [report_of(kinds, frame, way) for way in ("io_uring", "send")]
+    finally:
+        _sendeach.set_io_uring(True)  # the default
     assert reports[0] == reports[1]
+
+
+def report_of(kinds: list[str], frame: bytes, way: str) -> list[tuple[int, int]]:
+    """``send_each``'s report, made the ``way`` given, to sockets of the ``kinds`` given,
+    checked against what each kind must report and what each reader got."""
+    use(way)
+    fds: list[int] = []
+    readers: list[socket.socket | None] = []
+    closers: list[Callable[[], None]] = []
+    try:
+        for kind in kinds:
+            if kind in ("ours_not", "closed"):
+                fds.append(-1 if kind == "ours_not" else NOT_OPEN)
+                readers.append(None)
+                continue
+            if kind == "pipe":
+                r, w = os.pipe()
+                closers += [lambda r=r: os.close(r), lambda w=w: os.close(w)]
+                fds.append(w)
+                readers.append(None)
+                continue
+            a, b = socket.socketpair()
+            closers += [a.close, b.close]
+            a.setblocking(False)
+            if kind == "full":
+                a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        a.send(b"x" * 65536)
+            if kind == "gone":
+                b.close()
+            fds.append(a.fileno())
+            readers.append(b if kind == "open" else None)
+        report = send_each(fds, frame)
+        short = {index for index, _ in report}
+        for i, reader in enumerate(readers):
+            if reader is not None:
+                assert i not in short
+                assert reader.recv(len(frame) + 1) == frame
+        expected = {
+            "full": 0,
+            "gone": -errno.EPIPE,
+            "ours_not": 0,
+            "pipe": -errno.ENOTSOCK,
+            "closed": -errno.EBADF,
+        }
+        assert report == [(i, expected[k]) for i, k in enumerate(kinds) if k != "open"]
+        return report
+    finally:
+        for close in closers:
+            close()
 
 
 def test_the_writer_says_how_it_sends() -> None:

@@ -153,25 +153,19 @@ ring_open(void)
     ring.sq_map = mmap(NULL, ring.sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
                        IORING_OFF_SQ_RING);
     if (ring.sq_map == MAP_FAILED) {
-        int err = errno;
-        ring_close();
-        return err;
+        goto failed;
     }
     ring.cq_map = single ? ring.sq_map
                          : mmap(NULL, ring.cq_len, PROT_READ | PROT_WRITE,
                                 MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
     if (ring.cq_map == MAP_FAILED) {
-        int err = errno;
-        ring_close();
-        return err;
+        goto failed;
     }
     ring.sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
     ring.sqes = mmap(NULL, ring.sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
                      IORING_OFF_SQES);
     if (ring.sqes == MAP_FAILED) {
-        int err = errno;
-        ring_close();
-        return err;
+        goto failed;
     }
     char *sq = ring.sq_map, *cq = ring.cq_map;
     ring.sq_tail = (unsigned *)(sq + p.sq_off.tail);
@@ -182,6 +176,11 @@ ring_open(void)
     ring.cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
     ring.cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
     return 0;
+
+failed:;
+    int err = errno;
+    ring_close();
+    return err;
 }
 
 /* Takes every completion in the ring into sent[]; returns how many. */
@@ -201,9 +200,10 @@ ring_reap(Py_ssize_t *sent)
 }
 
 /* Sends to handles[i] for i in [from, to) through the ring, recording each result in sent[i].
- * Returns the index from which the sends are still to be made (``to`` when all were): less
- * only when io_uring itself failed, and the ring has then been closed. */
-static Py_ssize_t
+ * Returns 0, or the errno of a failure of io_uring itself (not of a send): the ring has then
+ * been closed, and the sends it did not complete were made the plain way, so that none is
+ * made twice or left out. */
+static int
 ring_send(const int *handles, Py_ssize_t *sent, Py_ssize_t from, Py_ssize_t to,
           const void *buf, size_t len)
 {
@@ -245,27 +245,26 @@ ring_send(const int *handles, Py_ssize_t *sent, Py_ssize_t from, Py_ssize_t to,
                     completed += ring_reap(sent);
                     continue;
                 }
-                /* io_uring itself failed (not a send): the ring goes, and what it did not
-                 * complete is sent the plain way, so nothing is sent twice or left out. */
-                completed += ring_reap(sent);
+                int err = errno;
+                ring_reap(sent);
                 ring_close();
-                for (Py_ssize_t j = first; j < i; j++) {
-                    if (handles[j] >= 0 && sent[j] == PY_SSIZE_T_MIN) {
+                for (Py_ssize_t j = first; j < to; j++) {
+                    if (sent[j] == PY_SSIZE_T_MIN) {
                         send_loop(handles, sent, j, j + 1, buf, len);
                     }
                 }
-                return i;
+                return err;
             }
             submitted += (unsigned)r;
             completed += ring_reap(sent);
         }
     }
-    return to;
+    return 0;
 }
 
 /* The io_uring mode: 1 use it (set up on first use), 0 do not. */
 static int want_ring = 1;
-/* Why the ring could not be set up (an errno value), 0 if it could or was not tried. */
+/* Why io_uring is not used (an errno value: its set-up failed, or it failed later), or 0. */
 static int ring_error = 0;
 
 /* Whether the ring is set up (setting it up if it is wanted and was never tried). */
@@ -339,17 +338,15 @@ send_each(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
 
 #ifdef HAVE_IO_URING
+    /* One socket: a send(2) costs less than an io_uring_enter(2). */
     if (n > 1 && ring_take()) {
-        Py_ssize_t resume;
+        int failed;
         Py_BEGIN_ALLOW_THREADS
-        resume = ring_send(handles, sent, 0, n, view.buf, (size_t)view.len);
-        if (resume < n) {
-            send_loop(handles, sent, resume, n, view.buf, (size_t)view.len);
-        }
+        failed = ring_send(handles, sent, 0, n, view.buf, (size_t)view.len);
         Py_END_ALLOW_THREADS
         ring.busy = 0;
-        if (resume < n && ring_error == 0) {
-            ring_error = EIO; /* io_uring failed after it was set up: not used again */
+        if (failed) {
+            ring_error = failed; /* io_uring failed after it was set up: not used again */
         }
     }
     else

@@ -26,10 +26,11 @@ from typing import Any
 from perps_indexer.session import Sink
 
 try:
-    from perps_indexer.server._sendeach import send_each, set_io_uring
+    from perps_indexer.server._sendeach import mode, send_each, set_io_uring
 except ImportError:  # pragma: no cover - built without a C compiler
     send_each = None  # type: ignore[assignment]
     set_io_uring = None  # type: ignore[assignment]
+    mode = None  # type: ignore[assignment]
 
 AVAILABLE = send_each is not None
 
@@ -37,17 +38,24 @@ AVAILABLE = send_each is not None
 class BatchWriter:
     """Writes one frame to many connections' sockets in one call."""
 
-    __slots__ = ("batches", "mode", "short_writes")
+    __slots__ = ("batches", "short_writes")
 
     def __init__(self, io_uring: bool = True) -> None:
+        """``io_uring``: whether the sends go through io_uring where the kernel allows. The
+        setting is the process's: the last writer made decides."""
         assert set_io_uring is not None, "the C extension is not built"
-        self.mode: str = set_io_uring(io_uring)
-        """How the sends are made: ``io_uring``, or ``send`` (with why not io_uring, when it
-        was wanted). The setting is the process's: the last writer made decides."""
+        set_io_uring(io_uring)
         self.batches = 0
         """Calls, each one frame to one batch of connections."""
         self.short_writes = 0
         """Sockets that did not take a whole frame at once (the transport took the rest)."""
+
+    @property
+    def mode(self) -> str:
+        """How the sends are made now: ``io_uring``, or ``send`` (with why not io_uring, when
+        it was wanted: refused at set-up, or failed since)."""
+        assert mode is not None
+        return mode()
 
     @staticmethod
     def socket_of(transport: Any) -> int:
