@@ -8,6 +8,7 @@
    the server's. It speaks the same protocol to bench/suite.py:
 
        fleet --port P --clients N --record R --out FILE [--market 396] [--source-ips]
+             [--rx-timestamps]
 
    It connects N clients to ws://127.0.0.1:P/ws (from 127.0.0.2, .3, ... with --source-ips, 900
    an address, as benchlib.source_ip), subscribes each to the market's orderbook, waits for
@@ -17,7 +18,14 @@
    exit). R clients, evenly spread, log (seq, CLOCK_MONOTONIC ns) for every message; seq is
    read from the message's end ("...,"seq":N}"). Pings are answered. Server frames are
    unmasked (RFC 6455 5.1); this server never fragments a push, so a fragmented message is
-   not reassembled (its pieces would be counted, and logged only if one ends in a seq). */
+   not reassembled (its pieces would be counted, and logged only if one ends in a seq).
+
+   --rx-timestamps: the recorded clients also log, for every message, the kernel's software
+   receive stamp of its last segment (SO_TIMESTAMPING, SOF_TIMESTAMPING_RX_SOFTWARE: on
+   loopback, when the server's send handed it over), as "rx_logs" beside "logs", moved from
+   CLOCK_REALTIME to CLOCK_MONOTONIC. They read one frame at a time, so that a read taking
+   two messages does not give the first the second's stamp. It tells the server's delivery
+   from the fleet's own delay in coming to a socket among hundreds; 0: no stamp came. */
 
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -30,6 +38,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/errqueue.h>
+#include <linux/net_tstamp.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -40,7 +50,7 @@
 #define SAMPLE_MAX (1 << 20)
 
 typedef struct {
-    int64_t *seq, *t;
+    int64_t *seq, *t, *rx;
     size_t n, cap;
 } Log;
 
@@ -52,6 +62,7 @@ typedef struct {
     unsigned char *buf;
     size_t len, cap;
     Log *log;
+    int64_t rx; /* with --rx-timestamps: when the kernel took the last segment read (monotonic) */
 } Client;
 
 static int64_t now_ns(void) {
@@ -108,15 +119,17 @@ static void send_frame(int fd, int opcode, const unsigned char *payload, size_t 
     write_all(fd, frame, 6 + len);
 }
 
-static void log_add(Log *log, int64_t seq, int64_t t) {
+static void log_add(Log *log, int64_t seq, int64_t t, int64_t rx) {
     if (log->n == log->cap) {
         log->cap = log->cap ? log->cap * 2 : 4096;
         log->seq = realloc(log->seq, log->cap * sizeof(int64_t));
         log->t = realloc(log->t, log->cap * sizeof(int64_t));
-        if (!log->seq || !log->t) die("realloc");
+        log->rx = realloc(log->rx, log->cap * sizeof(int64_t));
+        if (!log->seq || !log->t || !log->rx) die("realloc");
     }
     log->seq[log->n] = seq;
     log->t[log->n] = t;
+    log->rx[log->n] = rx;
     log->n++;
 }
 
@@ -140,6 +153,7 @@ static struct {
 } st;
 
 static const char *subscribe_request;
+static int rx_stamps; /* --rx-timestamps */
 
 /* Take the whole frames in the client's buffer. */
 static void take(Client *c) {
@@ -192,7 +206,7 @@ static void take(Client *c) {
                 }
                 if (c->log && st.recording) {
                     int64_t seq = seq_of(payload, n);
-                    if (seq >= 0) log_add(c->log, seq, now_ns());
+                    if (seq >= 0) log_add(c->log, seq, now_ns(), c->rx);
                     if (n <= SAMPLE_MAX) {
                         memcpy(st.sample, payload, n);
                         st.sample_len = n;
@@ -214,19 +228,71 @@ static void take(Client *c) {
     }
 }
 
+/* read(), and the kernel's software receive timestamp of the last segment it returned
+   (SO_TIMESTAMPING, SOF_TIMESTAMPING_RX_SOFTWARE: set when the segment reached the socket's
+   host, here when the server's send handed it to loopback). It is CLOCK_REALTIME; the
+   driver's post times are CLOCK_MONOTONIC, so it is moved by the clocks' offset read now. */
+static ssize_t read_stamped(Client *c, size_t room) {
+    struct iovec iov = {.iov_base = c->buf + c->len, .iov_len = room};
+    union {
+        char buf[CMSG_SPACE(sizeof(struct scm_timestamping))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf,
+                         .msg_controllen = sizeof control.buf};
+    c->rx = 0; /* 0 in the log: the kernel gave no stamp (the suite then reports none) */
+    ssize_t k = recvmsg(c->fd, &msg, 0);
+    if (k <= 0) return k;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_TIMESTAMPING) continue;
+        struct scm_timestamping stamps;
+        memcpy(&stamps, CMSG_DATA(cm), sizeof stamps);
+        struct timespec real, mono;
+        clock_gettime(CLOCK_REALTIME, &real);
+        clock_gettime(CLOCK_MONOTONIC, &mono);
+        int64_t offset = ((int64_t)real.tv_sec - mono.tv_sec) * 1000000000 + real.tv_nsec - mono.tv_nsec;
+        int64_t at = (int64_t)stamps.ts[0].tv_sec * 1000000000 + stamps.ts[0].tv_nsec;
+        if (at) c->rx = at - offset;
+    }
+    return k;
+}
+
+/* Bytes that complete the frame (or its header) at the start of the buffer: take() leaves
+   it at a frame's start, holding no complete frame. */
+static size_t frame_rest(const Client *c) {
+    const unsigned char *p = c->buf;
+    if (c->len < 2) return 2 - c->len;
+    uint64_t n = p[1] & 0x7f;
+    size_t head = n == 126 ? 4 : n == 127 ? 10 : 2;
+    if (p[1] & 0x80) head += 4;
+    if (c->len < head) return head - c->len;
+    if (n == 126) n = ((uint64_t)p[2] << 8) | p[3];
+    else if (n == 127) {
+        n = 0;
+        for (int i = 0; i < 8; i++) n = (n << 8) | p[2 + i];
+    }
+    return head + (size_t)n - c->len;
+}
+
 static int read_client(Client *c) {
     for (;;) {
-        if (c->cap - c->len < 65536) {
-            c->cap = c->cap * 2 + 65536;
+        /* A recorded client with --rx-timestamps reads up to the end of one frame at a time,
+           so that each message's stamp is its own segment's, not a later one's that the same
+           read also took (the fleet may come to a socket after two pushes). */
+        int exact = rx_stamps && c->log && c->open;
+        size_t want = exact ? frame_rest(c) : 65536;
+        if (c->cap - c->len < want || c->cap - c->len < 65536) {
+            c->cap = c->len + want + 65536;
             c->buf = realloc(c->buf, c->cap);
             if (!c->buf) die("realloc");
         }
-        ssize_t k = read(c->fd, c->buf + c->len, c->cap - c->len);
+        size_t room = exact ? want : c->cap - c->len;
+        ssize_t k = rx_stamps && c->log ? read_stamped(c, room) : read(c->fd, c->buf + c->len, room);
         if (k > 0) {
             c->len += (size_t)k;
             take(c);
             if (c->closed) return -1;
-            if ((size_t)k < 65536) return 0; /* drained, most likely: epoll says if not */
+            if ((size_t)k < want) return 0; /* drained, most likely: epoll says if not */
             continue;
         }
         if (k == 0) return -1;
@@ -280,12 +346,31 @@ static void json_string(FILE *f, const unsigned char *s, size_t n) {
     fputc('"', f);
 }
 
+/* The recorded clients' logs as JSON, {"client": [[seq, t], ...], ...}: t their read times,
+   or with ``rx`` their kernel receive stamps. */
+static void write_logs(FILE *f, const char *name, const Client *cs, int clients, int rx) {
+    fprintf(f, ", \"%s\": {", name);
+    int comma = 0;
+    for (int i = 0; i < clients; i++) {
+        const Log *log = cs[i].log;
+        if (!log) continue;
+        fprintf(f, "%s\"%d\": [", comma ? ", " : "", i);
+        for (size_t j = 0; j < log->n; j++)
+            fprintf(f, "%s[%lld, %lld]", j ? ", " : "", (long long)log->seq[j],
+                    (long long)(rx ? log->rx : log->t)[j]);
+        fprintf(f, "]");
+        comma = 1;
+    }
+    fprintf(f, "}");
+}
+
 int main(int argc, char **argv) {
     int port = 0, clients = 0, record = 0, source_ips = 0;
     const char *out = NULL, *market = "396";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--source-ips")) { source_ips = 1; continue; }
+        if (!strcmp(a, "--rx-timestamps")) { rx_stamps = 1; continue; }
         if (!v) { fprintf(stderr, "fleet: %s needs a value\n", a); return 2; }
         if (!strcmp(a, "--port")) port = atoi(v);
         else if (!strcmp(a, "--clients")) clients = atoi(v);
@@ -296,7 +381,8 @@ int main(int argc, char **argv) {
         i++;
     }
     if (!port || clients <= 0 || !out) {
-        fprintf(stderr, "usage: fleet --port P --clients N --record R --out FILE [--market M] [--source-ips]\n");
+        fprintf(stderr, "usage: fleet --port P --clients N --record R --out FILE [--market M] [--source-ips] "
+                        "[--rx-timestamps]\n");
         return 2;
     }
     signal(SIGPIPE, SIG_IGN); /* a write to a connection the server closed fails, not kills */
@@ -325,6 +411,9 @@ int main(int argc, char **argv) {
         if (every && i % every == 0 && logs < record) {
             cs[i].log = calloc(1, sizeof(Log));
             logs++;
+            int stamping = SOF_TIMESTAMPING_RX_SOFTWARE | SOF_TIMESTAMPING_SOFTWARE;
+            if (rx_stamps && setsockopt(cs[i].fd, SOL_SOCKET, SO_TIMESTAMPING, &stamping, sizeof stamping) < 0)
+                die("SO_TIMESTAMPING");
         }
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
         if (epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev) < 0) die("epoll_ctl");
@@ -421,18 +510,9 @@ int main(int argc, char **argv) {
         }
     fprintf(f, "}, \"errors\": %ld, \"failures\": %d, \"sample\": ", st.errors, failures);
     json_string(f, st.sample, st.sample_len);
-    fprintf(f, ", \"logs\": {");
-    comma = 0;
-    for (int i = 0; i < clients; i++) {
-        Log *log = cs[i].log;
-        if (!log) continue;
-        fprintf(f, "%s\"%d\": [", comma ? ", " : "", i);
-        for (size_t j = 0; j < log->n; j++)
-            fprintf(f, "%s[%lld, %lld]", j ? ", " : "", (long long)log->seq[j], (long long)log->t[j]);
-        fprintf(f, "]");
-        comma = 1;
-    }
-    fprintf(f, "}}\n");
+    write_logs(f, "logs", cs, clients, 0);
+    if (rx_stamps) write_logs(f, "rx_logs", cs, clients, 1); /* the same, at the socket */
+    fprintf(f, "}\n");
     fclose(f);
     for (int i = 0; i < clients; i++)
         if (cs[i].fd >= 0) close(cs[i].fd);

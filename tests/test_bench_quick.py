@@ -86,6 +86,15 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
         assert run["orders_per_s"] > 0 and finite(run["freshness_ms"]["p99"])
         assert finite(run["probe_freshness_ms"]["p99"]) and run["probe_clients"] > 0
         assert finite(run["reply_ms"]["p99"])
+        socket = run["socket_freshness_ms"]  # only the C fleet stamps arrivals at the socket
+        if name in fleet:
+            # A message reaches the socket before the fleet reads it: never later, and
+            # every stamped message counted.
+            assert socket["n"] == run["freshness_ms"]["n"] > 0
+            assert 0 <= socket["p99"] <= run["freshness_ms"]["p99"]
+            assert socket["max"] <= run["freshness_ms"]["max"]
+        else:
+            assert socket is None
     bare = [v for k, v in figures["7"].items() if k != "message_bytes"]  # bare limit
     assert {r["transport"] for r in bare} == {
         "picows",
