@@ -24,7 +24,9 @@
    receive stamp of its last segment (SO_TIMESTAMPING, SOF_TIMESTAMPING_RX_SOFTWARE: on
    loopback, when the server's send handed it over), as "rx_logs" beside "logs", moved from
    CLOCK_REALTIME to CLOCK_MONOTONIC. They read one frame at a time, so that a read taking
-   two messages does not give the first the second's stamp. It tells the server's delivery
+   two messages does not give the first the second's stamp; but the kernel may merge a
+   segment into an unread one before it, which then carries the later stamp, so a stamp is
+   never earlier than its message's arrival, sometimes later. It tells the server's delivery
    from the fleet's own delay in coming to a socket among hundreds; 0: no stamp came. */
 
 #define _GNU_SOURCE

@@ -81,6 +81,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as b
+import slice_trace
 
 
 @dataclass
@@ -215,6 +216,10 @@ def profiler(ctx: Context, pid: int, name: str, seconds: float) -> b.Proc | None
         out = ctx.profile / f"{name}.perf.data"
         record = ["perf", "record", "-g", "-F", "2000", "-p", str(pid), "-o", str(out)]
         return b.spawn("perf", [*record, "--", "sleep", str(seconds)], b.LOAD_CPU)
+    if ctx.profiler == "trace":  # the fan-out's submissions and the store's writes, timed
+        out = ctx.profile / f"{name}.trace.data"
+        record = ["perf", "record", "-e", slice_trace.EVENTS, "-p", str(pid), "-o", str(out)]
+        return b.spawn("perf", [*record, "--", "sleep", str(min(seconds, 4))], b.LOAD_CPU)
     spy = shutil.which("py-spy") or str(Path(b.PYTHON).parent / "py-spy")
     out = ctx.profile / f"{name}.txt"
     return b.spawn(
@@ -1320,10 +1325,11 @@ def main() -> int:
     parser.add_argument("--profile", help="record profiles of the server here (1 and 6)")
     parser.add_argument(
         "--profiler",
-        choices=["py-spy", "perf"],
+        choices=["py-spy", "perf", "trace"],
         default="py-spy",
-        help="with --profile: py-spy (Python stacks, NAME.txt for bench/pyspy_summary.py) or "
-        "perf (kernel stacks too, NAME.perf.data for perf report)",
+        help="with --profile: py-spy (Python stacks, NAME.txt for bench/pyspy_summary.py), "
+        "perf (kernel stacks too, NAME.perf.data for perf report) or trace (4 s of the "
+        "fan-out's and the store's system calls, NAME.trace.data for bench/slice_trace.py)",
     )
     parser.add_argument(
         "--src",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -95,15 +96,20 @@ def push(seq: int, size: int) -> bytes:
     return b'{"data":[%b],"message":"orderbook","seq":%d}' % (b"1" * size, seq)
 
 
-def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stamps", [False, True], ids=["reads", "rx-timestamps"])
+def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(
+    tmp_path: Path, stamps: bool
+) -> None:
     """A fake server: frames of every length form split across sends, then pings the fleet
-    answers into a connection the server has closed (SIGPIPE killed the first version)."""
+    answers into a connection the server has closed (SIGPIPE killed the first version); with
+    ``--rx-timestamps`` the recorded client reads a frame at a time and stamps each."""
     fleet = tmp_path / "fleet"
     subprocess.run([COMPILER, "-O2", "-o", str(fleet), str(ROOT / "bench" / "fleet.c")], check=True)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     out = tmp_path / "subs.json"
     cmd = [str(fleet), "--port", str(port), "--clients", "1", "--record", "1", "--out", str(out)]
+    cmd += ["--rx-timestamps"] if stamps else []
     with (
         listener,
         subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc,
@@ -139,3 +145,65 @@ def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(tmp_path:
     assert result["messages_at_mark"] == 5
     assert result["bytes_at_mark"] == sum(len(push(s, n)) for s, n in enumerate(sizes, 1))
     assert result["disconnected"] == 1 and result["connected"] == 1
+    if stamps:  # the same messages, each reaching the socket before it was read
+        rx = result["rx_logs"]["0"]
+        assert [seq for seq, _ in rx] == [1, 2, 3, 4, 5]
+        for (_, at), (_, read) in zip(rx, result["logs"]["0"], strict=True):
+            assert result["t_start"] - 1_000_000 <= at <= read + 1_000_000  # clocks: see below
+    else:
+        assert "rx_logs" not in result
+
+
+def test_rx_timestamps_tell_when_a_message_reached_the_socket_not_when_it_was_read(
+    tmp_path: Path,
+) -> None:
+    """Two pushes 0.2 s apart reach a fleet that is stopped: both are read once it resumes,
+    but stamped when they reached the socket. The first may carry the second's stamp (the
+    kernel merges a segment into an unread one before it, keeping the later stamp): a stamp
+    is never earlier than its message's arrival, only sometimes later."""
+    fleet = tmp_path / "fleet"
+    subprocess.run([COMPILER, "-O2", "-o", str(fleet), str(ROOT / "bench" / "fleet.c")], check=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    out = tmp_path / "subs.json"
+    cmd = [str(fleet), "--port", str(port), "--clients", "1", "--record", "1", "--out", str(out)]
+    with (
+        listener,
+        subprocess.Popen(
+            [*cmd, "--rx-timestamps"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as proc,
+    ):
+        assert proc.stdin is not None and proc.stdout is not None
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + ws_frame(1, push(0, 10)))
+            assert json.loads(proc.stdout.readline())["ready"] == 1
+            proc.stdin.write("start\n")
+            proc.stdin.flush()
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGSTOP)
+            sent = []
+            for seq in (1, 2):
+                sent.append(time.monotonic_ns())
+                conn.sendall(ws_frame(1, push(seq, 3000)))
+                time.sleep(0.2)
+            resumed = time.monotonic_ns()
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+            proc.stdin.write("mark\nstop\n")
+            proc.stdin.flush()
+            assert json.loads(proc.stdout.readline()) == {"done": True}
+    result = json.loads(out.read_text())
+    reads = [t for _, t in result["logs"]["0"]]
+    stamps = [t for _, t in result["rx_logs"]["0"]]
+    assert [seq for seq, _ in result["rx_logs"]["0"]] == [1, 2]
+    assert all(t >= resumed for t in reads)  # read only once the fleet ran again
+    # Stamps come on CLOCK_REALTIME and are moved by the clocks' offset at the read: allow a
+    # millisecond for that (the suite's figures are in milliseconds).
+    slack = 1_000_000
+    assert sent[0] - slack <= stamps[0] <= stamps[1] + slack  # arrivals...
+    assert sent[1] - slack <= stamps[1] < sent[1] + 100_000_000
+    assert stamps[1] < resumed  # ...not reads

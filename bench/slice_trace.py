@@ -1,0 +1,161 @@
+"""Where the server's fan-out cycle goes, read from its system calls: the sends, and the rest.
+
+    python bench/slice_trace.py TRACE.data [TRACE.data ...]
+
+``TRACE.data`` is a ``perf record`` of four syscall tracepoints of the server's process (what
+``suite.py --profile DIR --profiler trace`` records for scenarios 1 and 6; tracepoints need no
+hardware counters, which this VM lacks):
+
+    perf record -e syscalls:sys_enter_io_uring_enter,syscalls:sys_exit_io_uring_enter,\\
+        syscalls:sys_enter_pwrite64,syscalls:sys_enter_write -p PID -o TRACE.data -- sleep 4
+
+With io_uring (the default) the fan-out submits a slice's sends in one ``io_uring_enter``, which
+returns when all have completed: its length over its sends is what one send costs the server's
+core, the receiver's loopback processing included. Between two submissions is everything else:
+the slice's Python, the loop's turn, and in some of them an order turn (the REST lane's requests,
+the engine, the commit, whose WAL writes are the ``pwrite64`` calls, the projections and the
+book's push). Gaps are split by whether they held a commit, so the cost of an order turn is the
+difference of the two means, robust to the host's swings in a way that a p99 is not. Reply
+writes (``write``) are counted per gap.
+
+Prints, per file: sends per submission, µs per send (p10/p50/p90/p99), the gaps between
+submissions with and without a commit (count, mean, p99), each side's share of the traced time,
+and the mean per 100 ms (µs per send | gap per slice) to show slow spells. A server running
+``--no-io-uring`` makes one ``send`` a connection; it is not read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+EVENTS = (
+    "syscalls:sys_enter_io_uring_enter,syscalls:sys_exit_io_uring_enter,"
+    "syscalls:sys_enter_pwrite64,syscalls:sys_enter_write"
+)
+"""The tracepoints to record (``perf record -e``)."""
+
+LINE = re.compile(r"\s(\d+)\s+\[\d+\]\s+(\d+\.\d+):\s+syscalls:(\w+):(.*)")
+"""``comm tid [cpu] time: syscalls:event: arguments``, as ``perf script`` prints a tracepoint."""
+SUBMIT = re.compile(r"to_submit: (0x[0-9a-f]+)")
+MIN_SENDS = 20
+"""Submissions with fewer sends (a slice's tail) are left out of the per-send figure: a fixed
+cost per call would weigh on them."""
+
+
+@dataclass
+class Gap:
+    """The time between one submission's return and the next one's start."""
+
+    ms: float
+    commit: bool  # the store wrote its WAL in it: an order turn
+    replies: int
+
+
+@dataclass
+class Trace:
+    per_send_us: list[float] = field(default_factory=list)
+    sends: list[int] = field(default_factory=list)
+    send_ms: float = 0.0
+    gaps: list[Gap] = field(default_factory=list)
+    series: dict[int, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+
+
+def read(path: str) -> Trace:
+    """The trace in a ``perf record`` file (``perf script`` prints it)."""
+    script = ["perf", "script", "-i", path]
+    return parse(subprocess.run(script, capture_output=True, text=True, check=True).stdout)
+
+
+def parse(text: str) -> Trace:
+    """The trace in ``perf script``'s output of the four tracepoints."""
+    trace = Trace()
+    entered: tuple[float, int] | None = None
+    returned: float | None = None
+    commit, replies = False, 0
+    start: float | None = None
+    loop = ""
+    for line in text.splitlines():
+        match = LINE.search(line)
+        if not match:
+            continue
+        tid, t, event, args = match.group(1), float(match.group(2)), match.group(3), match.group(4)
+        start = t if start is None else start
+        if event == "sys_enter_io_uring_enter":
+            loop = tid  # the event loop's thread: the checkpointer's writes are not commits
+            found = SUBMIT.search(args)
+            entered = (t, int(found.group(1), 16) if found else 0)
+            if returned is not None:
+                gap = Gap((t - returned) * 1e3, commit, replies)
+                trace.gaps.append(gap)
+                trace.series[int((t - start) * 10)][2] += gap.ms
+            commit, replies = False, 0
+        elif event == "sys_exit_io_uring_enter" and entered is not None:
+            began, n = entered
+            trace.send_ms += (t - began) * 1e3
+            if n >= MIN_SENDS:
+                us = (t - began) * 1e6 / n
+                trace.per_send_us.append(us)
+                trace.sends.append(n)
+                bucket = trace.series[int((began - start) * 10)]
+                bucket[0] += 1
+                bucket[1] += us
+            returned, entered = t, None
+        elif tid != loop:
+            continue
+        elif event == "sys_enter_pwrite64":
+            commit = True
+        elif event == "sys_enter_write":
+            replies += 1
+    return trace
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
+
+
+def summary(path: str, trace: Trace) -> list[str]:
+    if not trace.per_send_us:
+        return [f"{path}: no io_uring submissions of {MIN_SENDS} sends or more"]
+    out = [f"{path}:"]
+    sends = sum(trace.sends) / len(trace.sends)
+    quartiles = " / ".join(f"{pct(trace.per_send_us, p):.2f}" for p in (10, 50, 90, 99))
+    out.append(f"  submissions {len(trace.sends):,}, {sends:.0f} sends each on average")
+    out.append(f"  µs a send p10 / p50 / p90 / p99: {quartiles}")
+    gap_ms = sum(g.ms for g in trace.gaps)
+    total = trace.send_ms + gap_ms
+    out.append(
+        f"  traced time: sends {trace.send_ms / total:.0%}, "
+        f"between submissions {gap_ms / total:.0%}"
+    )
+    for label, commit in (("with a commit", True), ("without", False)):
+        gaps = [g for g in trace.gaps if g.commit is commit]
+        if not gaps:
+            continue
+        mean = sum(g.ms for g in gaps) / len(gaps)
+        replies = sum(g.replies for g in gaps) / len(gaps)
+        p99 = pct([g.ms for g in gaps], 99)
+        out.append(
+            f"  gaps {label}: {len(gaps):,}, mean {mean:.3f} ms, p99 {p99:.3f}, "
+            f"{replies:.1f} writes each"
+        )
+    row = [f"{v[1] / v[0]:.1f}|{v[2] / v[0]:.2f}" for _, v in sorted(trace.series.items()) if v[0]]
+    out.append("  per 100 ms, µs a send | ms between submissions per slice:")
+    out.append("    " + " ".join(row))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("traces", nargs="+", help="perf.data files of the four tracepoints")
+    args = parser.parse_args()
+    for path in args.traces:
+        print("\n".join(summary(path, read(path))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""bench/slice_trace.py: a fan-out cycle split into its sends and the rest, from the server's
+system calls as ``perf script`` prints them (the lines below have its exact layout)."""
+
+from __future__ import annotations
+
+import slice_trace  # bench/, on pytest's pythonpath
+
+
+def line(tid: int, t: float, event: str, args: str) -> str:
+    comm = "python" if tid == 100 else "checkpoint e.db"  # a thread name may hold a space
+    return f"{comm:>16} {tid:>6} [000] {t:>12.6f}: syscalls:{event}: {args}"
+
+
+def submit(tid: int, t: float, n: int) -> str:
+    args = f"fd: 0x00000012, to_submit: {n:#010x}, min_complete: {n:#010x}, flags: 0x00000001"
+    return line(tid, t, "sys_enter_io_uring_enter", args)
+
+
+def returned(tid: int, t: float, n: int) -> str:
+    return line(tid, t, "sys_exit_io_uring_enter", f"{n:#x}")
+
+
+def pwrite(tid: int, t: float) -> str:
+    return line(tid, t, "sys_enter_pwrite64", "fd: 0x0000000d, buf: 0x7ffe, count: 0x00004000")
+
+
+def write(tid: int, t: float) -> str:
+    return line(tid, t, "sys_enter_write", "fd: 0x00000413, buf: 0x7fc8, count: 0x000000ce")
+
+
+LOOP, CHECKPOINTER = 100, 101
+
+TRACE = "\n".join(
+    [
+        submit(LOOP, 10.000000, 100),
+        returned(LOOP, 10.000500, 100),  # 100 sends in 0.5 ms: 5 µs each
+        write(LOOP, 10.000550),  # a reply
+        pwrite(LOOP, 10.000600),  # a commit: an order turn
+        submit(LOOP, 10.000800, 100),  # gap 0.3 ms, with a commit and one write
+        returned(LOOP, 10.001400, 100),  # 6 µs each
+        pwrite(CHECKPOINTER, 10.001450),  # the checkpointer's copy: not a commit
+        submit(LOOP, 10.001500, 10),  # gap 0.1 ms, without
+        returned(LOOP, 10.001600, 10),  # a slice's tail: too few sends to count per send
+        "",
+        "some line perf prints that is not a tracepoint",
+    ]
+)
+
+
+def test_sends_and_gaps_are_told_apart_and_only_the_loops_writes_count() -> None:
+    trace = slice_trace.parse(TRACE)
+    assert [round(us, 3) for us in trace.per_send_us] == [5.0, 6.0]
+    assert trace.sends == [100, 100]
+    assert round(trace.send_ms, 3) == 1.2  # every submission's time, the tail's too
+    gaps = [(round(g.ms, 3), g.commit, g.replies) for g in trace.gaps]
+    assert gaps == [(0.3, True, 1), (0.1, False, 0)]
+
+
+def test_the_summary_reports_the_cost_of_an_order_turn() -> None:
+    text = "\n".join(slice_trace.summary("t.data", slice_trace.parse(TRACE)))
+    assert "submissions 2, 100 sends each" in text
+    assert "traced time: sends 75%, between submissions 25%" in text  # 1.2 ms against 0.4
+    assert "gaps with a commit: 1, mean 0.300 ms" in text
+    assert "gaps without: 1, mean 0.100 ms" in text
+
+
+def test_a_trace_without_submissions_says_so() -> None:
+    text = slice_trace.summary("t.data", slice_trace.parse(write(LOOP, 1.0)))
+    assert text == ["t.data: no io_uring submissions of 20 sends or more"]
