@@ -3,6 +3,7 @@ server's pings, reads every push and logs each one's seq and arrival, as loadgen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,23 +98,22 @@ def push(seq: int, size: int) -> bytes:
     return b'{"data":[%b],"message":"orderbook","seq":%d}' % (b"1" * size, seq)
 
 
-@pytest.mark.parametrize("stamps", [False, True], ids=["reads", "rx-timestamps"])
-def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(
-    tmp_path: Path, stamps: bool
-) -> None:
-    """A fake server: frames of every length form split across sends, then pings the fleet
-    answers into a connection the server has closed (SIGPIPE killed the first version); with
-    ``--rx-timestamps`` the recorded client reads a frame at a time and stamps each."""
+@contextlib.contextmanager
+def one_client(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], socket.socket]]:
+    """The fleet with one recorded client (and ``args``) against a fake server: the handshake
+    answered, the snapshot sent, counting started. Yields the fleet and the server's end; the
+    results go to ``tmp_path / "subs.json"``."""
     fleet = tmp_path / "fleet"
     subprocess.run([COMPILER, "-O2", "-o", str(fleet), str(ROOT / "bench" / "fleet.c")], check=True)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     out = tmp_path / "subs.json"
     cmd = [str(fleet), "--port", str(port), "--clients", "1", "--record", "1", "--out", str(out)]
-    cmd += ["--rx-timestamps"] if stamps else []
     with (
         listener,
-        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc,
+        subprocess.Popen(
+            [*cmd, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as proc,
     ):
         assert proc.stdin is not None and proc.stdout is not None
         conn, _ = listener.accept()
@@ -126,6 +127,26 @@ def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(
             assert json.loads(proc.stdout.readline())["ready"] == 1
             proc.stdin.write("start\n")
             proc.stdin.flush()
+            yield proc, conn
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Mark, stop, and the fleet's last word."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("mark\nstop\n")
+    proc.stdin.flush()
+    assert json.loads(proc.stdout.readline()) == {"done": True}
+
+
+@pytest.mark.parametrize("stamps", [False, True], ids=["reads", "rx-timestamps"])
+def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(
+    tmp_path: Path, stamps: bool
+) -> None:
+    """A fake server: frames of every length form split across sends, then pings the fleet
+    answers into a connection the server has closed (SIGPIPE killed the first version); with
+    ``--rx-timestamps`` the recorded client reads a frame at a time and stamps each."""
+    with one_client(tmp_path, *(["--rx-timestamps"] if stamps else [])) as (proc, conn):
+        with conn:
             time.sleep(0.1)
             sizes = [10, 200, 70_000, 65_400, 90]
             for seq, size in enumerate(sizes, 1):
@@ -137,10 +158,8 @@ def test_the_fleet_reads_split_frames_and_outlives_a_closed_connection(
             conn.sendall(ws_frame(9, b"p") * 3)
         time.sleep(0.3)  # closed: the pongs meet a reset connection
         assert proc.poll() is None
-        proc.stdin.write("mark\nstop\n")
-        proc.stdin.flush()
-        assert json.loads(proc.stdout.readline()) == {"done": True}
-    result = json.loads(out.read_text())
+        stop(proc)
+    result = json.loads((tmp_path / "subs.json").read_text())
     assert [seq for seq, _ in result["logs"]["0"]] == [1, 2, 3, 4, 5]
     assert result["messages_at_mark"] == 5
     assert result["bytes_at_mark"] == sum(len(push(s, n)) for s, n in enumerate(sizes, 1))
@@ -161,42 +180,19 @@ def test_rx_timestamps_tell_when_a_message_reached_the_socket_not_when_it_was_re
     but stamped when they reached the socket. The first may carry the second's stamp (the
     kernel merges a segment into an unread one before it, keeping the later stamp): a stamp
     is never earlier than its message's arrival, only sometimes later."""
-    fleet = tmp_path / "fleet"
-    subprocess.run([COMPILER, "-O2", "-o", str(fleet), str(ROOT / "bench" / "fleet.c")], check=True)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    out = tmp_path / "subs.json"
-    cmd = [str(fleet), "--port", str(port), "--clients", "1", "--record", "1", "--out", str(out)]
-    with (
-        listener,
-        subprocess.Popen(
-            [*cmd, "--rx-timestamps"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        ) as proc,
-    ):
-        assert proc.stdin is not None and proc.stdout is not None
-        conn, _ = listener.accept()
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(4096)
-            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + ws_frame(1, push(0, 10)))
-            assert json.loads(proc.stdout.readline())["ready"] == 1
-            proc.stdin.write("start\n")
-            proc.stdin.flush()
-            time.sleep(0.1)
-            proc.send_signal(signal.SIGSTOP)
-            sent = []
-            for seq in (1, 2):
-                sent.append(time.monotonic_ns())
-                conn.sendall(ws_frame(1, push(seq, 3000)))
-                time.sleep(0.2)
-            resumed = time.monotonic_ns()
-            proc.send_signal(signal.SIGCONT)
+    with one_client(tmp_path, "--rx-timestamps") as (proc, conn):
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGSTOP)
+        sent = []
+        for seq in (1, 2):
+            sent.append(time.monotonic_ns())
+            conn.sendall(ws_frame(1, push(seq, 3000)))
             time.sleep(0.2)
-            proc.stdin.write("mark\nstop\n")
-            proc.stdin.flush()
-            assert json.loads(proc.stdout.readline()) == {"done": True}
-    result = json.loads(out.read_text())
+        resumed = time.monotonic_ns()
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.2)
+        stop(proc)
+    result = json.loads((tmp_path / "subs.json").read_text())
     reads = [t for _, t in result["logs"]["0"]]
     stamps = [t for _, t in result["rx_logs"]["0"]]
     assert [seq for seq, _ in result["rx_logs"]["0"]] == [1, 2]
