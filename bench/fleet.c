@@ -157,6 +157,26 @@ static struct {
 static const char *subscribe_request;
 static int rx_stamps; /* --rx-timestamps */
 
+/* The frame at p, of which avail bytes are here (RFC 6455 5.2): 0 when it is whole, with its
+   header's length in *head and its payload's in *n; else how many more bytes would make it
+   (or, while its header is short, its header) whole. A masked frame's key is skipped: a server
+   must not mask, and it is tolerated, not unmasked. */
+static size_t frame_missing(const unsigned char *p, size_t avail, size_t *head, uint64_t *n) {
+    if (avail < 2) return 2 - avail;
+    uint64_t len = p[1] & 0x7f;
+    size_t h = len == 126 ? 4 : len == 127 ? 10 : 2;
+    if (p[1] & 0x80) h += 4;
+    if (avail < h) return h - avail;
+    if (len == 126) len = ((uint64_t)p[2] << 8) | p[3];
+    else if (len == 127) {
+        len = 0;
+        for (int i = 0; i < 8; i++) len = (len << 8) | p[2 + i];
+    }
+    *head = h;
+    *n = len;
+    return avail < h + len ? h + len - avail : 0;
+}
+
 /* Take the whole frames in the client's buffer. */
 static void take(Client *c) {
     size_t at = 0;
@@ -174,24 +194,11 @@ static void take(Client *c) {
         send_frame(c->fd, 1, (const unsigned char *)subscribe_request, strlen(subscribe_request));
     }
     for (;;) {
-        if (c->len - at < 2) break;
         unsigned char *p = c->buf + at;
+        size_t head;
+        uint64_t n;
+        if (frame_missing(p, c->len - at, &head, &n)) break;
         int opcode = p[0] & 0x0f;
-        int masked = p[1] & 0x80;
-        uint64_t n = p[1] & 0x7f;
-        size_t head = 2;
-        if (n == 126) {
-            if (c->len - at < 4) break;
-            n = ((uint64_t)p[2] << 8) | p[3];
-            head = 4;
-        } else if (n == 127) {
-            if (c->len - at < 10) break;
-            n = 0;
-            for (int i = 0; i < 8; i++) n = (n << 8) | p[2 + i];
-            head = 10;
-        }
-        if (masked) head += 4; /* a server must not mask; tolerated, not unmasked */
-        if (c->len - at < head + n) break;
         unsigned char *payload = p + head;
         if (opcode == 1) {
             if (!c->first) {
@@ -259,30 +266,16 @@ static ssize_t read_stamped(Client *c, size_t room) {
     return k;
 }
 
-/* Bytes that complete the frame (or its header) at the start of the buffer: take() leaves
-   it at a frame's start, holding no complete frame. */
-static size_t frame_rest(const Client *c) {
-    const unsigned char *p = c->buf;
-    if (c->len < 2) return 2 - c->len;
-    uint64_t n = p[1] & 0x7f;
-    size_t head = n == 126 ? 4 : n == 127 ? 10 : 2;
-    if (p[1] & 0x80) head += 4;
-    if (c->len < head) return head - c->len;
-    if (n == 126) n = ((uint64_t)p[2] << 8) | p[3];
-    else if (n == 127) {
-        n = 0;
-        for (int i = 0; i < 8; i++) n = (n << 8) | p[2 + i];
-    }
-    return head + (size_t)n - c->len;
-}
-
 static int read_client(Client *c) {
     for (;;) {
         /* A recorded client with --rx-timestamps reads up to the end of one frame at a time,
            so that each message's stamp is its own segment's, not a later one's that the same
            read also took (the fleet may come to a socket after two pushes). */
         int exact = rx_stamps && c->log && c->open;
-        size_t want = exact ? frame_rest(c) : 65536;
+        size_t head;
+        uint64_t n;
+        /* take() leaves the buffer at a frame's start, holding no whole frame: never 0 */
+        size_t want = exact ? frame_missing(c->buf, c->len, &head, &n) : 65536;
         if (c->cap - c->len < want || c->cap - c->len < 65536) {
             c->cap = c->len + want + 65536;
             c->buf = realloc(c->buf, c->cap);

@@ -185,6 +185,51 @@ def report_of(kinds: list[str], frame: bytes, way: str) -> list[tuple[int, int]]
             close()
 
 
+def ring_counts() -> dict[str, int]:
+    """This process's io_uring rings, by descriptor: how many submissions each has taken
+    (``SqTail`` in the kernel's fdinfo)."""
+    counts = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "io_uring" in os.readlink(f"/proc/self/fd/{fd}"):
+                with open(f"/proc/self/fdinfo/{fd}") as info:
+                    fields = dict(line.split(":", 1) for line in info if ":" in line)
+                counts[fd] = int(fields.get("SqTail", "-1"))
+    return counts
+
+
+def test_a_forked_child_sends_through_a_ring_of_its_own() -> None:
+    """The ring's queues are memory shared with the process that set it up: a child of a fork
+    must not submit into its parent's. The child's sends go through a ring of its own (one
+    that has taken only the child's submissions), and the parent's ring still works after."""
+    use("io_uring")
+    socks = pairs(4)
+    try:
+        fds = [a.fileno() for a, _ in socks]
+        for _ in range(3):  # the parent's ring takes 12 submissions
+            assert send_each(fds, b"p") == []
+        parent = ring_counts()
+        assert list(parent.values()) == [12], parent
+        pid = os.fork()
+        if pid == 0:  # the child: any failure is its exit status
+            status = 1
+            try:
+                ok = send_each(fds[:2], b"c") == [] and _sendeach.mode() == "io_uring"
+                status = 0 if ok and list(ring_counts().values()) == [2] else 3
+            finally:
+                os._exit(status)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert send_each(fds, b"p") == []
+        assert list(ring_counts().values()) == [16]  # the parent's, untouched by the child
+        for i, (_, reader) in enumerate(socks):  # every send made once, in order
+            want = b"pppcp" if i < 2 else b"pppp"
+            assert reader.recv(len(want), socket.MSG_WAITALL) == want
+    finally:
+        for a, b in socks:
+            a.close()
+            b.close()
+
+
 def test_the_writer_says_how_it_sends() -> None:
     assert BatchWriter(io_uring=False).mode == "send"
     wanted = BatchWriter().mode

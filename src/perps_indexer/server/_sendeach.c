@@ -25,7 +25,8 @@
  *
  * The ring is set up on first use (or by set_io_uring(True)); when that fails the module uses
  * "send" for good and mode() says why. One ring serves the process; a call made while
- * another thread's call is using it, or after a fork, takes the "send" loop or a new ring.
+ * another thread's call is using it takes the "send" loop. A forked child forgets the ring it
+ * inherited (its memory is shared with the parent's) and sets up its own when it needs one.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -75,6 +76,7 @@ send_loop(const int *handles, Py_ssize_t *sent, Py_ssize_t from, Py_ssize_t to,
 #if defined(__linux__) && __has_include(<linux/io_uring.h>)
 #define HAVE_IO_URING 1
 #include <linux/io_uring.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -92,7 +94,6 @@ send_loop(const int *handles, Py_ssize_t *sent, Py_ssize_t from, Py_ssize_t to,
 
 typedef struct {
     int fd; /* -1: no ring */
-    pid_t pid; /* the process that set it up: a forked child must not share it */
     int busy; /* a call is using it (with the GIL released) */
     unsigned *sq_tail, *sq_mask, *sq_array;
     unsigned *cq_head, *cq_tail, *cq_mask;
@@ -142,7 +143,6 @@ ring_open(void)
         ring_close();
         return ENOSYS;
     }
-    ring.pid = getpid();
     ring.entries = p.sq_entries;
     ring.sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
     ring.cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
@@ -274,13 +274,20 @@ ring_ready(void)
     if (!want_ring || ring_error != 0) {
         return 0;
     }
-    if (ring.fd >= 0 && ring.pid != getpid() && !ring.busy) {
-        ring_close(); /* a fork's copy: the parent's ring is not this process's to use */
-    }
     if (ring.fd < 0) {
         ring_error = ring_open();
     }
     return ring_error == 0;
+}
+
+/* In a forked child (pthread_atfork): the ring is the parent's, its queues shared with it, so
+ * this process lets go of its copy; no other thread came along, so no call holds it. Only
+ * munmap, close and memset: safe in a child of a threaded process. Not a check in every call:
+ * getpid() would be a system call per batch. */
+static void
+ring_forget_in_child(void)
+{
+    ring_close();
 }
 
 /* The ring, held by this call (ring.busy) until it gives it back; 0 if the loop must be used:
@@ -442,5 +449,15 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__sendeach(void)
 {
+#ifdef HAVE_IO_URING
+    static int registered = 0;
+    if (!registered) {
+        int err = pthread_atfork(NULL, NULL, ring_forget_in_child);
+        if (err != 0) {
+            ring_error = err; /* a child could not tell its ring from the parent's: no ring */
+        }
+        registered = 1;
+    }
+#endif
     return PyModule_Create(&module);
 }
