@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -141,50 +141,6 @@ async def test_flush_due_commits_the_scheduled_group_at_once(tmp_path: Path) -> 
         assert venue.commits == commits + 2
         assert watcher.take() == []
         assert [e.seq for e in store.read()] == list(range(1, 8))
-
-
-async def test_done_is_told_within_the_commit_that_makes_a_command_durable(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The REST lane's reply is written from ``done``: in the commit the fan-out makes before
-    its slice, not a turn later. A failing ``done`` does not keep the others untold."""
-    with book_watched(tmp_path / "t.db", commit_batch=2) as (store, venue, watcher):
-        told: list[tuple[int, int, int]] = []  # (order, its first seq, the store's last seq then)
-
-        def done(i: int) -> Callable[[asyncio.Future[commands.Outcome]], None]:
-            def tell(future: asyncio.Future[commands.Outcome]) -> None:
-                assert future.done()
-                told.append((i, future.result().events[0].seq, store.last_seq()))
-                if i == 0:
-                    raise RuntimeError("a reply that fails")
-
-            return tell
-
-        futures = [venue.submit(order(5000 + i), done(i)) for i in range(3)]
-        assert told == []  # never before the commit
-        venue.flush_due()  # the first two: durable, published and told, before this returns
-        assert told == [(0, 2, 5), (1, 4, 5)]
-        assert "a callback of a committed command failed" in caplog.text
-        assert len(json.loads(watcher.take()[0])["data"]) == 2
-        venue.flush_due()
-        assert told[2:] == [(2, 6, 7)]
-        assert [f.result().events[0].seq for f in futures] == [2, 4, 6]
-        await asyncio.sleep(0)  # the scheduled turns find nothing: nobody is told twice
-        await asyncio.sleep(0)
-        assert len(told) == 3
-
-
-async def test_done_is_told_of_a_failed_commit(tmp_path: Path) -> None:
-    from perps_indexer.venue import VenueHalted
-
-    store = SQLiteStore(tmp_path / "f.db")
-    venue = Venue(default_markets(), store, clock=lambda: 1_000)
-    venue.execute(commands.Deposit(address=A, amount=100_000_000))
-    failed: list[BaseException | None] = []
-    venue.submit(order(5000), lambda future: failed.append(future.exception()))
-    store.close()
-    venue.flush_due()
-    assert len(failed) == 1 and isinstance(failed[0], VenueHalted)
 
 
 def test_commit_batch_must_not_be_negative(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TypeAlias, TypeVar
+from typing import TypeVar
 
 from perps_indexer import commands
 from perps_indexer.engine import Engine
@@ -60,43 +60,6 @@ from perps_indexer.wire import (
 _R = TypeVar("_R")
 
 log = logging.getLogger(__name__)
-
-Done: TypeAlias = Callable[[asyncio.Future[commands.Outcome]], None]
-"""What :meth:`Venue.submit` calls with a submission's future once it is resolved."""
-
-
-class _Waiter:
-    """A submitted command waiting for its commit: its future, its outcome and who to tell."""
-
-    __slots__ = ("done", "future", "outcome")
-
-    def __init__(
-        self,
-        future: asyncio.Future[commands.Outcome],
-        outcome: commands.Outcome,
-        done: Done | None,
-    ) -> None:
-        self.future = future
-        self.outcome = outcome
-        self.done = done
-
-    def resolve(self, error: BaseException | None) -> None:
-        """Resolve the future (unless it was cancelled) with the outcome or ``error``, then
-        tell ``done`` at once. A failing ``done`` is logged: the other submissions of the
-        commit are still resolved."""
-        future = self.future
-        if future.done():
-            return
-        if error is None:
-            future.set_result(self.outcome)
-        else:
-            future.set_exception(error)
-        if self.done is not None:
-            try:
-                self.done(future)
-            except Exception:
-                log.exception("a callback of a committed command failed")
-
 
 REPLAY_BATCH = 10_000
 HISTORY_PAGE = 2_000
@@ -152,7 +115,7 @@ class Venue:
         self.commits = 0
         self.snapshot_seq = 0
         self._pending: list[AnyEvent] = []
-        self._waiters: list[_Waiter] = []
+        self._waiters: list[tuple[asyncio.Future[commands.Outcome], commands.Outcome]] = []
         self._flush_scheduled = False
         self._replay()
 
@@ -231,9 +194,7 @@ class Venue:
         self.flush()
         return outcome
 
-    def submit(
-        self, command: commands.AnyCommand, done: Done | None = None
-    ) -> asyncio.Future[commands.Outcome]:
+    def submit(self, command: commands.AnyCommand) -> asyncio.Future[commands.Outcome]:
         """Run a command now and return a future that resolves once its effects are durable
         and published (group commit).
 
@@ -244,17 +205,11 @@ class Venue:
         first commands of a large burst are not held until its last are folded and published
         (scenario 2 of BENCHMARKS.md: p99 about 35 -> 25 ms). A rejection raises here, at
         once, and changes nothing.
-
-        ``done``, if given, is called with the future as soon as it is resolved, within the
-        commit, instead of in a later turn as the future's own callbacks are: the REST lane
-        writes a reply there. The fan-out commits right before a slice of pushes
-        (:meth:`flush_due`), and a reply left for the next turn waited for the whole slice.
-        It is never called before this returns (the commit comes in a later call).
         """
         outcome = self._run(command)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[commands.Outcome] = loop.create_future()
-        self._waiters.append(_Waiter(future, outcome, done))
+        self._waiters.append((future, outcome))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_turn)
@@ -281,7 +236,7 @@ class Venue:
         # Only submissions are pending (execute() flushes at once), in order: the first
         # ``count`` events are exactly the taken commands'.
         taken = waiters[:limit]
-        count = sum(len(waiter.outcome.events) for waiter in taken)
+        count = sum(len(outcome.events) for _, outcome in taken)
         events = self._pending[:count]
         self._pending, self._waiters = self._pending[count:], waiters[limit:]
         asyncio.get_running_loop().call_soon(self._flush_turn)  # still scheduled: the rest
@@ -295,18 +250,24 @@ class Venue:
         self._pending, self._waiters = [], []
         self._commit(events, waiters)
 
-    def _commit(self, events: list[AnyEvent], waiters: list[_Waiter]) -> None:
+    def _commit(
+        self,
+        events: list[AnyEvent],
+        waiters: list[tuple[asyncio.Future[commands.Outcome], commands.Outcome]],
+    ) -> None:
         try:
             self.record(events)
         except VenueHalted as exc:
-            for waiter in waiters:
-                waiter.resolve(exc)
+            for future, _ in waiters:
+                if not future.done():
+                    future.set_exception(exc)
             if not waiters:
                 raise
             return
         self.commits += 1 if events else 0
-        for waiter in waiters:
-            waiter.resolve(None)
+        for future, outcome in waiters:
+            if not future.done():
+                future.set_result(outcome)
 
     def record(self, events: list[AnyEvent]) -> None:
         """Commit, fold and publish events the engine has already applied."""

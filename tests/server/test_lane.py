@@ -482,7 +482,7 @@ def test_an_unexpected_failure_is_a_500_and_harms_no_one_else(
     assert venue is not None
     calls = []
 
-    def broken(command: Any, done: Any = None) -> Any:
+    def broken(command: Any) -> Any:
         calls.append(command)
         raise RuntimeError("a bug")
 

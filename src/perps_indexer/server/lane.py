@@ -232,14 +232,13 @@ def response(status: int, body: bytes, close: bool, cors: bool = False) -> bytes
 
 class _Reply:
     """A reply in a connection's queue: ready (``data``), or waiting for its command to be
-    durable (None), with the maker of its body then (``answer``)."""
+    durable (None)."""
 
-    __slots__ = ("answer", "close", "data")
+    __slots__ = ("close", "data")
 
     def __init__(self, data: bytes | None, close: bool) -> None:
         self.data = data
         self.close = close
-        self.answer: Callable[[commands.Outcome], bytes] | None = None
 
 
 class Routes(NamedTuple):
@@ -419,12 +418,8 @@ class RestLane(asyncio.Protocol):
 
     def _write(self, head: Head, body: bytes) -> _Reply:
         routes, close = self.routes, head.close
-        reply = _Reply(None, close)
         try:
-            # Answered within the commit (the venue calls _durable then, never before submit
-            # returns): not a turn later, after the fan-out's next slice.
-            done = functools.partial(self._durable, reply)
-            _, reply.answer = routes.api.submit(routes.writes[head.path], head.api_key, body, done)
+            future, answer = routes.api.submit(routes.writes[head.path], head.api_key, body)
         except REFUSED as exc:
             status, data = refusal(exc)
             return _Reply(response(status, data, close), close)
@@ -432,24 +427,28 @@ class RestLane(asyncio.Protocol):
             log.exception("a REST write failed in the server")
             close = True  # what follows on this connection is not read
             return _Reply(response(500, _INTERNAL_BODY, close), close)
+        reply = _Reply(None, close)
+        future.add_done_callback(self._durable(answer, reply))
         return reply
 
-    def _durable(self, reply: _Reply, future: asyncio.Future[commands.Outcome]) -> None:
-        """The reply of a write whose command is now durable (or failed), written if it is
-        the connection's next."""
-        if self.transport is None or future.cancelled():
-            return  # the command stands; there is no one to tell
-        exc = future.exception()
-        if exc is None:
-            assert reply.answer is not None
-            status, body = 200, reply.answer(future.result())
-        elif isinstance(exc, REFUSED):
-            status, body = refusal(exc)
-        else:
-            log.error("a REST write failed in the server", exc_info=exc)
-            status, body, reply.close = 500, _INTERNAL_BODY, True
-        reply.data = response(status, body, reply.close)
-        self._flush()
+    def _durable(
+        self, answer: Callable[[commands.Outcome], bytes], reply: _Reply
+    ) -> Callable[[asyncio.Future[commands.Outcome]], None]:
+        def done(future: asyncio.Future[commands.Outcome]) -> None:
+            if self.transport is None or future.cancelled():
+                return  # the command stands; there is no one to tell
+            exc = future.exception()
+            if exc is None:
+                status, body = 200, answer(future.result())
+            elif isinstance(exc, REFUSED):
+                status, body = refusal(exc)
+            else:
+                log.error("a REST write failed in the server", exc_info=exc)
+                status, body, reply.close = 500, _INTERNAL_BODY, True
+            reply.data = response(status, body, reply.close)
+            self._flush()
+
+        return done
 
     def _queue(self, reply: _Reply) -> None:
         self.replies.append(reply)

@@ -21,7 +21,7 @@ from perps_indexer.errors import CommandRejected, InvalidAddress, PerpsIndexerEr
 from perps_indexer.markets import MarketSpec
 from perps_indexer.session import RequestError, parse_market_id
 from perps_indexer.units import normalize_address
-from perps_indexer.venue import Done, Venue, VenueHalted
+from perps_indexer.venue import Venue, VenueHalted
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Parser = Callable[[dict[str, Any]], commands.AnyCommand]
@@ -297,15 +297,14 @@ class RestApi:
         return handler
 
     def submit(
-        self, parse: Parser, given: bytes, raw: bytes, done: Done | None = None
+        self, parse: Parser, given: bytes, raw: bytes
     ) -> tuple[asyncio.Future[commands.Outcome], Callable[[commands.Outcome], bytes]]:
         """Run the write ``raw`` asks for, with API key ``given``: the future that resolves
-        once it is durable, and the maker of its reply's body (:meth:`_reply`); ``done`` as
-        :meth:`Venue.submit` takes it. Raises what :data:`REFUSED` names, having changed
-        nothing, if the write is refused."""
+        once it is durable, and the maker of its reply's body (:meth:`_reply`). Raises what
+        :data:`REFUSED` names, having changed nothing, if the write is refused."""
         self._authorize(given)
         command = self._command(parse, raw)
-        future = self.venue.submit(command, done)
+        future = self.venue.submit(command)
         return future, self._reply(command)  # now: the state this command left
 
     def _authorize(self, given: bytes) -> None:
