@@ -266,20 +266,35 @@ static ssize_t read_stamped(Client *c, size_t room) {
     return k;
 }
 
+/* Room for at least ``room`` more bytes in the client's buffer. */
+static void reserve(Client *c, size_t room) {
+    if (c->cap - c->len >= room) return;
+    c->cap = c->len + room + 65536;
+    c->buf = realloc(c->buf, c->cap);
+    if (!c->buf) die("realloc");
+}
+
 static int read_client(Client *c) {
     for (;;) {
+        reserve(c, 65536);
+        size_t want = 65536;
         /* A recorded client with --rx-timestamps reads up to the end of one frame at a time,
            so that each message's stamp is its own segment's, not a later one's that the same
            read also took (the fleet may come to a socket after two pushes). */
         int exact = rx_stamps && c->log && c->open;
-        size_t head;
-        uint64_t n;
-        /* take() leaves the buffer at a frame's start, holding no whole frame: never 0 */
-        size_t want = exact ? frame_missing(c->buf, c->len, &head, &n) : 65536;
-        if (c->cap - c->len < want || c->cap - c->len < 65536) {
-            c->cap = c->len + want + 65536;
-            c->buf = realloc(c->buf, c->cap);
-            if (!c->buf) die("realloc");
+        if (exact) {
+            size_t head = 0;
+            uint64_t n;
+            /* take() leaves the buffer at a frame's start, holding no whole frame: never 0 */
+            want = frame_missing(c->buf, c->len, &head, &n);
+            if (!head) {
+                /* The header is not all here. A peek at what is (at most a header's length)
+                   tells the frame's end, so that one read takes it: not one read for the
+                   header's first bytes, another for its length and a third for the payload. */
+                ssize_t seen = recv(c->fd, c->buf + c->len, 14, MSG_PEEK | MSG_DONTWAIT);
+                if (seen > 0) want = (size_t)seen + frame_missing(c->buf, c->len + (size_t)seen, &head, &n);
+            }
+            reserve(c, want);
         }
         size_t room = exact ? want : c->cap - c->len;
         ssize_t k = rx_stamps && c->log ? read_stamped(c, room) : read(c->fd, c->buf + c->len, room);

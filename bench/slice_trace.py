@@ -32,6 +32,8 @@ import subprocess
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from benchlib import percentile
+
 EVENTS = (
     "syscalls:sys_enter_io_uring_enter,syscalls:sys_exit_io_uring_enter,"
     "syscalls:sys_enter_pwrite64,syscalls:sys_enter_write"
@@ -113,17 +115,12 @@ def parse(text: str) -> Trace:
     return trace
 
 
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
-
-
 def summary(path: str, trace: Trace) -> list[str]:
     if not trace.per_send_us:
         return [f"{path}: no io_uring submissions of {MIN_SENDS} sends or more"]
     out = [f"{path}:"]
     sends = sum(trace.sends) / len(trace.sends)
-    quartiles = " / ".join(f"{pct(trace.per_send_us, p):.2f}" for p in (10, 50, 90, 99))
+    quartiles = " / ".join(f"{percentile(trace.per_send_us, p):.2f}" for p in (10, 50, 90, 99))
     out.append(f"  submissions {len(trace.sends):,}, {sends:.0f} sends each on average")
     out.append(f"  µs a send p10 / p50 / p90 / p99: {quartiles}")
     gap_ms = sum(g.ms for g in trace.gaps)
@@ -138,7 +135,7 @@ def summary(path: str, trace: Trace) -> list[str]:
             continue
         mean = sum(g.ms for g in gaps) / len(gaps)
         replies = sum(g.replies for g in gaps) / len(gaps)
-        p99 = pct([g.ms for g in gaps], 99)
+        p99 = percentile([g.ms for g in gaps], 99)
         out.append(
             f"  gaps {label}: {len(gaps):,}, mean {mean:.3f} ms, p99 {p99:.3f}, "
             f"{replies:.1f} writes each"
