@@ -20,7 +20,9 @@ writes (``write``) are counted per gap.
 
 Prints, per file: sends per submission, µs per send (p10/p50/p90/p99), the gaps between
 submissions with and without a commit (count, mean, p99), each side's share of the traced time,
-and the mean per 100 ms (µs per send | gap per slice) to show slow spells. A server running
+the rounds of ``--round`` sends (one push to each subscriber: the whole round, its sends and the
+time between its submissions, p50/p90/p99), and the mean per 100 ms (µs per send | gap per
+slice) to show slow spells. A server running
 ``--no-io-uring`` makes one ``send`` a connection; it is not read here.
 """
 
@@ -46,6 +48,11 @@ SUBMIT = re.compile(r"to_submit: (0x[0-9a-f]+)")
 MIN_SENDS = 20
 """Submissions with fewer sends (a slice's tail) are left out of the per-send figure: a fixed
 cost per call would weigh on them."""
+ROUND_SENDS = 1_000
+"""Sends in a round by default: one push to each of scenario 6's 1,000 subscribers."""
+IDLE_MS = 1.2
+"""A gap between submissions longer than this ends a round: the server went idle (at a low
+order rate a round ends before the next order), and what came before is not part of it."""
 
 
 @dataclass
@@ -64,6 +71,34 @@ class Trace:
     send_ms: float = 0.0
     gaps: list[Gap] = field(default_factory=list)
     series: dict[int, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
+    submissions: list[tuple[float, float, int]] = field(default_factory=list)
+    """Every submission of the loop's thread: entered, returned (seconds), sends."""
+
+
+@dataclass
+class Round:
+    """Consecutive submissions that made one push to every subscriber."""
+
+    ms: float  # from the first submission's start to the last one's return
+    send_ms: float  # inside the submissions
+    between_ms: float  # between them: the slices' Python, the loop's turns, the orders
+
+
+def rounds(trace: Trace, sends: int = ROUND_SENDS, idle_ms: float = IDLE_MS) -> list[Round]:
+    """The trace's submissions grouped into rounds of ``sends`` sends; a round cut short by an
+    idle gap (longer than ``idle_ms``) or by the trace's ends is left out."""
+    out: list[Round] = []
+    group: list[tuple[float, float, int]] = []
+    for sub in trace.submissions:
+        if group and (sub[0] - group[-1][1]) * 1e3 > idle_ms:
+            group = []  # the server was idle: a round does not span it
+        group.append(sub)
+        if sum(n for _, _, n in group) >= sends:
+            whole = (group[-1][1] - group[0][0]) * 1e3
+            inside = sum(end - began for began, end, _ in group) * 1e3
+            out.append(Round(whole, inside, whole - inside))
+            group = []
+    return out
 
 
 def read(path: str) -> Trace:
@@ -98,6 +133,7 @@ def parse(text: str) -> Trace:
         elif event == "sys_exit_io_uring_enter" and entered is not None:
             began, n = entered
             trace.send_ms += (t - began) * 1e3
+            trace.submissions.append((began, t, n))
             if n >= MIN_SENDS:
                 us = (t - began) * 1e6 / n
                 trace.per_send_us.append(us)
@@ -115,7 +151,7 @@ def parse(text: str) -> Trace:
     return trace
 
 
-def summary(path: str, trace: Trace) -> list[str]:
+def summary(path: str, trace: Trace, round_sends: int = ROUND_SENDS) -> list[str]:
     if not trace.per_send_us:
         return [f"{path}: no io_uring submissions of {MIN_SENDS} sends or more"]
     out = [f"{path}:"]
@@ -140,6 +176,16 @@ def summary(path: str, trace: Trace) -> list[str]:
             f"  gaps {label}: {len(gaps):,}, mean {mean:.3f} ms, p99 {p99:.3f}, "
             f"{replies:.1f} writes each"
         )
+    whole = rounds(trace, round_sends)
+    if whole:
+        out.append(f"  rounds of {round_sends:,} sends: {len(whole):,}; ms p50 / p90 / p99:")
+        for label, values in (
+            ("the whole round", [r.ms for r in whole]),
+            ("in its sends", [r.send_ms for r in whole]),
+            ("between its submissions", [r.between_ms for r in whole]),
+        ):
+            figures = " / ".join(f"{percentile(values, p):.2f}" for p in (50, 90, 99))
+            out.append(f"    {label}: {figures}")
     row = [f"{v[1] / v[0]:.1f}|{v[2] / v[0]:.2f}" for _, v in sorted(trace.series.items()) if v[0]]
     out.append("  per 100 ms, µs a send | ms between submissions per slice:")
     out.append("    " + " ".join(row))
@@ -149,9 +195,15 @@ def summary(path: str, trace: Trace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("traces", nargs="+", help="perf.data files of the four tracepoints")
+    parser.add_argument(
+        "--round",
+        type=int,
+        default=ROUND_SENDS,
+        help=f"sends in a round: the subscribers of the stream (default {ROUND_SENDS:,})",
+    )
     args = parser.parse_args()
     for path in args.traces:
-        print("\n".join(summary(path, read(path))))
+        print("\n".join(summary(path, read(path), args.round)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,21 @@ def test_command_cost_builds_the_same_prefilled_log_every_time(tmp_path: Path) -
         with SQLiteStore(db) as store:
             logs.append(list(store.read()))
     assert logs[0] and logs[0] == logs[1]
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="the sweep's --trace records with perf")
+def test_rate_sweep_runs_both_servers_and_reads_their_rounds(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    args = ["--quick", "--rates", "40", "--rounds", "1", "--skip", "0.1", "--json", str(out)]
+    printed = run_script("rate_sweep.py", *args, "--trace", str(tmp_path / "t"), timeout=120)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["kind"] for row in rows] == ["ours", "bare"]
+    for row in rows:
+        assert row["problems"] == []
+        assert 20 <= row["orders_per_s"] <= 60  # paced at 40 a second
+        assert row["messages_per_s"] > 0 and finite(row["us_per_message"])
+        assert finite(row["freshness_ms"]["p99"]) and finite(row["p99_after_0.1s"])
+        assert row["socket_freshness_ms"]["p99"] <= row["freshness_ms"]["p99"]
+        assert row["rounds"]["count"] > 0  # 20 subscribers: a round is a submission of 20
+        assert row["rounds"]["ms"]["p50"] >= row["rounds"]["send_ms"]["p50"] > 0
+    assert printed.count("| ours |") == 1 and printed.count("| bare |") == 1

@@ -67,3 +67,37 @@ def test_the_summary_reports_the_cost_of_an_order_turn() -> None:
 def test_a_trace_without_submissions_says_so() -> None:
     text = slice_trace.summary("t.data", slice_trace.parse(write(LOOP, 1.0)))
     assert text == ["t.data: no io_uring submissions of 20 sends or more"]
+
+
+def test_rounds_group_submissions_by_sends_and_end_at_an_idle_gap() -> None:
+    rows = [
+        # a round of 300 sends in three slices: 0.3 + 0.3 + 0.3 ms of sends, 0.1 + 0.2 between
+        submit(LOOP, 1.0000, 100),
+        returned(LOOP, 1.0003, 100),
+        submit(LOOP, 1.0004, 100),
+        returned(LOOP, 1.0007, 100),
+        submit(LOOP, 1.0009, 100),
+        returned(LOOP, 1.0012, 100),
+        # idle for 5 ms: the next round starts afresh; its first 200 sends, then idle again,
+        # leave it short (left out)
+        submit(LOOP, 1.0062, 100),
+        returned(LOOP, 1.0065, 100),
+        submit(LOOP, 1.0066, 100),
+        returned(LOOP, 1.0069, 100),
+        # a full round after that idle gap
+        submit(LOOP, 1.0200, 150),
+        returned(LOOP, 1.0205, 150),
+        submit(LOOP, 1.0206, 150),
+        returned(LOOP, 1.0211, 150),
+    ]
+    found = slice_trace.rounds(slice_trace.parse("\n".join(rows)), sends=300, idle_ms=1.2)
+    got = [(round(r.ms, 3), round(r.send_ms, 3), round(r.between_ms, 3)) for r in found]
+    assert got == [(1.2, 0.9, 0.3), (1.1, 1.0, 0.1)]
+
+
+def test_the_summary_reports_rounds() -> None:
+    text = "\n".join(slice_trace.summary("t.data", slice_trace.parse(TRACE), round_sends=200))
+    assert "rounds of 200 sends: 1; ms p50 / p90 / p99:" in text
+    assert "the whole round: 1.40 / 1.40 / 1.40" in text  # 10.000000 to 10.001400
+    assert "in its sends: 1.10 / 1.10 / 1.10" in text
+    assert "between its submissions: 0.30 / 0.30 / 0.30" in text
