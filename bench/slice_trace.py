@@ -31,28 +31,33 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from benchlib import percentile
 
 EVENTS = (
     "syscalls:sys_enter_io_uring_enter,syscalls:sys_exit_io_uring_enter,"
-    "syscalls:sys_enter_pwrite64,syscalls:sys_enter_write"
+    "syscalls:sys_enter_pwrite64,syscalls:sys_enter_write,syscalls:sys_enter_epoll_pwait"
 )
-"""The tracepoints to record (``perf record -e``)."""
+"""The tracepoints to record (``perf record -e``). The event loop's waits tell a round's end:
+the fan-out loop only waits with a timeout (blocks) when no round is pending; between slices
+it yields with a zero timeout."""
 
 LINE = re.compile(r"\s(\d+)\s+\[\d+\]\s+(\d+\.\d+):\s+syscalls:(\w+):(.*)")
 """``comm tid [cpu] time: syscalls:event: arguments``, as ``perf script`` prints a tracepoint."""
 SUBMIT = re.compile(r"to_submit: (0x[0-9a-f]+)")
+RING = re.compile(r"fd: (0x[0-9a-f]+)")
+TIMEOUT = re.compile(r"timeout: (0x[0-9a-f]+)")
 MIN_SENDS = 20
 """Submissions with fewer sends (a slice's tail) are left out of the per-send figure: a fixed
 cost per call would weigh on them."""
 ROUND_SENDS = 1_000
 """Sends in a round by default: one push to each of scenario 6's 1,000 subscribers."""
 IDLE_MS = 1.2
-"""A gap between submissions longer than this ends a round: the server went idle (at a low
-order rate a round ends before the next order), and what came before is not part of it."""
+"""In a trace without the event loop's waits (recorded before they were traced), a gap between
+submissions longer than this ends a round: the server went idle (at a low order rate a round
+ends before the next order), and what came before is not part of it."""
 
 
 @dataclass
@@ -71,8 +76,11 @@ class Trace:
     send_ms: float = 0.0
     gaps: list[Gap] = field(default_factory=list)
     series: dict[int, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
-    submissions: list[tuple[float, float, int]] = field(default_factory=list)
-    """Every submission of the loop's thread: entered, returned (seconds), sends."""
+    submissions: list[tuple[float, float, int, int, int]] = field(default_factory=list)
+    """Every submission of the loop's thread: entered, returned (seconds), sends, the ring's
+    descriptor, and how many times the loop had blocked in a wait before it."""
+    waits: int = 0
+    """The event loop's waits seen (none in a trace recorded without them)."""
 
 
 @dataclass
@@ -85,17 +93,31 @@ class Round:
 
 
 def rounds(trace: Trace, sends: int = ROUND_SENDS, idle_ms: float = IDLE_MS) -> list[Round]:
-    """The trace's submissions grouped into rounds of ``sends`` sends; a round cut short by an
-    idle gap (longer than ``idle_ms``) or by the trace's ends is left out."""
+    """The fan-out's submissions grouped into rounds of ``sends`` sends. A round ends early
+    where the loop blocked in a wait (it had nothing to send), or, in a trace without the
+    waits, at a gap longer than ``idle_ms``; a round cut short so, or by the trace's ends, is
+    left out. The fan-out's ring is the one most submissions went to: libuv submits on a ring
+    of its own (its batched ``epoll_ctl``), which is not the fan-out's."""
+    if not trace.submissions:
+        return []
+    ring = Counter(sub[3] for sub in trace.submissions).most_common(1)[0][0]
     out: list[Round] = []
-    group: list[tuple[float, float, int]] = []
+    group: list[tuple[float, float, int, int, int]] = []
     for sub in trace.submissions:
-        if group and (sub[0] - group[-1][1]) * 1e3 > idle_ms:
+        if sub[3] != ring:
+            continue
+        if not group:
+            idle = False
+        elif trace.waits:
+            idle = sub[4] > group[-1][4]  # the loop blocked since the last submission
+        else:
+            idle = (sub[0] - group[-1][1]) * 1e3 > idle_ms
+        if idle:
             group = []  # the server was idle: a round does not span it
         group.append(sub)
-        if sum(n for _, _, n in group) >= sends:
+        if sum(sub[2] for sub in group) >= sends:
             whole = (group[-1][1] - group[0][0]) * 1e3
-            inside = sum(end - began for began, end, _ in group) * 1e3
+            inside = sum(sub[1] - sub[0] for sub in group) * 1e3
             out.append(Round(whole, inside, whole - inside))
             group = []
     return out
@@ -110,7 +132,8 @@ def read(path: str) -> Trace:
 def parse(text: str) -> Trace:
     """The trace in ``perf script``'s output of the four tracepoints."""
     trace = Trace()
-    entered: tuple[float, int] | None = None
+    entered: tuple[float, int, int] | None = None
+    blocked = 0  # the loop's waits with a timeout so far
     returned: float | None = None
     commit, replies = False, 0
     start: float | None = None
@@ -123,17 +146,21 @@ def parse(text: str) -> Trace:
         start = t if start is None else start
         if event == "sys_enter_io_uring_enter":
             loop = tid  # the event loop's thread: the checkpointer's writes are not commits
-            found = SUBMIT.search(args)
-            entered = (t, int(found.group(1), 16) if found else 0)
+            found, ring = SUBMIT.search(args), RING.search(args)
+            entered = (
+                t,
+                int(found.group(1), 16) if found else 0,
+                int(ring.group(1), 16) if ring else -1,
+            )
             if returned is not None:
                 gap = Gap((t - returned) * 1e3, commit, replies)
                 trace.gaps.append(gap)
                 trace.series[int((t - start) * 10)][2] += gap.ms
             commit, replies = False, 0
         elif event == "sys_exit_io_uring_enter" and entered is not None:
-            began, n = entered
+            began, n, fd = entered
             trace.send_ms += (t - began) * 1e3
-            trace.submissions.append((began, t, n))
+            trace.submissions.append((began, t, n, fd, blocked))
             if n >= MIN_SENDS:
                 us = (t - began) * 1e6 / n
                 trace.per_send_us.append(us)
@@ -142,6 +169,10 @@ def parse(text: str) -> Trace:
                 bucket[0] += 1
                 bucket[1] += us
             returned, entered = t, None
+        elif event == "sys_enter_epoll_pwait" and tid in (loop, ""):
+            trace.waits += 1
+            timeout = TIMEOUT.search(args)
+            blocked += timeout is not None and int(timeout.group(1), 16) != 0
         elif tid != loop:
             continue
         elif event == "sys_enter_pwrite64":

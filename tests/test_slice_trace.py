@@ -11,9 +11,18 @@ def line(tid: int, t: float, event: str, args: str) -> str:
     return f"{comm:>16} {tid:>6} [000] {t:>12.6f}: syscalls:{event}: {args}"
 
 
-def submit(tid: int, t: float, n: int) -> str:
-    args = f"fd: 0x00000012, to_submit: {n:#010x}, min_complete: {n:#010x}, flags: 0x00000001"
+def submit(tid: int, t: float, n: int, ring: int = 0x12) -> str:
+    args = f"fd: {ring:#010x}, to_submit: {n:#010x}, min_complete: {n:#010x}, flags: 0x00000001"
     return line(tid, t, "sys_enter_io_uring_enter", args)
+
+
+def wait(tid: int, t: float, timeout: int) -> str:
+    """The event loop's epoll_pwait: timeout 0 is a yield, anything else (-1: forever) blocks."""
+    args = (
+        f"epfd: 0x00000003, events: 0x7fff319e89b0, maxevents: 0x00000400, "
+        f"timeout: {timeout & 0xFFFFFFFF:#010x}, sigmask: 0x00000000, sigsetsize: 0x00000008"
+    )
+    return line(tid, t, "sys_enter_epoll_pwait", args)
 
 
 def returned(tid: int, t: float, n: int) -> str:
@@ -101,3 +110,29 @@ def test_the_summary_reports_rounds() -> None:
     assert "the whole round: 1.40 / 1.40 / 1.40" in text  # 10.000000 to 10.001400
     assert "in its sends: 1.10 / 1.10 / 1.10" in text
     assert "between its submissions: 0.30 / 0.30 / 0.30" in text
+
+
+def test_with_the_loops_waits_a_round_ends_where_the_loop_blocked_not_at_a_long_gap() -> None:
+    rows = [
+        submit(LOOP, 2.0000, 100),
+        returned(LOOP, 2.0005, 100),
+        wait(LOOP, 2.0006, 0),  # a yield between slices
+        submit(LOOP, 2.0007, 1, ring=0x05),  # libuv's own ring (a batched epoll_ctl): not ours
+        returned(LOOP, 2.00071, 1),
+        submit(LOOP, 2.0030, 100),  # a busy gap of 2.5 ms (an order, a stall): same round
+        returned(LOOP, 2.0035, 100),
+        # round 1 done (200 sends). Then the loop blocks: it had nothing more to send.
+        wait(LOOP, 2.0036, -1),
+        submit(LOOP, 2.0037, 100),  # 0.2 ms later, but after a blocking wait
+        returned(LOOP, 2.0042, 100),
+        wait(LOOP, 2.0043, 10),  # blocks again (a timer's timeout): the half round is left out
+        submit(LOOP, 2.0044, 100),
+        returned(LOOP, 2.0049, 100),
+        submit(LOOP, 2.0050, 100),
+        returned(LOOP, 2.0055, 100),
+    ]
+    trace = slice_trace.parse("\n".join(rows))
+    assert trace.waits == 3
+    found = slice_trace.rounds(trace, sends=200, idle_ms=1.2)
+    got = [(round(r.ms, 3), round(r.send_ms, 3), round(r.between_ms, 3)) for r in found]
+    assert got == [(3.5, 1.0, 2.5), (1.1, 1.0, 0.1)]
