@@ -2,12 +2,13 @@
 
     python bench/slice_trace.py TRACE.data [TRACE.data ...]
 
-``TRACE.data`` is a ``perf record`` of four syscall tracepoints of the server's process (what
-``suite.py --profile DIR --profiler trace`` records for scenarios 1 and 6; tracepoints need no
-hardware counters, which this VM lacks):
+``TRACE.data`` is a ``perf record`` of five syscall tracepoints of the server's process (what
+``suite.py --profile DIR --profiler trace`` and ``rate_sweep.py --trace DIR`` record; tracepoints
+need no hardware counters, which this VM lacks):
 
     perf record -e syscalls:sys_enter_io_uring_enter,syscalls:sys_exit_io_uring_enter,\\
-        syscalls:sys_enter_pwrite64,syscalls:sys_enter_write -p PID -o TRACE.data -- sleep 4
+        syscalls:sys_enter_pwrite64,syscalls:sys_enter_write,syscalls:sys_enter_epoll_pwait \\
+        -p PID -o TRACE.data -- sleep 4
 
 With io_uring (the default) the fan-out submits a slice's sends in one ``io_uring_enter``, which
 returns when all have completed: its length over its sends is what one send costs the server's
@@ -103,6 +104,7 @@ def rounds(trace: Trace, sends: int = ROUND_SENDS, idle_ms: float = IDLE_MS) -> 
     ring = Counter(sub[3] for sub in trace.submissions).most_common(1)[0][0]
     out: list[Round] = []
     group: list[tuple[float, float, int, int, int]] = []
+    count = 0  # the group's sends
     for sub in trace.submissions:
         if sub[3] != ring:
             continue
@@ -113,13 +115,14 @@ def rounds(trace: Trace, sends: int = ROUND_SENDS, idle_ms: float = IDLE_MS) -> 
         else:
             idle = (sub[0] - group[-1][1]) * 1e3 > idle_ms
         if idle:
-            group = []  # the server was idle: a round does not span it
+            group, count = [], 0  # the server was idle: a round does not span it
         group.append(sub)
-        if sum(sub[2] for sub in group) >= sends:
+        count += sub[2]
+        if count >= sends:
             whole = (group[-1][1] - group[0][0]) * 1e3
-            inside = sum(sub[1] - sub[0] for sub in group) * 1e3
+            inside = sum(end - began for began, end, *_ in group) * 1e3
             out.append(Round(whole, inside, whole - inside))
-            group = []
+            group, count = [], 0
     return out
 
 
@@ -130,7 +133,8 @@ def read(path: str) -> Trace:
 
 
 def parse(text: str) -> Trace:
-    """The trace in ``perf script``'s output of the four tracepoints."""
+    """The trace in ``perf script``'s output of the tracepoints of :data:`EVENTS` (a trace
+    recorded before the event loop's waits were among them reads as one without waits)."""
     trace = Trace()
     entered: tuple[float, int, int] | None = None
     blocked = 0  # the loop's waits with a timeout so far
