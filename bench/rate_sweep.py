@@ -23,7 +23,6 @@ Prints one line a row and a table at the end; ``--json`` keeps the rows.
 from __future__ import annotations
 
 import argparse
-import bisect
 import itertools
 import json
 import sys
@@ -39,23 +38,6 @@ import suite
 SUBSCRIBERS = 1_000
 PROBES = 20
 POSTERS = 32
-
-
-def late_freshness(run: suite.Run, logs: dict[str, list[list[int]]], skip_s: float) -> list[int]:
-    """:func:`suite.freshness` counting only the commands posted ``skip_s`` seconds or more
-    after the window opened."""
-    posts, starts, _ = suite.command_ranges(run.drive["log"])
-    cutoff = run.drive["t_start"] + int(skip_s * 1e9)
-    out: list[int] = []
-    for log in logs.values():
-        seqs = list(itertools.accumulate((seq for seq, _ in log), max))
-        for post, start in zip(posts, starts, strict=True):
-            if post < cutoff:
-                continue
-            j = bisect.bisect_left(seqs, start)
-            if j < len(log):
-                out.append(log[j][1] - post)
-    return out
 
 
 def one_row(ctx: suite.Context, kind: str, rate: float, name: str, skip: float) -> dict[str, Any]:
@@ -82,6 +64,7 @@ def one_row(ctx: suite.Context, kind: str, rate: float, name: str, skip: float) 
     ctx.failures += [f"{name}: {p}" for p in problems]
     messages = suite.delivered(run)
     read = b.summary_ms(suite.freshness(run.drive, run.subs["logs"]))
+    late = run.drive["t_start"] + int(skip * 1e9)  # the commands posted this late or later
     row: dict[str, Any] = {
         "kind": kind,
         "rate": rate,
@@ -91,7 +74,9 @@ def one_row(ctx: suite.Context, kind: str, rate: float, name: str, skip: float) 
         "us_per_message": run.server_cpu / messages * 1e6 if messages else None,
         "freshness_ms": read,
         "socket_freshness_ms": suite.socket_freshness(run),
-        f"p99_after_{skip:g}s": b.summary_ms(late_freshness(run, run.subs["logs"], skip))["p99"],
+        f"p99_after_{skip:g}s": b.summary_ms(suite.freshness(run.drive, run.subs["logs"], late))[
+            "p99"
+        ],
         "host": 0 if ctx.quick else suite.calibrate(),
         "problems": problems,
     }

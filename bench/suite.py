@@ -337,9 +337,12 @@ def command_ranges(log: list[list[int]]) -> tuple[list[int], list[int], list[int
     return posts, starts, ends
 
 
-def freshness(drive: dict[str, Any], logs: dict[str, list[list[int]]]) -> list[int]:
+def freshness(
+    drive: dict[str, Any], logs: dict[str, list[list[int]]], posted_after: int = 0
+) -> list[int]:
     """For every recorded client and every command: time from its post to the client's first
-    message at or past the command's first seq (the first state that includes it)."""
+    message at or past the command's first seq (the first state that includes it). Only the
+    commands posted at ``posted_after`` (monotonic ns) or later, if given."""
     posts, starts, _ = command_ranges(drive["log"])
     out: list[int] = []
     for log in logs.values():
@@ -347,6 +350,8 @@ def freshness(drive: dict[str, Any], logs: dict[str, list[list[int]]]) -> list[i
         # (the naive one) may deliver an older state after a newer one.
         seqs = list(itertools.accumulate((seq for seq, _ in log), max))
         for post, start in zip(posts, starts, strict=True):
+            if post < posted_after:
+                continue
             j = bisect.bisect_left(seqs, start)
             if j < len(log):
                 out.append(log[j][1] - post)

@@ -280,16 +280,6 @@ ring_ready(void)
     return ring_error == 0;
 }
 
-/* In a forked child (pthread_atfork): the ring is the parent's, its queues shared with it, so
- * this process lets go of its copy; no other thread came along, so no call holds it. Only
- * munmap, close and memset: safe in a child of a threaded process. Not a check in every call:
- * getpid() would be a system call per batch. */
-static void
-ring_forget_in_child(void)
-{
-    ring_close();
-}
-
 /* The ring, held by this call (ring.busy) until it gives it back; 0 if the loop must be used:
  * no ring, or another thread's call holds it. */
 static int
@@ -452,7 +442,12 @@ PyInit__sendeach(void)
 #ifdef HAVE_IO_URING
     static int registered = 0;
     if (!registered) {
-        int err = pthread_atfork(NULL, NULL, ring_forget_in_child);
+        /* In a forked child the ring is the parent's, its queues shared with it: the child
+         * lets go of its copy (no other thread came along, so no call holds it; ring_close
+         * only unmaps, closes and clears, which is safe in a child of a threaded process) and
+         * sets up its own when it needs one. Not a check in every call: getpid() would be a
+         * system call per batch. */
+        int err = pthread_atfork(NULL, NULL, ring_close);
         if (err != 0) {
             ring_error = err; /* a child could not tell its ring from the parent's: no ring */
         }
