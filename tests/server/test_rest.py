@@ -143,6 +143,9 @@ def test_the_store_is_checkpointed_in_the_background(tmp_path: Path) -> None:
         while metrics_value(running, "store_checkpoints_total") < 2:
             assert time.monotonic() < deadline, "no background checkpoint in 10 s"
             time.sleep(0.02)
+        # The deposit's commit is in the WAL until a restart: a page or a few, far below the
+        # bound.
+        assert 0 < metrics_value(running, "store_wal_frames") < 64
     finally:
         stop()
     (tmp_path / "off").mkdir()
@@ -150,5 +153,6 @@ def test_the_store_is_checkpointed_in_the_background(tmp_path: Path) -> None:
     try:
         off.rest.ok("/deposit", {"userAddress": A, "amount": 1_000})
         assert metrics_value(off, "store_checkpoints_total") == 0
+        assert metrics_value(off, "store_wal_frames") == 0  # no checkpointer, no reading
     finally:
         stop()

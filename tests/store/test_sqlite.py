@@ -25,6 +25,7 @@ from perps_indexer.store.sqlite import (
     CHECKPOINT_RESTART_FRAMES,
     PAGE_SIZE,
     SCHEMA_VERSION,
+    WAL_WARN_FACTOR,
     SQLiteStore,
 )
 from tests.store.conftest import LIQUIDITY, MAKER, TRADER, deposits
@@ -638,7 +639,7 @@ def test_background_checkpoints_refuse_a_bad_interval_and_skip_memory() -> None:
 def test_a_wal_past_the_bound_is_restarted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    caplog.set_level(logging.DEBUG, logger="perps_indexer.store.sqlite")
     db = tmp_path / "r.db"
     events = deposits(20_000)
     with SQLiteStore(db, synchronous="NORMAL") as store:
@@ -685,7 +686,7 @@ def test_a_wal_restart_never_holds_sqlites_write_lock_against_an_append(
     once, "database is locked"); an append waits on the store's own lock instead, which wakes
     it the moment the restart's pass is done (SQLite's busy handler sleeps in steps of up to
     100 ms)."""
-    caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    caplog.set_level(logging.DEBUG, logger="perps_indexer.store.sqlite")
     db = tmp_path / "w.db"
     events = deposits(30_000)
     with SQLiteStore(db, synchronous="NORMAL", busy_timeout=0) as store:
@@ -703,7 +704,7 @@ def test_an_idle_wal_past_the_bound_is_readied_for_a_restart_once(
     """Past the bound with no append coming, the checkpointer readies the restart once, not
     at every pass: until an append restarts the WAL, another round of fsyncs and a held pass
     could only do the same again."""
-    caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    caplog.set_level(logging.DEBUG, logger="perps_indexer.store.sqlite")
     db = tmp_path / "idle.db"
     with SQLiteStore(db, synchronous="NORMAL") as store:
         store.checkpoint_in_background(every=0.005, restart_frames=2)
@@ -736,7 +737,7 @@ def test_closing_a_store_keeps_another_connections_locks_on_the_file(
     restart. Closing any descriptor of a file drops every POSIX lock the process holds on it,
     so that descriptor is never closed: another connection of the process keeps its lock,
     which tells other processes the WAL is in use."""
-    caplog.set_level(logging.INFO, logger="perps_indexer.store.sqlite")
+    caplog.set_level(logging.DEBUG, logger="perps_indexer.store.sqlite")
     db = tmp_path / "two.db"
     with SQLiteStore(db, synchronous="NORMAL") as other:
         store = SQLiteStore(db, synchronous="NORMAL")
@@ -755,3 +756,46 @@ def test_closing_a_store_keeps_another_connections_locks_on_the_file(
             if f" {pid} " in line and line.split()[5].endswith(f":{inode}")
         ]
         assert held, "the process lost its locks on the database file"
+
+
+def test_a_wal_held_open_by_a_reader_is_reported_and_restarted_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another connection's read transaction pins the WAL: no pass can copy past its snapshot,
+    so the WAL cannot be restarted and grows with every append. The checkpointer says so, once
+    (not at every pass), with the WAL's size at the last pass in :attr:`wal_frames`; once the
+    reader is done, the WAL is restarted again."""
+    caplog.set_level(logging.WARNING, logger="perps_indexer.store.sqlite")
+    db = tmp_path / "pinned.db"
+    events = deposits(3_000)
+    with SQLiteStore(db, synchronous="NORMAL") as store:
+        store.append(events[:100])
+        store.checkpoint_in_background(every=0.005, restart_frames=2)
+        deadline = time.monotonic() + 10
+        with closing(sqlite3.connect(db, isolation_level=None)) as reader:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM segments").fetchone()[0] > 0
+            restarts = wal_restarts(db)
+            i = 100
+            while "read transaction open" not in caplog.text:
+                assert time.monotonic() < deadline, "the checkpointer never warned"
+                store.append(events[i : i + 10])
+                i += 10
+                time.sleep(0.002)
+            assert wal_restarts(db) == restarts  # pinned: never restarted meanwhile
+            assert store.wal_frames >= WAL_WARN_FACTOR * 2
+            warning = caplog.records[-1]
+            assert warning.levelno == logging.WARNING
+            assert f"{db}: the WAL holds" in warning.getMessage()
+            for _ in range(20):  # more growth and passes: not said again within the minute
+                store.append(events[i : i + 10])
+                i += 10
+                time.sleep(0.005)
+            assert caplog.text.count("read transaction open") == 1
+            reader.execute("COMMIT")
+        while wal_restarts(db) == restarts:
+            assert time.monotonic() < deadline, "the WAL was not restarted after the reader"
+            store.append(events[i : i + 10])
+            i += 10
+            time.sleep(0.005)
+        assert [e.seq for e in store.read()] == list(range(1, i + 1))

@@ -37,7 +37,7 @@ from perps_indexer.session import (
     error_message,
 )
 from perps_indexer.store import SQLiteStore, open_store
-from perps_indexer.store.sqlite import CHECKPOINT_EVERY
+from perps_indexer.store.sqlite import CHECKPOINT_EVERY, CHECKPOINT_RESTART_FRAMES
 from perps_indexer.venue import COMMIT_BATCH, MAX_RESUME_ROWS, Venue, VenueHalted, wall_clock_ms
 
 log = logging.getLogger(__name__)
@@ -730,6 +730,13 @@ class Server:
                 "counter",
                 "Checkpoints of the SQLite file made by the background checkpointer.",
                 venue.store.checkpoints if isinstance(venue.store, SQLiteStore) else 0,
+            ),
+            (
+                "store_wal_frames",
+                "gauge",
+                "Pages in the SQLite WAL at the background checkpointer's last pass; it stays "
+                f"near {CHECKPOINT_RESTART_FRAMES:,} or below while the WAL's restarts keep up.",
+                venue.store.wal_frames if isinstance(venue.store, SQLiteStore) else 0,
             ),
             (
                 "slow_readers_total",

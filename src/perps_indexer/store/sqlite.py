@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
@@ -81,6 +83,13 @@ page of the kernel's page cache, and on a virtual machine new pages are dear: at
 5,000 fills a second a bound of 16,384 let the WAL grow to 180 MB in a window, and the server
 used 79-85 % of its core against 74-75 % with this bound (BENCHMARKS.md, issue 7). A restart
 then comes about once a second at that rate, each holding appends off for a few ms."""
+
+WAL_WARN_FACTOR: Final = 8
+"""The background checkpointer warns when the WAL holds this many times its restart bound:
+restarts are not keeping up (see :meth:`_Checkpointer._pass`)."""
+
+WAL_WARN_EVERY: Final = 60.0
+"""Seconds between two of those warnings, at least."""
 
 SYNCHRONOUS_MODES: Final = ("EXTRA", "FULL", "NORMAL")
 """Accepted ``synchronous`` settings; OFF is left out: it may corrupt the file on power loss."""
@@ -729,6 +738,12 @@ class SQLiteStore(EventStore):
         """Checkpoints the background thread has run (0 without one)."""
         return self._checkpointer.passes if self._checkpointer is not None else 0
 
+    @property
+    def wal_frames(self) -> int:
+        """The WAL's size in frames (pages) at the background thread's last pass (0 without
+        one): it stays near ``restart_frames`` or below while restarts keep up."""
+        return self._checkpointer.frames if self._checkpointer is not None else 0
+
     def close(self) -> None:
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
@@ -756,7 +771,11 @@ class _Checkpointer(threading.Thread):
         self.busy_timeout = busy_timeout
         self.restart_frames = restart_frames
         self.passes = 0
+        self.frames = 0
+        """The WAL's frames at the last pass."""
         self._appends = appends
+        self._warned = -math.inf
+        """When :meth:`_pass` last warned of a WAL far past its bound (``time.monotonic``)."""
         self._primed = -1
         """The WAL's frames when a restart was last readied: while they stay the same, no
         append came to restart it, and another pass could only repeat the same work."""
@@ -781,6 +800,9 @@ class _Checkpointer(threading.Thread):
     def _pass(self, conn: sqlite3.Connection) -> None:
         try:
             busy, frames, copied = conn.execute(_CHECKPOINT).fetchone()
+            self.frames = frames
+            if frames >= WAL_WARN_FACTOR * self.restart_frames:
+                self._warn_large(frames, copied)
             if (
                 not busy
                 and frames >= self.restart_frames
@@ -794,6 +816,25 @@ class _Checkpointer(threading.Thread):
         self.passes += 1
         if busy:
             logger.debug("%s: checkpoint %d of %d frames (busy)", self.path, copied, frames)
+
+    def _warn_large(self, frames: int, copied: int) -> None:
+        """Say, now and then, that the WAL is far past its bound. It is restarted only once a
+        pass has copied all of it, which an old snapshot held by another connection's read
+        transaction prevents (or another writer that never pauses): meanwhile the file grows
+        and so does the cost of every checkpoint."""
+        now = time.monotonic()
+        if now - self._warned < WAL_WARN_EVERY:
+            return
+        self._warned = now
+        logger.warning(
+            "%s: the WAL holds %d frames, %d times the %d it is restarted at, and %d of them "
+            "are copied: is another connection or process keeping a read transaction open?",
+            self.path,
+            frames,
+            frames // self.restart_frames,
+            self.restart_frames,
+            copied,
+        )
 
     def _restart(self, conn: sqlite3.Connection, copied: int) -> None:
         """Make the next append of this store restart the WAL from its start.
@@ -829,7 +870,8 @@ class _Checkpointer(threading.Thread):
             busy, frames, copied = conn.execute(_CHECKPOINT).fetchone()
         if not busy and copied == frames:
             self._primed = frames  # not again until an append has restarted it
-            logger.info("%s: WAL at %d frames; the next append restarts it", self.path, frames)
+            # DEBUG: under a steady writer this comes every second or so, all day long.
+            logger.debug("%s: WAL at %d frames; the next append restarts it", self.path, frames)
 
 
 class _Translated:
