@@ -26,6 +26,7 @@ from perps_indexer.store.sqlite import (
     PAGE_SIZE,
     SCHEMA_VERSION,
     WAL_WARN_FACTOR,
+    WAL_WARN_PASSES,
     SQLiteStore,
 )
 from tests.store.conftest import LIQUIDITY, MAKER, TRADER, deposits
@@ -762,12 +763,13 @@ def test_a_wal_held_open_by_a_reader_is_reported_and_restarted_after(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another connection's read transaction pins the WAL: no pass can copy past its snapshot,
-    so the WAL cannot be restarted and grows with every append. The checkpointer says so, once
-    (not at every pass), with the WAL's size at the last pass in :attr:`wal_frames`; once the
-    reader is done, the WAL is restarted again."""
+    so the WAL cannot be restarted and grows with every append. Once it has stayed far past
+    its bound for WAL_WARN_PASSES passes, the checkpointer says so, once (not at every pass),
+    with the WAL's size at the last pass in :attr:`wal_frames`; once the reader is done, the
+    WAL is restarted again."""
     caplog.set_level(logging.WARNING, logger="perps_indexer.store.sqlite")
     db = tmp_path / "pinned.db"
-    events = deposits(3_000)
+    events = deposits(20_000)
     with SQLiteStore(db, synchronous="NORMAL") as store:
         store.append(events[:100])
         store.checkpoint_in_background(every=0.005, restart_frames=2)
@@ -777,11 +779,18 @@ def test_a_wal_held_open_by_a_reader_is_reported_and_restarted_after(
             assert reader.execute("SELECT count(*) FROM segments").fetchone()[0] > 0
             restarts = wal_restarts(db)
             i = 100
+            while store.wal_frames < WAL_WARN_FACTOR * 2:  # far past: not said at once
+                assert time.monotonic() < deadline, "the WAL never grew"
+                store.append(events[i : i + 10])
+                i += 10
+                time.sleep(0.002)
+            passes = store.checkpoints
             while "read transaction open" not in caplog.text:
                 assert time.monotonic() < deadline, "the checkpointer never warned"
                 store.append(events[i : i + 10])
                 i += 10
                 time.sleep(0.002)
+            assert store.checkpoints - passes >= WAL_WARN_PASSES - 2
             assert wal_restarts(db) == restarts  # pinned: never restarted meanwhile
             assert store.wal_frames >= WAL_WARN_FACTOR * 2
             warning = caplog.records[-1]
@@ -795,7 +804,34 @@ def test_a_wal_held_open_by_a_reader_is_reported_and_restarted_after(
             reader.execute("COMMIT")
         while wal_restarts(db) == restarts:
             assert time.monotonic() < deadline, "the WAL was not restarted after the reader"
+            assert i < len(events), "the WAL was not restarted after the reader"
             store.append(events[i : i + 10])
             i += 10
             time.sleep(0.005)
         assert [e.seq for e in store.read()] == list(range(1, i + 1))
+
+
+def test_one_large_transaction_is_no_cause_for_the_wal_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot of the read models is one large transaction: the WAL is far past its bound
+    for a pass or two, then copied and restarted. Not a WAL held open: no warning."""
+    caplog.set_level(logging.WARNING, logger="perps_indexer.store.sqlite")
+    db = tmp_path / "burst.db"
+    events = deposits(12_000)
+    with SQLiteStore(db, synchronous="NORMAL") as store:
+        store.checkpoint_in_background(every=0.005, restart_frames=2)
+        store.append(events[:10_000])  # one transaction of many pages
+        deadline = time.monotonic() + 10
+        while store.wal_frames < WAL_WARN_FACTOR * 2:
+            assert time.monotonic() < deadline, "no pass saw the large WAL"
+            time.sleep(0.002)
+        restarts, passes, i = wal_restarts(db), store.checkpoints, 10_000
+        while store.checkpoints - passes < 2 * WAL_WARN_PASSES:
+            assert time.monotonic() < deadline, "the checkpointer stopped"
+            store.append(events[i : i + 1])
+            i += 1
+            time.sleep(0.005)
+        assert wal_restarts(db) > restarts
+        assert store.wal_frames < WAL_WARN_FACTOR * 2
+    assert "the WAL holds" not in caplog.text

@@ -85,8 +85,14 @@ used 79-85 % of its core against 74-75 % with this bound (BENCHMARKS.md, issue 7
 then comes about once a second at that rate, each holding appends off for a few ms."""
 
 WAL_WARN_FACTOR: Final = 8
-"""The background checkpointer warns when the WAL holds this many times its restart bound:
-restarts are not keeping up (see :meth:`_Checkpointer._pass`)."""
+"""The background checkpointer warns when the WAL has held this many times its restart bound
+for :data:`WAL_WARN_PASSES` passes in a row: restarts are not keeping up (see
+:meth:`_Checkpointer._warn_large`)."""
+
+WAL_WARN_PASSES: Final = 200
+"""Passes in a row (10 s at the default interval) a WAL must stay that large before the
+warning: one large transaction (a snapshot of the read models) makes a large WAL that the
+next passes copy and restart, which is no cause for one."""
 
 WAL_WARN_EVERY: Final = 60.0
 """Seconds between two of those warnings, at least."""
@@ -774,6 +780,8 @@ class _Checkpointer(threading.Thread):
         self.frames = 0
         """The WAL's frames at the last pass."""
         self._appends = appends
+        self._large = 0
+        """Passes in a row that found the WAL far past its bound."""
         self._warned = -math.inf
         """When :meth:`_pass` last warned of a WAL far past its bound (``time.monotonic``)."""
         self._primed = -1
@@ -802,7 +810,11 @@ class _Checkpointer(threading.Thread):
             busy, frames, copied = conn.execute(_CHECKPOINT).fetchone()
             self.frames = frames
             if frames >= WAL_WARN_FACTOR * self.restart_frames:
-                self._warn_large(frames, copied)
+                self._large += 1
+                if self._large >= WAL_WARN_PASSES:
+                    self._warn_large(frames, copied)
+            else:
+                self._large = 0
             if (
                 not busy
                 and frames >= self.restart_frames
@@ -818,8 +830,8 @@ class _Checkpointer(threading.Thread):
             logger.debug("%s: checkpoint %d of %d frames (busy)", self.path, copied, frames)
 
     def _warn_large(self, frames: int, copied: int) -> None:
-        """Say, now and then, that the WAL is far past its bound. It is restarted only once a
-        pass has copied all of it, which an old snapshot held by another connection's read
+        """Say, now and then, that the WAL has stayed far past its bound. It is restarted only
+        once a pass has copied all of it, which an old snapshot held by another connection's read
         transaction prevents (or another writer that never pauses): meanwhile the file grows
         and so does the cost of every checkpoint."""
         now = time.monotonic()
