@@ -85,8 +85,8 @@ used 79-85 % of its core against 74-75 % with this bound (BENCHMARKS.md, issue 7
 then comes about once a second at that rate, each holding appends off for a few ms."""
 
 WAL_WARN_FACTOR: Final = 8
-"""The background checkpointer warns when the WAL has held this many times its restart bound
-for :data:`WAL_WARN_PASSES` passes in a row: restarts are not keeping up (see
+"""The background checkpointer warns when the WAL has held this many times its restart bound,
+not wholly copied, for :data:`WAL_WARN_PASSES` passes in a row: restarts are not keeping up (see
 :meth:`_Checkpointer._warn_large`)."""
 
 WAL_WARN_PASSES: Final = 200
@@ -781,7 +781,7 @@ class _Checkpointer(threading.Thread):
         """The WAL's frames at the last pass."""
         self._appends = appends
         self._large = 0
-        """Passes in a row that found the WAL far past its bound."""
+        """Passes in a row that found the WAL far past its bound and not wholly copied."""
         self._warned = -math.inf
         """When :meth:`_pass` last warned of a WAL far past its bound (``time.monotonic``)."""
         self._primed = -1
@@ -809,7 +809,9 @@ class _Checkpointer(threading.Thread):
         try:
             busy, frames, copied = conn.execute(_CHECKPOINT).fetchone()
             self.frames = frames
-            if frames >= WAL_WARN_FACTOR * self.restart_frames:
+            # A WAL wholly copied only waits for an append to restart it (a quiet server
+            # after a snapshot): no cause for the warning.
+            if frames >= WAL_WARN_FACTOR * self.restart_frames and copied < frames:
                 self._large += 1
                 if self._large >= WAL_WARN_PASSES:
                     self._warn_large(frames, copied)
