@@ -34,6 +34,7 @@ import re
 import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from benchlib import percentile
 
@@ -70,6 +71,16 @@ class Gap:
     replies: int
 
 
+class Submission(NamedTuple):
+    """One ``io_uring_enter`` of the loop's thread."""
+
+    began: float  # entered (seconds)
+    ended: float  # returned
+    sends: int
+    ring: int  # the ring's descriptor
+    blocked: int  # how many times the loop had blocked in a wait before it
+
+
 @dataclass
 class Trace:
     per_send_us: list[float] = field(default_factory=list)
@@ -77,9 +88,7 @@ class Trace:
     send_ms: float = 0.0
     gaps: list[Gap] = field(default_factory=list)
     series: dict[int, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0]))
-    submissions: list[tuple[float, float, int, int, int]] = field(default_factory=list)
-    """Every submission of the loop's thread: entered, returned (seconds), sends, the ring's
-    descriptor, and how many times the loop had blocked in a wait before it."""
+    submissions: list[Submission] = field(default_factory=list)
     waits: int = 0
     """The event loop's waits seen (none in a trace recorded without them)."""
 
@@ -101,26 +110,26 @@ def rounds(trace: Trace, sends: int = ROUND_SENDS, idle_ms: float = IDLE_MS) -> 
     of its own (its batched ``epoll_ctl``), which is not the fan-out's."""
     if not trace.submissions:
         return []
-    ring = Counter(sub[3] for sub in trace.submissions).most_common(1)[0][0]
+    ring = Counter(sub.ring for sub in trace.submissions).most_common(1)[0][0]
     out: list[Round] = []
-    group: list[tuple[float, float, int, int, int]] = []
+    group: list[Submission] = []
     count = 0  # the group's sends
     for sub in trace.submissions:
-        if sub[3] != ring:
+        if sub.ring != ring:
             continue
         if not group:
             idle = False
         elif trace.waits:
-            idle = sub[4] > group[-1][4]  # the loop blocked since the last submission
+            idle = sub.blocked > group[-1].blocked  # the loop blocked since the last one
         else:
-            idle = (sub[0] - group[-1][1]) * 1e3 > idle_ms
+            idle = (sub.began - group[-1].ended) * 1e3 > idle_ms
         if idle:
             group, count = [], 0  # the server was idle: a round does not span it
         group.append(sub)
-        count += sub[2]
+        count += sub.sends
         if count >= sends:
-            whole = (group[-1][1] - group[0][0]) * 1e3
-            inside = sum(end - began for began, end, *_ in group) * 1e3
+            whole = (group[-1].ended - group[0].began) * 1e3
+            inside = sum(one.ended - one.began for one in group) * 1e3
             out.append(Round(whole, inside, whole - inside))
             group, count = [], 0
     return out
@@ -164,7 +173,7 @@ def parse(text: str) -> Trace:
         elif event == "sys_exit_io_uring_enter" and entered is not None:
             began, n, fd = entered
             trace.send_ms += (t - began) * 1e3
-            trace.submissions.append((began, t, n, fd, blocked))
+            trace.submissions.append(Submission(began, t, n, fd, blocked))
             if n >= MIN_SENDS:
                 us = (t - began) * 1e6 / n
                 trace.per_send_us.append(us)

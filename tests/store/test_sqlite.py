@@ -792,7 +792,6 @@ def test_a_wal_held_open_by_a_reader_is_reported_and_restarted_after(
                 time.sleep(0.002)
             assert store.checkpoints - passes >= WAL_WARN_PASSES - 2
             assert wal_restarts(db) == restarts  # pinned: never restarted meanwhile
-            assert store.wal_frames >= WAL_WARN_FACTOR * 2
             warning = caplog.records[-1]
             assert warning.levelno == logging.WARNING
             assert f"{db}: the WAL holds" in warning.getMessage()

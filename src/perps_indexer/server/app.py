@@ -668,6 +668,7 @@ class Server:
         hub = venue.hub
         age = max(0.0, (wall_clock_ms() - venue.last_event_ms) / 1000) if venue.last_event_ms else 0
         stored = venue.store.last_seq()
+        sqlite = venue.store if isinstance(venue.store, SQLiteStore) else None
         rows = [
             ("connections", "gauge", "Open WebSocket connections.", len(self.connections)),
             (
@@ -729,14 +730,14 @@ class Server:
                 "store_checkpoints_total",
                 "counter",
                 "Checkpoints of the SQLite file made by the background checkpointer.",
-                venue.store.checkpoints if isinstance(venue.store, SQLiteStore) else 0,
+                sqlite.checkpoints if sqlite is not None else 0,
             ),
             (
                 "store_wal_frames",
                 "gauge",
                 "Pages in the SQLite WAL at the background checkpointer's last pass; it stays "
                 f"near {CHECKPOINT_RESTART_FRAMES:,} or below while the WAL's restarts keep up.",
-                venue.store.wal_frames if isinstance(venue.store, SQLiteStore) else 0,
+                sqlite.wal_frames if sqlite is not None else 0,
             ),
             (
                 "slow_readers_total",
