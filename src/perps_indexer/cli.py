@@ -91,9 +91,16 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--fanout-slice",
         type=int,
         default=100,
-        help="writes of a fan-out before other work gets a turn: smaller keeps updates fresher "
-        "under order flow, larger delivers more messages per second (default 100; 0: a whole "
-        "round at once)",
+        help="writes of a fan-out's first slice before other work gets a turn, and the fewest "
+        "a slice makes (default 100; 0: a whole round at once)",
+    )
+    p.add_argument(
+        "--fanout-slice-ms",
+        type=float,
+        default=1.0,
+        help="milliseconds a fan-out slice should last, its writes counted from what the slices "
+        "before it cost: shorter keeps updates fresher under order flow, longer delivers more "
+        "messages per second (default 1; 0: every slice makes --fanout-slice writes)",
     )
     p.add_argument(
         "--fanout-share",
@@ -265,6 +272,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_connections_per_ip=args.max_connections_per_ip,
         slow_reader_timeout=args.slow_reader_timeout,
         fanout_slice=args.fanout_slice,
+        fanout_slice_ms=args.fanout_slice_ms,
         fanout_share=args.fanout_share,
         checkpoint_every=args.checkpoint_every,
         commit_batch=args.commit_batch,
@@ -274,6 +282,7 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     for flag in (
         "fanout_slice",
+        "fanout_slice_ms",
         "fanout_share",
         "commit_batch",
         "checkpoint_every",

@@ -34,6 +34,7 @@ from perps_indexer.session import (
     Limits,
     Session,
     Sink,
+    SliceSizer,
     error_message,
 )
 from perps_indexer.store import SQLiteStore, open_store
@@ -139,8 +140,13 @@ class ServerConfig:
     snapshot_interval: float = 300.0
     """Seconds between saves of the read models (also saved at a clean stop); 0: only then."""
     fanout_slice: int = 100
-    """Pushes made before yielding to the event loop while fanning a change out (0: all at
-    once). Small slices let new orders in between, which keeps updates fresh under load."""
+    """Pushes of a fan-out's first slice, and the fewest a slice makes, before yielding to the
+    event loop (0: a whole round at once). Slices let new orders in between, which keeps
+    updates fresh under load."""
+    fanout_slice_ms: float = 1.0
+    """Milliseconds a fan-out slice should last: its pushes are counted from what the slices
+    before it cost (:class:`~perps_indexer.session.SliceSizer`), at least ``fanout_slice``
+    (0: every slice makes exactly ``fanout_slice`` pushes)."""
     fanout_share: float = 0.0
     """Between two fan-out slices, other work (orders first) gets more turns of the loop only
     while it has taken less than this share of the time the slice took; the first turn it
@@ -500,6 +506,10 @@ class Server:
     async def _fanout_loop(self, hub: Hub) -> None:
         """Deliver deferred state pushes in slices, yielding to the loop between them.
 
+        A slice lasts about :attr:`ServerConfig.fanout_slice_ms` (:class:`SliceSizer` counts
+        its pushes from what the slices before it cost), so that the order flow's share of
+        the core between slices does not depend on how fast the host sends.
+
         The fan-out gives way to the commands it publishes, within limits. After a slice the
         loop gets one turn, in which a request through the REST lane is read and run; with a
         :attr:`ServerConfig.fanout_share` above 0 it gets more, for requests through aiohttp
@@ -518,7 +528,7 @@ class Server:
         subscribers fell from 0.83-0.86 to 0.75-0.77 of bare picows (BENCHMARKS.md)."""
         wake = asyncio.Event()
         hub.wake = wake.set
-        budget = self.config.fanout_slice
+        sizer = SliceSizer(self.config.fanout_slice, self.config.fanout_slice_ms / 1000)
         share = self.config.fanout_share
         venue = self.venue
         assert venue is not None
@@ -529,9 +539,13 @@ class Server:
             self._flush_due(venue)
             while True:
                 sliced = clock()
-                if not hub.drain(budget):
+                pushed = hub.messages_queued
+                more = hub.drain(sizer.budget)
+                took = clock() - sliced
+                sizer.observe(hub.messages_queued - pushed, took)
+                if not more:
                     break
-                allowance = (clock() - sliced) * share
+                allowance = took * share
                 spent = 0.0
                 for _ in range(YIELDS):
                     yielded = clock()
