@@ -61,6 +61,7 @@ def test_read_only_and_limit_flags(tmp_path: Path) -> None:
         ("--gc-full-every", "-1.0"),
         ("--gc-freeze-every", "-0.5"),
         ("--fanout-slice", "-3"),
+        ("--fanout-slice-ms", "-0.5"),
         ("--fanout-share", "-0.5"),
         ("--commit-batch", "-1"),
         ("--checkpoint-every", "-0.25"),
@@ -101,7 +102,7 @@ def test_serve_defaults_are_the_servers_own() -> None:
 
     args = build_parser().parse_args(["serve"])
     config = ServerConfig()
-    names = ("fanout_slice", "fanout_share", "commit_batch", "checkpoint_every", "batch_write")
-    names += ("io_uring",)
+    names = ("fanout_slice", "fanout_slice_ms", "fanout_share", "commit_batch")
+    names += ("checkpoint_every", "batch_write", "io_uring")
     for name in (*names, "sync"):
         assert getattr(args, name) == getattr(config, name), name

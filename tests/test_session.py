@@ -28,6 +28,7 @@ from perps_indexer.session import (
     Request,
     RequestError,
     Session,
+    SliceSizer,
     _with_id,
     error_message,
     parse_request,
@@ -1197,3 +1198,50 @@ def test_a_renewed_round_copies_its_watchers_only_when_they_changed() -> None:
     world.hub.drain(100)
     assert [seqs(s)[-1:] for s in [*sessions[1:], late]] == [[3]] * 4
     assert all(json.loads(f).get("seq") != 3 for f in sessions[0].take())
+
+
+# ---------------------------------------------------------------- the fan-out's slice sizes
+
+
+def test_a_slice_sizer_starts_at_its_least_and_learns_the_pushes_that_fill_its_time() -> None:
+    sizer = SliceSizer(100, 0.001)
+    assert sizer.budget == 100  # nothing measured yet
+    sizer.observe(100, 100 * 3e-6)  # 3 us a push: a millisecond holds 333
+    assert sizer.budget == 333
+    for _ in range(40):  # the host slows to 6 us a push: the size follows, not at once
+        before = sizer.budget
+        sizer.observe(before, before * 6e-6)
+        assert 166 <= sizer.budget <= before
+    assert sizer.budget in (166, 167)
+
+
+def test_a_slice_sizer_keeps_within_its_bounds_and_ignores_what_teaches_nothing() -> None:
+    sizer = SliceSizer(100, 0.001)
+    sizer.observe(SliceSizer.SAMPLE - 1, 1.0)  # a round's tail: too few pushes
+    sizer.observe(500, 0.0)  # a clock that did not move
+    assert sizer.cost is None and sizer.budget == 100
+    sizer.observe(100, 100 * 50e-6)  # 50 us a push: 20 would fill the time, but never < 100
+    assert sizer.budget == 100
+    cheap = SliceSizer(100, 0.001)
+    cheap.observe(1000, 1000 * 1e-9)  # pushes into outboxes can be nearly free
+    assert cheap.budget == SliceSizer.MOST
+
+
+def test_a_slice_sizer_without_a_target_makes_every_slice_its_least() -> None:
+    sizer = SliceSizer(5, 0.0)
+    sizer.observe(100, 100 * 3e-6)
+    assert sizer.budget == 5
+
+
+@given(
+    least=st.integers(1, 1000),
+    target=st.floats(0, 0.1),
+    slices=st.lists(st.tuples(st.integers(0, 5000), st.floats(0, 1)), max_size=30),
+)
+def test_a_slice_sizer_budget_is_always_within_its_bounds(
+    least: int, target: float, slices: list[tuple[int, float]]
+) -> None:
+    sizer = SliceSizer(least, target)
+    for pushes, seconds in slices:
+        sizer.observe(pushes, seconds)
+        assert least <= sizer.budget <= max(least, SliceSizer.MOST)

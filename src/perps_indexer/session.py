@@ -730,7 +730,7 @@ class SliceSizer:
         cost = self.cost
         if not self.target or not cost:
             return self.least
-        return max(self.least, min(self.MOST, int(self.target / cost)))
+        return max(self.least, int(min(self.MOST, self.target / cost)))  # no int(inf)
 
     def observe(self, pushes: int, seconds: float) -> None:
         """A slice made ``pushes`` pushes in ``seconds``."""

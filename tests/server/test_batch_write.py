@@ -440,6 +440,34 @@ def watch_book(url: str, until: Callable[[], bool], out: list[list[Any]]) -> Non
             out.append(json.loads(raw)["data"])  # every frame whole: it parses
 
 
+def busy_book(running: Any, watchers: int) -> None:
+    """``watchers`` subscribers of market 396's book while 40 orders change it; each must
+    end at the book REST shows."""
+    rest = running.rest
+    trader = "0x" + "ab" * 32
+    rest.ok("/deposit", {"userAddress": trader, "amount": 10_000_000_000})
+    done = threading.Event()
+    books: list[list[list[Any]]] = [[] for _ in range(watchers)]
+    threads = [
+        threading.Thread(target=watch_book, args=(running.ws_url, done.is_set, out))
+        for out in books
+    ]
+    for thread in threads:
+        thread.start()
+    while running.call(lambda: running.server.venue.hub.subscription_count) < len(books):
+        time.sleep(0.01)
+    for i in range(40):
+        rest.ok(
+            "/placeLimitOrder",
+            limit_order(trader, long=i % 2 == 0, size=500, price=5900 + 5 * i, leverage=2),
+        )
+    final = rest.get("/getOrderBook?marketId=396")[1]["data"]
+    done.set()
+    for thread in threads:
+        thread.join(20)
+    assert all(out and out[-1] == final for out in books), "a subscriber ended stale"
+
+
 @pytest.mark.parametrize(
     ("batch_write", "share", "io_uring"),
     [(True, 0.0, True), (True, 0.0, False), (False, 0.0, True), (True, 0.2, True)],
@@ -447,10 +475,16 @@ def watch_book(url: str, until: Callable[[], bool], out: list[list[Any]]) -> Non
 def test_a_server_fans_a_busy_book_out_with_and_without_batches(
     tmp_path: Path, batch_write: bool, share: float, io_uring: bool
 ) -> None:
-    # Slices of 5 for 12 watchers: every round has turns of the loop between its slices (with
-    # a share above 0, more than one while orders come).
+    # Slices of 5 (not sized in time) for 12 watchers, more than a small stream: every round
+    # has turns of the loop between its slices (with a share above 0, more than one while
+    # orders come).
     running, stop = start_threaded(
-        tmp_path, batch_write=batch_write, fanout_share=share, fanout_slice=5, io_uring=io_uring
+        tmp_path,
+        batch_write=batch_write,
+        fanout_share=share,
+        fanout_slice=5,
+        fanout_slice_ms=0,
+        io_uring=io_uring,
     )
     if batch_write:
         mode = running.call(lambda: running.server.batch_writer.mode)
@@ -460,29 +494,22 @@ def test_a_server_fans_a_busy_book_out_with_and_without_batches(
             assert mode == "send"
         assert metrics_value(running, "fanout_io_uring") == (mode == "io_uring")
     try:
-        rest = running.rest
-        trader = "0x" + "ab" * 32
-        rest.ok("/deposit", {"userAddress": trader, "amount": 10_000_000_000})
-        done = threading.Event()
-        books: list[list[list[Any]]] = [[] for _ in range(12)]  # more than a small stream
-        threads = [
-            threading.Thread(target=watch_book, args=(running.ws_url, done.is_set, out))
-            for out in books
-        ]
-        for thread in threads:
-            thread.start()
-        while running.call(lambda: running.server.venue.hub.subscription_count) < len(books):
-            time.sleep(0.01)
-        for i in range(40):
-            rest.ok(
-                "/placeLimitOrder",
-                limit_order(trader, long=i % 2 == 0, size=500, price=5900 + 5 * i, leverage=2),
-            )
-        final = rest.get("/getOrderBook?marketId=396")[1]["data"]
-        done.set()
-        for thread in threads:
-            thread.join(20)
-        assert all(out and out[-1] == final for out in books), "a subscriber ended stale"
+        busy_book(running, 12)
         assert (metrics_value(running, "fanout_batches_total") > 0) is batch_write
+        assert metrics_value(running, "fanout_slice_pushes") == 5
+    finally:
+        stop()
+
+
+def test_slices_sized_in_time_grow_past_their_least_and_deliver_every_book(
+    tmp_path: Path,
+) -> None:
+    # 20 watchers, slices of at least 16 that should last 50 ms: a push costs far less than
+    # 50 / 16 ms, so once a slice is measured the next ones take every watcher at once.
+    running, stop = start_threaded(tmp_path, fanout_slice=16, fanout_slice_ms=50)
+    try:
+        assert metrics_value(running, "fanout_slice_pushes") == 16  # nothing measured yet
+        busy_book(running, 20)
+        assert metrics_value(running, "fanout_slice_pushes") > 16
     finally:
         stop()

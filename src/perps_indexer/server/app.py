@@ -230,6 +230,8 @@ class Server:
         self.simulator: object | None = None
         self.port = config.port
         self.batch_writer: BatchWriter | None = None
+        self.slice_sizer = SliceSizer(config.fanout_slice, config.fanout_slice_ms / 1000)
+        """How many pushes the fan-out's next slice makes."""
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.lanes: set[RestLane] = set()
@@ -528,7 +530,7 @@ class Server:
         subscribers fell from 0.83-0.86 to 0.75-0.77 of bare picows (BENCHMARKS.md)."""
         wake = asyncio.Event()
         hub.wake = wake.set
-        sizer = SliceSizer(self.config.fanout_slice, self.config.fanout_slice_ms / 1000)
+        sizer = self.slice_sizer
         share = self.config.fanout_share
         venue = self.venue
         assert venue is not None
@@ -739,6 +741,13 @@ class Server:
                 "counter",
                 "Batch writes a socket did not take whole (its transport buffered the rest).",
                 self.batch_writer.short_writes if self.batch_writer is not None else 0,
+            ),
+            (
+                "fanout_slice_pushes",
+                "gauge",
+                "Pushes the fan-out's next slice makes before other work gets a turn, sized "
+                "for --fanout-slice-ms from what the slices before it cost.",
+                self.slice_sizer.budget,
             ),
             (
                 "store_checkpoints_total",
