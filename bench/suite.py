@@ -529,6 +529,8 @@ def fanout_run(ctx: Context, n: int, profile: bool = False, fleet: bool = False)
         # The whole run's (the warm-up's too): how many commands a group commit carried.
         "server_commands": run.metrics.get("commands_accepted_total", 0),
         "server_commits": run.metrics.get("store_commits_total", 0),
+        # The pushes the server's slices had grown to (--fanout-slice-ms), at the end.
+        "slice_pushes": run.metrics.get("fanout_slice_pushes", 0),
         "latency_ms": lat,
         "server_cpu": run.server_cpu,
         "load_cpu": load_cpu(run),
@@ -968,8 +970,8 @@ def report(ctx: Context) -> list[str]:
             "the server accepts):",
             "",
             "| subscribers | messages/s | windows | book changes/s | commands a commit "
-            "| latency p50 / p99 / max (ms) | msg bytes | server CPU | load CPU |",
-            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| pushes a slice | latency p50 / p99 / max (ms) | msg bytes | server CPU | load CPU |",
+            "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in s1.values():
             lat = r["latency_ms"]
@@ -979,6 +981,7 @@ def report(ctx: Context) -> list[str]:
                 f"| {windows(r['segments_per_s'])} "
                 f"| {fmt(r['book_changes_per_s'])} "
                 f"| {fmt(r['server_commands'] / commits, 1) if commits else '-'} "
+                f"| {fmt(r.get('slice_pushes', 0))} "
                 f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
                 f"| {fmt(r['message_bytes_mean'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
             )

@@ -143,7 +143,7 @@ class ServerConfig:
     """Pushes of a fan-out's first slice, and the fewest a slice makes, before yielding to the
     event loop (0: a whole round at once). Slices let new orders in between, which keeps
     updates fresh under load."""
-    fanout_slice_ms: float = 1.0
+    fanout_slice_ms: float = 1.5
     """Milliseconds a fan-out slice should last: its pushes are counted from what the slices
     before it cost (:class:`~perps_indexer.session.SliceSizer`), at least ``fanout_slice``
     (0: every slice makes exactly ``fanout_slice`` pushes)."""
