@@ -981,7 +981,7 @@ def report(ctx: Context) -> list[str]:
                 f"| {windows(r['segments_per_s'])} "
                 f"| {fmt(r['book_changes_per_s'])} "
                 f"| {fmt(r['server_commands'] / commits, 1) if commits else '-'} "
-                f"| {fmt(r.get('slice_pushes', 0))} "
+                f"| {fmt(r['slice_pushes'])} "
                 f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
                 f"| {fmt(r['message_bytes_mean'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
             )

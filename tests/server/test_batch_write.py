@@ -440,9 +440,9 @@ def watch_book(url: str, until: Callable[[], bool], out: list[list[Any]]) -> Non
             out.append(json.loads(raw)["data"])  # every frame whole: it parses
 
 
-def busy_book(running: Any, watchers: int) -> None:
-    """``watchers`` subscribers of market 396's book while 40 orders change it; each must
-    end at the book REST shows."""
+def busy_book(running: Any, watchers: int, orders: int = 40) -> None:
+    """``watchers`` subscribers of market 396's book while ``orders`` orders change it; each
+    must end at the book REST shows."""
     rest = running.rest
     trader = "0x" + "ab" * 32
     rest.ok("/deposit", {"userAddress": trader, "amount": 10_000_000_000})
@@ -456,7 +456,7 @@ def busy_book(running: Any, watchers: int) -> None:
         thread.start()
     while running.call(lambda: running.server.venue.hub.subscription_count) < len(books):
         time.sleep(0.01)
-    for i in range(40):
+    for i in range(orders):
         rest.ok(
             "/placeLimitOrder",
             limit_order(trader, long=i % 2 == 0, size=500, price=5900 + 5 * i, leverage=2),
@@ -511,5 +511,10 @@ def test_slices_sized_in_time_grow_past_their_least_and_deliver_every_book(
         assert metrics_value(running, "fanout_slice_pushes") == 16  # nothing measured yet
         busy_book(running, 20)
         assert metrics_value(running, "fanout_slice_pushes") > 16
+        # And the fan-out uses that size: one change now reaches 20 idle watchers in one
+        # slice, one batch write, where slices of 16 would take two.
+        batches = metrics_value(running, "fanout_batches_total")
+        busy_book(running, 20, orders=1)
+        assert metrics_value(running, "fanout_batches_total") == batches + 1
     finally:
         stop()
