@@ -328,6 +328,8 @@ def gc_report(proc: Proc, since_ns: int = 0) -> dict[str, Any] | None:
                 if since_ns:
                     for pause in data["longest"]:
                         pause["at"] = round(pause["at"] - since_ns / 1e9, 2)
+                    for pause in data.get("over_1ms", []):
+                        pause[1] = round(pause[1] - since_ns / 1e9, 2)
                 return data
         if proc.popen.poll() is not None and not GC_PROBE[0]:
             return None

@@ -190,6 +190,26 @@ def test_command_cost_builds_the_same_prefilled_log_every_time(tmp_path: Path) -
     assert logs[0] and logs[0] == logs[1]
 
 
+def test_command_cost_parts_split_the_time_and_change_no_message(tmp_path: Path) -> None:
+    """``--parts`` times the store, the projections and each account topic's messages; the
+    parts and the rest add up to the run's wall-clock time, and the run makes the same
+    messages and events as one without the timers."""
+    args = ["--accounts", "200", "--commands", "40", "--prefill-for", "40", "--check"]
+    args += ["--db", str(tmp_path / "prefill.db")]
+    plain = run_bench("command_cost.py", *args, timeout=120)
+    timed = run_bench("command_cost.py", *args, "--parts", timeout=120)
+    for key in ("messages", "message_bytes", "messages_sha256", "events_sha256"):
+        assert timed[key] == plain[key]
+    parts = timed["parts_us"]
+    topics = parts["messages_by_topic"]
+    assert sorted(topics) == ["open_orders", "order_history", "positions", "trade_history"]
+    assert all(t["us_a_message"] > 0 for t in topics.values())
+    assert sum(t["us_a_command"] for t in topics.values()) == pytest.approx(parts["messages"])
+    assert all(parts[name] > 0 for name in ("store", "projections", "messages", "other"))
+    total = sum(parts[name] for name in ("store", "projections", "messages", "other"))
+    assert total == pytest.approx(timed["seconds"] / 40 * 1e6)
+
+
 @pytest.mark.skipif(shutil.which("perf") is None, reason="the sweep's --trace records with perf")
 def test_rate_sweep_runs_both_servers_and_reads_their_rounds(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"

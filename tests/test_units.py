@@ -5,6 +5,9 @@ Expected values come from the reference examples or are worked out by hand in co
 
 from __future__ import annotations
 
+from decimal import Decimal
+from fractions import Fraction
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -185,3 +188,49 @@ def test_format_float_is_shortest_round_trip(value: float, text: str) -> None:
 )
 def test_format_ratio_is_exact_when_it_can_be(num: int, den: int, places: int, text: str) -> None:
     assert format_ratio(num, den, places) == text
+
+
+def test_format_ratio_keeps_the_sign_of_a_quotient_rounded_to_zero() -> None:
+    # As Decimal prints it: the digits are rounded, the sign is the quotient's.
+    assert format_ratio(-1, 10**7) == "-0.000000"
+    assert format_ratio(1, -(10**7)) == "-0.000000"
+    assert format_ratio(1, 10**7) == "0.000000"
+    assert format_ratio(5, 2, 0) == "2"  # half-even: 2.5 -> 2
+    assert format_ratio(7, 2, 0) == "4"  # 3.5 -> 4
+    assert format_ratio(-5, 2, 0) == "-2"
+
+
+def _decimal_ratio(numerator: int, denominator: int, places: int) -> str:
+    """The Decimal arithmetic format_ratio replaced (exact while the quotient has at most
+    28 significant digits, Decimal's default precision)."""
+    if numerator % denominator == 0:
+        return str(numerator // denominator)
+    q = Decimal(numerator) / Decimal(denominator)
+    exact = q.quantize(Decimal(1).scaleb(-places))
+    if exact * denominator == numerator:
+        return format(exact.normalize(), "f")
+    return format(exact, "f")
+
+
+@given(
+    st.integers(min_value=-(10**18), max_value=10**18),
+    st.integers(min_value=1, max_value=10**9) | st.integers(min_value=-(10**9), max_value=-1),
+    st.integers(min_value=0, max_value=8),
+)
+def test_format_ratio_is_the_quotient_rounded_half_even(num: int, den: int, places: int) -> None:
+    text = format_ratio(num, den, places)
+    exact = Fraction(num, den)
+    shown = Fraction(text)
+    scale = 10**places
+    # Within half a unit of the last place, a tie going to the even digit; exact when the
+    # quotient terminates within the places, and then with no trailing zeros.
+    assert abs(shown - exact) * scale <= Fraction(1, 2)
+    if abs(shown - exact) * scale == Fraction(1, 2):
+        assert (shown * scale).numerator % 2 == 0
+    if (exact * scale).denominator == 1:
+        assert shown == exact
+        assert "." not in text or not text.endswith("0")
+    elif places:
+        assert len(text.split(".")[1]) == places
+    assert text.startswith("-") == (exact < 0)
+    assert text == _decimal_ratio(num, den, places)  # byte for byte what Decimal printed
