@@ -608,6 +608,8 @@ def scenario_2(ctx: Context) -> dict[str, Any]:
             "messages_sent": sent,
             "messages_received": received,
             "slow_readers_closed": run.metrics.get("slow_readers_total", 0),
+            "server_commands": run.metrics.get("commands_accepted_total", 0),
+            "server_commits": run.metrics.get("store_commits_total", 0),
             "prefill_events": events,
             "prefill_s": prefill_s,
             "connect_s": ready["connect_s"],
@@ -1011,16 +1013,18 @@ def report(ctx: Context) -> list[str]:
             "",
             "Scenario 2, per-address streams (each connection: its address's 4 account topics):",
             "",
-            "| connections | fills/s target / done | messages/s | latency p50 / p99 / max (ms) "
-            "| server CPU | load CPU | sent = received |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| connections | fills/s target / done | messages/s | commands a commit "
+            "| latency p50 / p99 / max (ms) | server CPU | load CPU | sent = received |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in f["2"].values():
             lat = r["latency_ms"]
             same = r["messages_sent"] == r["messages_received"]
+            commits = r.get("server_commits", 0)
             lines.append(
                 f"| {r['connections']:,} | {r['target_fills_per_s']:,} / "
                 f"{fmt(r['fills_per_s'])} | {fmt(r['messages_per_s'])} "
+                f"| {fmt(r['server_commands'] / commits, 1) if commits else '-'} "
                 f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
                 f"| {r['server_cpu']:.0%} | {r['load_cpu']:.0%} "
                 f"| {'yes' if same else 'NO'} ({r['messages_received']:,}) |"
