@@ -13,7 +13,9 @@ the venue's own work.
 Commands: market buys of 2,500 lots (leverage 10), each filling 5 resting asks of 500 lots of
 5 consecutive accounts (:func:`benchlib.prefill`), the taker an account half the range away, as
 ``loadgen.py --mode fills --sweep 5`` sends them; each command changes the 4 account streams of
-6 addresses. Timestamps come from a counter, not the clock. The heap rebuilt at start is frozen
+6 addresses. Before the commands, every account's four streams are read as a subscription
+reads them (their rows' JSON is made then and kept, as it is for scenario 2's subscribers);
+``--cold`` skips that. Timestamps come from a counter, not the clock. The heap rebuilt at start is frozen
 (``gc.freeze``), as the server freezes its surviving heap every second.
 
 The prefilled log holds enough asks for ``max(--commands, --prefill-for)`` market buys. It is
@@ -225,13 +227,33 @@ class Parts:
         return out
 
 
+def subscribe_all(venue: Venue, accounts: int) -> None:
+    """Read every account's four streams as a subscription does (``Venue.message``), as
+    scenario 2's 10,000 subscribers do before its orders come: a row's JSON is made on its
+    first read and kept, so without this the first push of each address would encode all
+    its replayed rows (about 18 an address with 9 asks each, doubling the messages' cost)."""
+    for i in range(accounts):
+        address = b.address(i)
+        for topic in sorted(ACCOUNT_TOPICS):
+            venue.message(topic, address)
+
+
 def run(
-    db: Path, work: Path, accounts: int, count: int, group: int, check: bool, parts: bool = False
+    db: Path,
+    work: Path,
+    accounts: int,
+    count: int,
+    group: int,
+    check: bool,
+    parts: bool = False,
+    cold: bool = False,
 ) -> dict[str, Any]:
     path = work / "run.db"
     shutil.copyfile(db, path)
     hub = CountingHub(check)
     venue = counting_venue(SQLiteStore(path, synchronous="NORMAL"), hub)
+    if not cold:
+        subscribe_all(venue, accounts)
     timing = Parts(venue) if parts else None
     # As the server does (every second): the state rebuilt at start is left out of the
     # collector's scans, so a full collection during the run costs what the run allocated.
@@ -282,6 +304,12 @@ def main() -> None:
     parser.add_argument(
         "--parts", action="store_true", help="also time the store, projections and messages"
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="skip reading every account's streams first (their rows' JSON is then made on "
+        "the first push)",
+    )
     args = parser.parse_args()
     size = max(args.commands, args.prefill_for)
     rounds = prefill_rounds(args.accounts, size)
@@ -289,7 +317,14 @@ def main() -> None:
     prefilled(db, args.accounts, size)
     with tempfile.TemporaryDirectory(prefix="bench-command-cost-") as tmp:
         result = run(
-            db, Path(tmp), args.accounts, args.commands, args.group, args.check, args.parts
+            db,
+            Path(tmp),
+            args.accounts,
+            args.commands,
+            args.group,
+            args.check,
+            args.parts,
+            args.cold,
         )
     # Which log the run opened: two runs' instructions subtract only over the same one.
     result["prefill_rounds"] = rounds
