@@ -15,8 +15,8 @@ Commands: market buys of 2,500 lots (leverage 10), each filling 5 resting asks o
 ``loadgen.py --mode fills --sweep 5`` sends them; each command changes the 4 account streams of
 6 addresses. Before the commands, every account's four streams are read as a subscription
 reads them (their rows' JSON is made then and kept, as it is for scenario 2's subscribers);
-``--cold`` skips that. Timestamps come from a counter, not the clock. The heap rebuilt at start is frozen
-(``gc.freeze``), as the server freezes its surviving heap every second.
+``--cold`` skips that. Timestamps come from a counter, not the clock. The heap rebuilt at
+start is frozen (``gc.freeze``), as the server freezes its surviving heap every second.
 
 The prefilled log holds enough asks for ``max(--commands, --prefill-for)`` market buys. It is
 written once to ``--db`` (default: a file of that size in the system's temporary directory,
