@@ -18,9 +18,11 @@ Durable means: when ``record`` returns, the batch is committed in SQLite's WAL. 
 ``NORMAL`` it is fsynced only at checkpoints (survives a crash of the process, not of the OS).
 
 The stream: 16 makers quote 1-5 ticks around a mid that random-walks (opening positions),
-24 takers send market orders (opening), makers cancel their oldest quote, a mark price every
-50 commands; market 396 only. Each figure is one run into a fresh database in a temporary
-directory on the working disk (not a tmpfs). Prints one JSON object.
+24 takers send market orders (opening), makers cancel their oldest quote still resting, a mark
+price every 50 commands; market 396 only. (Until 2026-12-07 a cancel took the oldest quote
+placed, filled or not, and 86 % of the cancels were rejected as unknown orders.) Each figure
+is one run into a fresh database in a temporary directory on the working disk (not a tmpfs).
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import random
 import tempfile
 import time
 from collections import deque
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +72,12 @@ def stream(count: int, seed: int = 1) -> list[tuple[Any, ...]]:
     return out
 
 
-def build(item: tuple[Any, ...], quotes: dict[int, deque[int]]) -> commands.AnyCommand:
+def build(
+    item: tuple[Any, ...], quotes: dict[int, deque[int]], resting: Container[int]
+) -> commands.AnyCommand:
+    """The command of one stream item. A cancel takes the maker's oldest quote still resting
+    (``resting``: the engine's resting order ids); a maker with none sends a cancel of an
+    unknown id, which the engine rejects."""
     kind, who, buy, size, price = item
     if kind == "quote":
         return commands.PlaceLimitOrder(
@@ -92,6 +100,8 @@ def build(item: tuple[Any, ...], quotes: dict[int, deque[int]]) -> commands.AnyC
         )
     if kind == "cancel":
         queue = quotes[who]
+        while queue and queue[0] not in resting:
+            queue.popleft()  # filled by a taker since it rested
         ids = (queue.popleft(),) if queue else (7 << 64,)
         return commands.CancelOrders(address=MAKERS[who], market_id=MARKET, order_ids=ids)
     return commands.SetMarkPrice(market_id=MARKET, price=price)
@@ -141,7 +151,7 @@ def run(
     start = time.perf_counter()
     cpu = time.process_time()
     for n, item in enumerate(items, 1):
-        command = build(item, quotes)
+        command = build(item, quotes, orders)
         ts += 1
         try:
             if part == "engine":
