@@ -326,10 +326,8 @@ def gc_report(proc: Proc, since_ns: int = 0) -> dict[str, Any] | None:
             if line.startswith("gcprobe "):
                 data: dict[str, Any] = json.loads(line[len("gcprobe ") :])
                 if since_ns:
-                    for pause in data["longest"]:
+                    for pause in (*data["longest"], *data["over_1ms"]):
                         pause["at"] = round(pause["at"] - since_ns / 1e9, 2)
-                    for pause in data.get("over_1ms", []):
-                        pause[1] = round(pause[1] - since_ns / 1e9, 2)
                 return data
         if proc.popen.poll() is not None and not GC_PROBE[0]:
             return None

@@ -238,23 +238,16 @@ def subscribe_all(venue: Venue, accounts: int) -> None:
             venue.message(topic, address)
 
 
-def run(
-    db: Path,
-    work: Path,
-    accounts: int,
-    count: int,
-    group: int,
-    check: bool,
-    parts: bool = False,
-    cold: bool = False,
-) -> dict[str, Any]:
+def run(db: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One run of ``args.commands`` commands on a copy of the prefilled log ``db``."""
+    accounts, count, group, check = args.accounts, args.commands, args.group, args.check
     path = work / "run.db"
     shutil.copyfile(db, path)
     hub = CountingHub(check)
     venue = counting_venue(SQLiteStore(path, synchronous="NORMAL"), hub)
-    if not cold:
+    if not args.cold:
         subscribe_all(venue, accounts)
-    timing = Parts(venue) if parts else None
+    timing = Parts(venue) if args.parts else None
     # As the server does (every second): the state rebuilt at start is left out of the
     # collector's scans, so a full collection during the run costs what the run allocated.
     gc.freeze()
@@ -316,16 +309,7 @@ def main() -> None:
     db = Path(args.db) if args.db else default_db(args.accounts, rounds)
     prefilled(db, args.accounts, size)
     with tempfile.TemporaryDirectory(prefix="bench-command-cost-") as tmp:
-        result = run(
-            db,
-            Path(tmp),
-            args.accounts,
-            args.commands,
-            args.group,
-            args.check,
-            args.parts,
-            args.cold,
-        )
+        result = run(db, Path(tmp), args)
     # Which log the run opened: two runs' instructions subtract only over the same one.
     result["prefill_rounds"] = rounds
     print(json.dumps(result))

@@ -43,7 +43,9 @@ def report() -> dict[str, Any]:
         for ms, at, g, c in sorted(_pauses, reverse=True)[:10]
     ]
     # Every pause of 1 ms or more, in time order: what fell inside a measured window.
-    out["over_1ms"] = [[round(ms, 1), round(at, 3), g] for ms, at, g, _ in _pauses if ms >= 1]
+    out["over_1ms"] = [
+        {"ms": round(ms, 1), "at": round(at, 3), "gen": g} for ms, at, g, _ in _pauses if ms >= 1
+    ]
     return out
 
 

@@ -312,6 +312,20 @@ def measure(
     return Run(data, drive, (cpu1 - cpu0) / (t1 - t0), t1 - t0, metrics, load, seen)
 
 
+def commit_counts(metrics: dict[str, float]) -> dict[str, float]:
+    """The server's commands and store commits over its whole run (the warm-up's too)."""
+    return {
+        "server_commands": metrics.get("commands_accepted_total", 0),
+        "server_commits": metrics.get("store_commits_total", 0),
+    }
+
+
+def commands_a_commit(figures: dict[str, Any]) -> str:
+    """How many commands a group commit carried, for a table ('-' without a commit)."""
+    commits = figures["server_commits"]
+    return fmt(figures["server_commands"] / commits, 1) if commits else "-"
+
+
 def settled_metrics(server: b.Server, timeout: float = 60, poll: float = 0.5) -> dict[str, float]:
     """The server's metrics once it has stopped sending (the same count ``poll`` seconds
     apart): an overloaded server may still be working off a backlog after the driver stops,
@@ -526,9 +540,7 @@ def fanout_run(ctx: Context, n: int, profile: bool = False, fleet: bool = False)
         "client_sleeps_per_s": client_sleeps(run.subs),
         "commands": run.drive["commands"],
         "rejected": run.drive["rejected"],
-        # The whole run's (the warm-up's too): how many commands a group commit carried.
-        "server_commands": run.metrics.get("commands_accepted_total", 0),
-        "server_commits": run.metrics.get("store_commits_total", 0),
+        **commit_counts(run.metrics),
         # The pushes the server's slices had grown to (--fanout-slice-ms), at the end.
         "slice_pushes": run.metrics.get("fanout_slice_pushes", 0),
         "latency_ms": lat,
@@ -608,8 +620,7 @@ def scenario_2(ctx: Context) -> dict[str, Any]:
             "messages_sent": sent,
             "messages_received": received,
             "slow_readers_closed": run.metrics.get("slow_readers_total", 0),
-            "server_commands": run.metrics.get("commands_accepted_total", 0),
-            "server_commits": run.metrics.get("store_commits_total", 0),
+            **commit_counts(run.metrics),
             "prefill_events": events,
             "prefill_s": prefill_s,
             "connect_s": ready["connect_s"],
@@ -977,12 +988,11 @@ def report(ctx: Context) -> list[str]:
         ]
         for r in s1.values():
             lat = r["latency_ms"]
-            commits = r["server_commits"]
             lines.append(
                 f"| {r['subscribers']:,} | {fmt(r['messages_per_s'])} "
                 f"| {windows(r['segments_per_s'])} "
                 f"| {fmt(r['book_changes_per_s'])} "
-                f"| {fmt(r['server_commands'] / commits, 1) if commits else '-'} "
+                f"| {commands_a_commit(r)} "
                 f"| {fmt(r['slice_pushes'])} "
                 f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
                 f"| {fmt(r['message_bytes_mean'])} | {r['server_cpu']:.0%} | {r['load_cpu']:.0%} |"
@@ -1020,11 +1030,10 @@ def report(ctx: Context) -> list[str]:
         for r in f["2"].values():
             lat = r["latency_ms"]
             same = r["messages_sent"] == r["messages_received"]
-            commits = r.get("server_commits", 0)
             lines.append(
                 f"| {r['connections']:,} | {r['target_fills_per_s']:,} / "
                 f"{fmt(r['fills_per_s'])} | {fmt(r['messages_per_s'])} "
-                f"| {fmt(r['server_commands'] / commits, 1) if commits else '-'} "
+                f"| {commands_a_commit(r)} "
                 f"| {fmt(lat['p50'], 1)} / {fmt(lat['p99'], 1)} / {fmt(lat['max'], 1)} "
                 f"| {r['server_cpu']:.0%} | {r['load_cpu']:.0%} "
                 f"| {'yes' if same else 'NO'} ({r['messages_received']:,}) |"
