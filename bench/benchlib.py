@@ -37,6 +37,36 @@ PER_IP = 900
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def interpreter() -> dict[str, Any]:
+    """How the running Python was built, as far as it bears on speed: its version and
+    installation, the ``configure`` options that make it faster (``--enable-optimizations``:
+    profile-guided; ``--with-lto``), and whether this executable loads ``libpython`` as a
+    shared library (calls inside the interpreter then go through the PLT and, without
+    ``-fno-semantic-interposition``, are not inlined) or has it linked in. A distribution's
+    ``python3`` (Debian's is linked in) ran bench/interpreters.py's command 7 % and its probe
+    39 % faster than pyenv's default build (shared, neither option) on one host
+    (BENCHMARKS.md)."""
+    import platform
+    import sysconfig
+
+    args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    shared = False
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        shared = any("libpython" in line for line in maps)
+    return {
+        "version": platform.python_version(),
+        "base": sys.base_prefix,
+        "options": [o for o in ("--enable-optimizations", "--with-lto") if o in args],
+        "libpython": "shared" if shared else "linked in",
+    }
+
+
+def describe_interpreter(about: dict[str, Any]) -> str:
+    """:func:`interpreter`'s answer for people: ``3.11.7 (/usr; libpython linked in)``."""
+    build = "; ".join([about["base"], *about["options"], f"libpython {about['libpython']}"])
+    return f"{about['version']} ({build})"
+
+
 def address(i: int) -> str:
     """The benchmark's i-th account address (its own range, never a real one)."""
     return f"0x{0xBE0000000 + i:064x}"

@@ -1329,6 +1329,7 @@ def machine(commit: str | None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "model": model,
         "python": platform.python_version(),
+        "interpreter": b.interpreter(),
         "kernel": platform.release(),
         "commit": commit,
         "loadavg_start": b.loadavg(),
@@ -1472,11 +1473,13 @@ def main() -> int:
         }
         out.write_text(json.dumps(payload, indent=1, default=str))
     print(
-        f"\n{info['date']}, {info['cpus']} CPUs ({info['model']}), Python {info['python']}, "
+        f"\n{info['date']}, {info['cpus']} CPUs ({info['model']}), "
+        f"Python {b.describe_interpreter(info['interpreter'])}, "
         f"commit {info['commit']} (perps_indexer from {info['src']}: {info['src_state']}), "
         f"load average {info['loadavg_start']} -> "
         f"{info['loadavg_end']}, {info['seconds']} s; host speed (a fixed Python loop on the "
-        f"server's CPU) {info['calibration_start']:,} -> {info['calibration_end']:,} ops/s"
+        f"server's CPU, on this interpreter) {info['calibration_start']:,} -> "
+        f"{info['calibration_end']:,} ops/s"
     )
     print(
         "each scenario's host: "

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from collections import deque
@@ -14,7 +16,8 @@ from typing import Any
 
 import pytest
 
-import command_cost  # bench/, on pytest's pythonpath
+import benchlib  # bench/, on pytest's pythonpath
+import command_cost
 import ingest
 from perps_indexer import commands
 from perps_indexer.store.sqlite import SQLiteStore
@@ -119,6 +122,9 @@ def test_suite_quick_runs_every_scenario(tmp_path: Path) -> None:
     assert sorted(hosts) == sorted(figures)
     assert all(0 <= host["steal"] <= 1 and "speed" not in host for host in hosts.values())
     assert "each scenario's host: 1: " in stdout
+    about = benchlib.interpreter()  # the suite ran on this interpreter: the same build
+    assert result["machine"]["interpreter"] == about
+    assert f"Python {benchlib.describe_interpreter(about)}, commit" in stdout
 
 
 @pytest.mark.slow
@@ -246,3 +252,50 @@ def test_rate_sweep_runs_both_servers_and_reads_their_rounds(tmp_path: Path) -> 
         assert row["rounds"]["count"] > 0  # 20 subscribers: a round is a submission of 20
         assert row["rounds"]["ms"]["p50"] >= row["rounds"]["send_ms"]["p50"] > 0
     assert printed.count("| ours |") == 1 and printed.count("| bare |") == 1
+
+
+def test_interpreters_runs_each_interpreter_in_turns_and_describes_its_build() -> None:
+    """bench/interpreters.py on this interpreter, twice (two columns of one table): every
+    round has each one's three figures, and the build it reports is this process's own."""
+    out = run_script(
+        "interpreters.py",
+        sys.executable,
+        sys.executable,
+        "--rounds",
+        "2",
+        "--commands",
+        "40",
+        "--accounts",
+        "200",
+        "--ingest-commands",
+        "300",
+        timeout=240,
+    )
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["rounds"] == 2 and len(result["interpreters"]) == 2
+    with open("/proc/self/maps") as maps:
+        shared = any("libpython" in line for line in maps)
+    for row in result["interpreters"]:
+        assert row["version"] == platform.python_version()
+        assert row["base"] == sys.base_prefix
+        assert row["libpython"] == ("shared" if shared else "linked in")
+        assert len(row["turns"]) == 2
+        for turn in row["turns"]:
+            assert all(finite(v) and v > 0 for v in turn.values()), turn
+        assert row["command_us"] == statistics.median(t["command_us"] for t in row["turns"])
+    table = [line for line in lines if line.startswith("| ")]
+    assert len(table) == 2 + 2 and "(1.00 x)" in table[2]
+
+
+@pytest.mark.parametrize("bad", [["--rounds", "0"], ["--commands", "-1"]])
+def test_interpreters_refuses_counts_below_one(bad: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "interpreters.py"), sys.executable, *bad],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2 and "must be at least 1" in proc.stderr
