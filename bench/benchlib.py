@@ -42,10 +42,8 @@ def interpreter() -> dict[str, Any]:
     installation, the ``configure`` options that make it faster (``--enable-optimizations``:
     profile-guided; ``--with-lto``), and whether this executable loads ``libpython`` as a
     shared library (calls inside the interpreter then go through the PLT and, without
-    ``-fno-semantic-interposition``, are not inlined) or has it linked in. A distribution's
-    ``python3`` (Debian's is linked in) ran bench/interpreters.py's command 7 % and its probe
-    39 % faster than pyenv's default build (shared, neither option) on one host
-    (BENCHMARKS.md)."""
+    ``-fno-semantic-interposition``, are not inlined) or has it linked in (BENCHMARKS.md,
+    "Which interpreter", compares two such builds)."""
     import platform
     import sysconfig
 

@@ -56,6 +56,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,16 +192,14 @@ class Parts:
         append, fold, message = store.append, projections.apply_batch, projections.push_message
         seconds, by_topic, count = self.seconds, self.messages, self.count
 
-        def timed_append(events: Any) -> None:
-            t = clock()
-            append(events)
-            seconds["store"] += clock() - t
+        def timed(call: Callable[[Any], Any], part: str) -> Callable[[Any], Any]:
+            def run(events: Any) -> Any:
+                t = clock()
+                result = call(events)
+                seconds[part] += clock() - t
+                return result
 
-        def timed_fold(events: Any) -> Any:
-            t = clock()
-            changed = fold(events)
-            seconds["projections"] += clock() - t
-            return changed
+            return run
 
         def timed_message(topic: str, key: Any) -> bytes:
             t = clock()
@@ -209,8 +208,8 @@ class Parts:
             count[topic] = count.get(topic, 0) + 1
             return data
 
-        store.append = timed_append  # type: ignore[method-assign]
-        projections.apply_batch = timed_fold  # type: ignore[method-assign]
+        store.append = timed(append, "store")  # type: ignore[method-assign]
+        projections.apply_batch = timed(fold, "projections")  # type: ignore[method-assign]
         projections.push_message = timed_message  # type: ignore[method-assign]
 
     def report(self, commands_: int, wall: float) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib as b
-from suite import CALIBRATION
+from suite import calibrate
 
 DESCRIBE = (
     "import json, sys; sys.path.insert(0, sys.argv[1]); import benchlib; "
@@ -65,7 +65,7 @@ def run_bench(python: str, script: str, *args: object) -> Any:
 
 def measure(python: str, args: argparse.Namespace) -> dict[str, float]:
     """One turn of one interpreter: the three figures."""
-    probe = int(pinned([python, "-c", CALIBRATION]).strip())
+    probe = calibrate(python)
     cost = run_bench(
         python,
         "command_cost.py",

@@ -1275,10 +1275,11 @@ def host_text(host: dict[str, float]) -> str:
     return f"{speed}{host['steal']:.1%} of the server's CPU stolen"
 
 
-def calibrate() -> int:
-    """Operations per second of :data:`CALIBRATION` on the server's CPU (best of five)."""
+def calibrate(python: str = b.PYTHON) -> int:
+    """Operations per second of :data:`CALIBRATION` on the server's CPU (best of five), run by
+    ``python`` (0 if it printed no count)."""
     proc = subprocess.run(
-        [b.PYTHON, "-c", CALIBRATION],
+        [python, "-c", CALIBRATION],
         capture_output=True,
         text=True,
         check=False,
@@ -1328,7 +1329,6 @@ def machine(commit: str | None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpus": os.cpu_count(),
         "model": model,
-        "python": platform.python_version(),
         "interpreter": b.interpreter(),
         "kernel": platform.release(),
         "commit": commit,
