@@ -89,6 +89,19 @@ def pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpu})
 
 
+def run_pinned(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` to its end on the servers' CPU (as :func:`spawn` pins them), its output
+    captured as text; the caller reads the return code."""
+    return subprocess.run(
+        list(cmd),
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        preexec_fn=lambda: pin(SERVER_CPU),  # affinity only: safe before exec
+    )
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (0 once it is gone)."""
     try:

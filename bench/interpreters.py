@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,14 +43,7 @@ DESCRIBE = (
 
 def pinned(cmd: list[str]) -> str:
     """Run ``cmd`` on the server's CPU from the repository's root; its standard output."""
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=b.ROOT,
-        preexec_fn=lambda: b.pin(b.SERVER_CPU),
-    )
+    proc = b.run_pinned(cmd, cwd=b.ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return proc.stdout

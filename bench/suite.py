@@ -1278,13 +1278,7 @@ def host_text(host: dict[str, float]) -> str:
 def calibrate(python: str = b.PYTHON) -> int:
     """Operations per second of :data:`CALIBRATION` on the server's CPU (best of five), run by
     ``python`` (0 if it printed no count)."""
-    proc = subprocess.run(
-        [python, "-c", CALIBRATION],
-        capture_output=True,
-        text=True,
-        check=False,
-        preexec_fn=lambda: b.pin(b.SERVER_CPU),  # as b.spawn pins the servers
-    )
+    proc = b.run_pinned([python, "-c", CALIBRATION])
     try:
         return int(proc.stdout.strip())
     except ValueError:
