@@ -4,7 +4,7 @@
 
 The path is what the server runs for every REST order: the engine, then :meth:`Venue.flush`
 every ``--group`` commands (the server's group commit): ``store.append`` into SQLite
-(``synchronous=NORMAL``), ``projections.apply_batch`` and, for every changed stream that has a
+(``synchronous=NORMAL``), ``projections.fold`` and, for every changed stream that has a
 subscriber, ``projections.message``. Every address is taken as subscribed to its four account
 topics (positions, trade_history, open_orders, order_history), as in scenario 2; the hub here
 only counts the messages and their bytes (no sessions, no transport), so what is measured is
@@ -189,7 +189,9 @@ class Parts:
         self.count: dict[str, int] = {}
         clock = time.perf_counter
         store, projections = venue.store, venue.projections
-        append, fold, message = store.append, projections.apply_batch, projections.push_message
+        # The venue folds with Projections.fold from 2026-12-07 on, apply_batch before it.
+        folder = "fold" if hasattr(projections, "fold") else "apply_batch"
+        append, fold, message = store.append, getattr(projections, folder), projections.push_message
         seconds, by_topic, count = self.seconds, self.messages, self.count
 
         def timed(call: Callable[[Any], Any], part: str) -> Callable[[Any], Any]:
@@ -201,15 +203,15 @@ class Parts:
 
             return run
 
-        def timed_message(topic: str, key: Any) -> bytes:
+        def timed_message(topic: str, *key: Any) -> bytes:  # key, or key and seq
             t = clock()
-            data = message(topic, key)
+            data = message(topic, *key)
             by_topic[topic] = by_topic.get(topic, 0.0) + clock() - t
             count[topic] = count.get(topic, 0) + 1
             return data
 
         store.append = timed(append, "store")  # type: ignore[method-assign]
-        projections.apply_batch = timed(fold, "projections")  # type: ignore[method-assign]
+        setattr(projections, folder, timed(fold, "projections"))
         projections.push_message = timed_message  # type: ignore[method-assign]
 
     def report(self, commands_: int, wall: float) -> dict[str, Any]:

@@ -561,25 +561,28 @@ def test_messages_are_encoded_once_per_change(
 
 def test_a_push_keeps_a_market_message_and_not_an_address_one(venue: Venue) -> None:
     p = venue.proj
-    book = p.push_message("orderbook", 396)
-    history = p.push_message("order_history", A)
-    # The same bytes as a read; a market's push is what later reads get, an address's is not.
-    assert p.message("orderbook", 396) is book
-    assert p._messages.keys() == {("orderbook", 396)}
-    assert p.message("order_history", A) == history
-    assert p.message("order_history", A) is not history
-    # Once read (a subscribe), an address message is kept until its view changes, and a push
-    # takes it from there.
+    # A subscribe reads A's order history: kept until the view changes.
     kept = p.message("order_history", A)
-    assert p.push_message("order_history", A) is kept
-    venue.feed(venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000))
+    assert ("order_history", A) in p._messages
+    venue.log.extend(more := venue.engine.cancel_orders(A, 396, [2 << 64 | 5990], ts=6_000_000))
+    changed = p.fold(more)
+    assert changed == {
+        ("order_history", A): p.seq,
+        ("open_orders", A): p.seq,
+        ("orderbook", 396): p.seq,
+        ("best_price", 396): p.seq,
+    }
+    assert ("order_history", A) not in p._messages  # the fold dropped it
+    pushes = {key: p.push_message(*key, seq) for key, seq in changed.items()}
+    # The same bytes as a read; a market's push is what later reads get, an address's is not.
+    for key, data in pushes.items():
+        assert p.message(*key, keep=False) == data
+    assert p._messages.keys() == {("orderbook", 396), ("best_price", 396)}
+    assert p.message("orderbook", 396) is pushes[("orderbook", 396)]
+    history = pushes[("order_history", A)]
+    assert history != kept and b'"Cancelled"' in history
     assert ("order_history", A) not in p._messages
-    changed = p.push_message("order_history", A)
-    assert changed != kept and b'"Cancelled"' in changed
-    assert ("order_history", A) not in p._messages
-    # A view that never changed is the topic's empty message, and is not kept either.
-    assert p.push_message("positions", "0x" + "9" * 64) == wire.encode_message("positions", [], 0)
-    assert ("positions", "0x" + "9" * 64) not in p._messages
+    assert p.message("order_history", A) is not history
 
 
 def test_sequence_gap_is_rejected_before_anything_changes(venue: Venue) -> None:

@@ -404,6 +404,11 @@ class Projections:
         The sequence numbers are checked for the whole batch first, so a gap raises
         :class:`~perps_indexer.errors.SequenceGap` before anything is applied.
         """
+        return set(self.fold(events))
+
+    def fold(self, events: Iterable[AnyEvent]) -> dict[Key, int]:
+        """:meth:`apply_batch`, returning each changed view with the seq of the last event
+        that changed it (what :meth:`push_message` takes)."""
         batch = list(events)
         first = self.seq + 1
         if [event.seq for event in batch] != list(range(first, first + len(batch))):
@@ -436,7 +441,7 @@ class Projections:
                     messages.pop(key, None)
                 for stream, _, _ in live:
                     messages.pop(stream, None)
-        return set(changed)
+        return changed
 
     @property
     def live(self) -> list[LiveRow]:
@@ -857,16 +862,28 @@ class Projections:
                 self._messages[cache_key] = data
         return data
 
-    def push_message(self, topic: str, key: str | int) -> bytes:
-        """:meth:`message` for the push of a view that has just changed: the same bytes, but
-        kept for later reads only when the view is a market's.
+    def push_message(self, topic: str, key: str | int, seq: int) -> bytes:
+        """:meth:`message` for the push of a view that the batch last folded changed, with
+        the seq :meth:`fold` gave it: the same bytes, but kept for later reads only when the
+        view is a market's.
+
+        The fold dropped the view's kept message and gave its seq, so neither is looked up:
+        the two maps hold an entry per stream of every address, and a lookup in them is a
+        cache miss more often than not (each push paid two).
 
         A market view (an order book) is read by many subscribers. An address view's push
         goes to its few watchers at once and is seldom read again before it changes (a
         subscribe then builds it from the rows' kept JSON). Keeping every address stream's
         newest push held one message of up to ``history_limit`` rows per stream, for as long
         as the stream did not change, and each new one was a fresh page of memory."""
-        return self.message(topic, key, keep=isinstance(key, int))
+        entries = _ENTRIES.get(topic)
+        if entries is None:
+            data = encode_message(topic, self.view(topic, key), seq)
+        else:
+            data = join_message(topic, _encoded(entries(self, key)), seq)
+        if isinstance(key, int):
+            self._messages[(topic, key)] = data
+        return data
 
     # ------------------------------------------------------------------ persistence
 

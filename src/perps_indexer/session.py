@@ -643,8 +643,9 @@ class Hub:
     def publish(self, stream: Stream, message: bytes) -> int:
         """Queue ``message`` for every session watching ``stream``; returns how many."""
         watchers = self.streams.get(stream)
-        if not watchers:
-            return 0
+        return self._publish(stream, message, watchers) if watchers else 0
+
+    def _publish(self, stream: Stream, message: bytes, watchers: dict[Session, None]) -> int:
         for session in watchers:
             session.push(stream, message)
         self.messages_queued += len(watchers)
@@ -663,7 +664,7 @@ class Hub:
         if pending is not None:
             pending.renew(message, self)  # at once would overtake it
         elif not self.sliced or len(watchers) <= self.small_stream:
-            self.publish(stream, message)
+            self._publish(stream, message, watchers)  # the stream is looked up once
             return
         else:
             self._rounds[stream] = _Round(message, self, stream)

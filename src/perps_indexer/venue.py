@@ -138,11 +138,11 @@ class Venue:
                 continue  # already in the restored read models
             batch.append(event)
             if len(batch) >= REPLAY_BATCH:
-                self.projections.apply_batch(batch)
+                self.projections.fold(batch)
                 batch.clear()
                 log.info("replayed %d of %d events", self.engine.seq, last)
         if batch:
-            self.projections.apply_batch(batch)
+            self.projections.fold(batch)
         self.events_applied = self.engine.seq
         self.last_event_ms = self.engine.ts
         log.info("state rebuilt at seq %d in %.2f s", self.engine.seq, time.monotonic() - started)
@@ -279,16 +279,16 @@ class Venue:
             self.halted = f"the event store failed at seq {events[0].seq}: {exc}"
             log.critical("%s; refusing further commands", self.halted)
             raise VenueHalted(self.halted) from exc
-        changed = self.projections.apply_batch(events)
+        changed = self.projections.fold(events)
         self.events_applied += len(events)
         self.last_event_ms = events[-1].ts
         hub = self.hub
         message = self.projections.push_message
         hub.hold()  # a connection's streams changed by this batch leave in one write
         try:
-            for stream in changed:
+            for stream, seq in changed.items():
                 if hub.watched(stream):
-                    hub.publish_state(stream, message(*stream))
+                    hub.publish_state(stream, message(stream[0], stream[1], seq))
             # Live streams: every row its own message, in event order (sessions never
             # coalesce them).
             for stream, live in self.projections.live_messages(hub.watched):
