@@ -76,6 +76,9 @@ real one, so that every build is the same log and runs started together get the 
 whichever build they copy (and ``--check`` digests compare across machines)."""
 
 
+_ONE: dict[None, None] = {None: None}
+
+
 class CountingHub:
     """A hub on which every address watches its 4 account topics; it counts what it is given
     and hashes it (no sessions). A batch's streams come in set order, which changes with the
@@ -96,10 +99,18 @@ class CountingHub:
             self.digest.update(message)
         self._batch.clear()
 
+    live_streams = 0  # no live topic is watched
+
     def watched(self, stream: tuple[str, Any]) -> bool:
         return stream[0] in ACCOUNT_TOPICS
 
-    def publish_state(self, stream: tuple[str, Any], message: bytes) -> None:
+    def watchers(self, stream: tuple[str, Any]) -> dict[None, None] | None:
+        """As :meth:`Hub.watchers`: one watcher for each stream :meth:`watched` says is."""
+        return _ONE if self.watched(stream) else None
+
+    def publish_state(
+        self, stream: tuple[str, Any], message: bytes, watchers: object = None
+    ) -> None:
         self.messages += 1
         self.bytes += len(message)
         if self.check:

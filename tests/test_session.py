@@ -1062,23 +1062,44 @@ def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order() 
     assert sink_a.written[2:] == [framed(data("positions", [], 5))]
 
 
-def test_a_held_sink_that_falls_behind_gets_the_rest_through_its_outbox() -> None:
+def test_a_held_sink_is_checked_once_and_a_sink_behind_gets_the_batch_through_its_outbox() -> None:
     world = World()
     world.hub.framer = framed
     world.hub.write_limit = 1_000
-    session, sink = world.session(), ByteSink()
-    for topic in ("positions", "open_orders"):
-        send(session, {"topic": topic, "address": A})
-    session.take()
-    session.sink = sink
+    (behind, sink_behind), (ok, sink_ok) = [(world.session(), ByteSink()) for _ in range(2)]
+    for session, sink in ((behind, sink_behind), (ok, sink_ok)):
+        for topic in ("positions", "open_orders"):
+            send(session, {"topic": topic, "address": A})
+        session.take()
+        session.sink = sink
+    sink_behind.buffered = 1_001  # its peer stopped reading: the fast path is off for it
     world.hub.hold()
     world.hub.publish_state(("positions", A), data("positions", [], 1))
-    sink.buffered = 1_001  # the peer stopped reading: the fast path stops for it
+    sink_ok.closing = True  # checked at its first frame of the hold, and again at release
     world.hub.publish_state(("open_orders", A), data("open_orders", [], 2))
     world.hub.release()
-    # The held frame goes first, the queued one after it: order is kept.
-    assert sink.seqs() == [1]
-    assert seqs(session) == [2]
+    # Both of the batch's pushes to the sink behind are queued, in order; none is written.
+    assert sink_behind.written == []
+    assert seqs(behind) == [1, 2]
+    assert sink_ok.written == [] and ok.outbox == {}  # held for it, then dropped: it closed
+
+
+def test_the_hub_counts_the_live_streams_watched() -> None:
+    world = World()
+    a, b = world.session(), world.session()
+    assert world.hub.live_streams == 0
+    for session in (a, b):
+        send(session, {"topic": "live_trade_history", "address": A})
+        send(session, {"topic": "positions", "address": A})
+    assert world.hub.live_streams == 1  # one stream, however many watch it
+    send(a, {"topic": "live_order_history", "address": A})
+    assert world.hub.live_streams == 2
+    send(a, {"op": "unsubscribe", "topic": "live_trade_history", "address": A})
+    assert world.hub.live_streams == 2  # b still watches it
+    world.hub.drop(b)
+    assert world.hub.live_streams == 1
+    world.hub.drop(a)
+    assert world.hub.live_streams == 0 and world.hub.streams == {}
 
 
 def test_the_fast_path_is_off_without_a_framer() -> None:

@@ -516,6 +516,7 @@ class Hub:
         "_turns",
         "direct_writes",
         "framer",
+        "live_streams",
         "membership",
         "messages_queued",
         "sessions",
@@ -530,6 +531,9 @@ class Hub:
     def __init__(self) -> None:
         self.streams: dict[Stream, dict[Session, None]] = {}
         self.sessions: dict[Session, None] = {}
+        self.live_streams = 0
+        """How many live-topic streams have watchers: with none, a batch's live rows are not
+        even looked up (each would be a miss in :attr:`streams`)."""
         self.messages_queued = 0
         """Pushes handed to sessions (written at once or queued)."""
         self.membership = 0
@@ -575,18 +579,26 @@ class Hub:
     def write_now(self, sink: Sink, message: bytes) -> bool:
         """Write ``message`` to ``sink`` if the fast path is on and the sink keeps up (while
         :meth:`hold` is in effect, the frame waits for :meth:`release`)."""
+        held = self._held
+        if held is not None:
+            frames = held.get(sink)
+            if frames is not None:
+                # The sink passed the checks below for its first frame of this hold, and
+                # nothing was written to it since: a batch's pushes to one connection are
+                # checked once.
+                frames.append(self.frame(message))
+                return True
         if (
             self.framer is None
             or sink.is_closing()
             or sink.get_write_buffer_size() > self.write_limit
         ):
             return False
-        held = self._held
         if held is None:
             sink.write(self.frame(message))
             self.direct_writes += 1
         else:
-            held.setdefault(sink, []).append(self.frame(message))  # counted when written
+            held[sink] = [self.frame(message)]  # counted when written
         return True
 
     def hold(self) -> None:
@@ -615,7 +627,12 @@ class Hub:
         self.sessions[session] = None
 
     def add(self, session: Session, stream: Stream) -> None:
-        self.streams.setdefault(stream, {})[session] = None
+        watchers = self.streams.get(stream)
+        if watchers is None:
+            watchers = self.streams[stream] = {}
+            if stream[0] in LIVE_TOPICS:
+                self.live_streams += 1
+        watchers[session] = None
         self.membership += 1  # the stream's remembered order is out of date now
 
     def remove(self, session: Session, stream: Stream) -> None:
@@ -626,6 +643,8 @@ class Hub:
             self._orders.pop(stream, None)  # it must not keep a session that has gone
             if not watchers:
                 del self.streams[stream]
+                if stream[0] in LIVE_TOPICS:
+                    self.live_streams -= 1
                 # Nobody is owed its round now, and while nobody watches, changes are not
                 # published: a round kept would give a newcomer an older state after the
                 # newest, which its subscription brought.
@@ -640,6 +659,13 @@ class Hub:
     def watched(self, stream: Stream) -> bool:
         return stream in self.streams
 
+    def watchers(self, stream: Stream) -> dict[Session, None] | None:
+        """The sessions watching ``stream`` (None or empty: nobody), for
+        :meth:`publish_state`, so that a publisher that builds the message only for a watched
+        stream looks the stream up once (the map holds every subscribed stream: most lookups
+        in it miss the CPU's caches)."""
+        return self.streams.get(stream)
+
     def publish(self, stream: Stream, message: bytes) -> int:
         """Queue ``message`` for every session watching ``stream``; returns how many."""
         watchers = self.streams.get(stream)
@@ -651,13 +677,17 @@ class Hub:
         self.messages_queued += len(watchers)
         return len(watchers)
 
-    def publish_state(self, stream: Stream, message: bytes) -> None:
+    def publish_state(
+        self, stream: Stream, message: bytes, watchers: dict[Session, None] | None = None
+    ) -> None:
         """Publish a stream's newest state: at once, or (``sliced``) in rounds that give every
         watcher the newest state at its turn, each watcher at most once per round.
+        ``watchers``: what :meth:`watchers` just gave for the stream, if the caller has it.
 
         A stream with at most :attr:`small_stream` watchers and no round in progress is
         pushed at once even when sliced: a round would cost more than the pushes."""
-        watchers = self.streams.get(stream)
+        if watchers is None:
+            watchers = self.streams.get(stream)
         if not watchers:
             return
         pending = self._rounds.get(stream)

@@ -286,13 +286,16 @@ class Venue:
         message = self.projections.push_message
         hub.hold()  # a connection's streams changed by this batch leave in one write
         try:
+            watchers = hub.watchers
             for stream, seq in changed.items():
-                if hub.watched(stream):
-                    hub.publish_state(stream, message(stream[0], stream[1], seq))
+                watching = watchers(stream)
+                if watching:
+                    hub.publish_state(stream, message(stream[0], stream[1], seq), watching)
             # Live streams: every row its own message, in event order (sessions never
             # coalesce them).
-            for stream, live in self.projections.live_messages(hub.watched):
-                hub.publish(stream, live)
+            if hub.live_streams:
+                for stream, live in self.projections.live_messages(hub.watched):
+                    hub.publish(stream, live)
         finally:
             hub.release()
 
