@@ -8,7 +8,11 @@ every ``--group`` commands (the server's group commit): ``store.append`` into SQ
 subscriber, ``projections.message``. Every address is taken as subscribed to its four account
 topics (positions, trade_history, open_orders, order_history), as in scenario 2; the hub here
 only counts the messages and their bytes (no sessions, no transport), so what is measured is
-the venue's own work.
+the venue's own work. With ``--sessions`` the hub is the server's (:class:`Hub`), with one
+:class:`Session` an account subscribed to the four topics as a client would and written to
+through the fast path, as the server writes to a connection that keeps up, into a sink that
+takes every write and keeps only its count and bytes: the venue's work and the fan-out's,
+without the sockets and the event loop.
 
 Commands: market buys of 2,500 lots (leverage 10), each filling 5 resting asks of 500 lots of
 5 consecutive accounts (:func:`benchlib.prefill`), the taker an account half the range away, as
@@ -64,6 +68,8 @@ import benchlib as b
 from perps_indexer import commands
 from perps_indexer.events import to_json
 from perps_indexer.markets import default_markets
+from perps_indexer.server.app import text_frame
+from perps_indexer.session import Hub, Session
 from perps_indexer.store.sqlite import SQLiteStore
 from perps_indexer.venue import Venue
 
@@ -119,6 +125,47 @@ class CountingHub:
     def publish(self, stream: tuple[str, Any], message: bytes) -> int:
         self.publish_state(stream, message)
         return 1
+
+
+class NullSink:
+    """A connection's transport that takes every write at once (nothing is ever buffered)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.bytes = 0
+        self.digest: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.bytes += len(data)
+        if self.digest is not None:
+            self.digest.update(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def subscribed_sessions(venue: Venue, hub: Hub, accounts: int, check: bool) -> list[NullSink]:
+    """One session an account on ``hub``, subscribed to its four account topics by request
+    (each subscribe reads the stream, as :func:`subscribe_all` does), then given a sink."""
+    hub.framer = text_frame
+    hub.write_limit = 256 * 1024  # the server's default (--direct-write-limit)
+    sinks = []
+    for i in range(accounts):
+        session = Session(hub, venue, venue.markets, now=0.0)
+        hub.connect(session)
+        address = b.address(i)
+        for topic in sorted(ACCOUNT_TOPICS):
+            session.receive_text(json.dumps({"topic": topic, "address": address}), 0.0)
+        session.take()  # the subscriptions' replies and first messages
+        session.sink = sink = NullSink()
+        if check:
+            sink.digest = hashlib.sha256()
+        sinks.append(sink)
+    return sinks
 
 
 def prefill_rounds(accounts: int, commands_: int) -> int:
@@ -255,9 +302,10 @@ def run(db: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     accounts, count, group, check = args.accounts, args.commands, args.group, args.check
     path = work / "run.db"
     shutil.copyfile(db, path)
-    hub = CountingHub(check)
+    hub: Any = Hub() if args.sessions else CountingHub(check)
     venue = counting_venue(SQLiteStore(path, synchronous="NORMAL"), hub)
-    if not args.cold:
+    sinks = subscribed_sessions(venue, hub, accounts, check) if args.sessions else []
+    if not args.cold and not args.sessions:
         subscribe_all(venue, accounts)
     timing = Parts(venue) if args.parts else None
     # As the server does (every second): the state rebuilt at start is left out of the
@@ -277,15 +325,23 @@ def run(db: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     for event in venue.store.read(after=first_seq - 1) if check else ():
         events.update(to_json(event))
     venue.store.close()
+    if sinks:
+        written = hashlib.sha256()
+        for sink in sinks if check else ():
+            written.update(sink.digest.digest())
+        messages, message_bytes, digest = hub.messages_queued, sum(s.bytes for s in sinks), written
+    else:
+        messages, message_bytes, digest = hub.messages, hub.bytes, hub.digest
     digests = {
-        "messages_sha256": hub.digest.hexdigest()[:16],
+        "messages_sha256": digest.hexdigest()[:16],
         "events_sha256": events.hexdigest()[:16],
     }
     return {
         "commands": count,
         "events": venue.engine.seq - first_seq + 1,
-        "messages": hub.messages,
-        "message_bytes": hub.bytes,
+        "messages": messages,
+        "message_bytes": message_bytes,
+        **({"writes": sum(s.writes for s in sinks)} if sinks else {}),
         "seconds": wall,
         "cpu_s": cpu,
         "us_per_command": cpu / count * 1e6 if count else 0.0,
@@ -314,6 +370,12 @@ def main() -> None:
         action="store_true",
         help="skip reading every account's streams first (their rows' JSON is then made on "
         "the first push)",
+    )
+    parser.add_argument(
+        "--sessions",
+        action="store_true",
+        help="the server's hub, with a session an account writing to a sink that takes all "
+        "(--cold does not apply: the subscriptions read every stream)",
     )
     args = parser.parse_args()
     size = max(args.commands, args.prefill_for)
