@@ -270,7 +270,7 @@ class Parts:
 
         store.append = timed(append, "store")  # type: ignore[method-assign]
         setattr(projections, folder, timed(fold, "projections"))
-        projections.push_message = timed_message  # type: ignore[method-assign]
+        projections.push_message = timed_message  # type: ignore[method-assign,assignment]
 
     def report(self, commands_: int, wall: float) -> dict[str, Any]:
         """Microseconds a command of each part; ``other`` is the engine and the glue."""
