@@ -68,7 +68,7 @@ import benchlib as b
 from perps_indexer import commands
 from perps_indexer.events import to_json
 from perps_indexer.markets import default_markets
-from perps_indexer.server.app import text_frame
+from perps_indexer.server import app
 from perps_indexer.session import Hub, Session
 from perps_indexer.store.sqlite import SQLiteStore
 from perps_indexer.venue import Venue
@@ -151,7 +151,9 @@ class NullSink:
 def subscribed_sessions(venue: Venue, hub: Hub, accounts: int, check: bool) -> list[NullSink]:
     """One session an account on ``hub``, subscribed to its four account topics by request
     (each subscribe reads the stream, as :func:`subscribe_all` does), then given a sink."""
-    hub.framer = text_frame
+    hub.framer = app.text_frame
+    if hasattr(app, "text_frame_header"):  # as the server sets it up (an older src/: no)
+        hub.frame_header = app.text_frame_header
     hub.write_limit = 256 * 1024  # the server's default (--direct-write-limit)
     sinks = []
     for i in range(accounts):

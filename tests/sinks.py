@@ -31,7 +31,12 @@ class ByteSink:
 
 def framed(message: bytes) -> bytes:
     """A stand-in for a transport's framing: ``F``, a 3-byte length, the message."""
-    return b"F" + len(message).to_bytes(3, "big") + message
+    return framed_header(len(message)) + message
+
+
+def framed_header(n: int) -> bytes:
+    """The header :func:`framed` puts before a message of ``n`` bytes."""
+    return b"F" + n.to_bytes(3, "big")
 
 
 def unframe(data: bytes) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from perps_indexer.session import (
     error_message,
     parse_request,
 )
-from tests.sinks import ByteSink, framed, unframe
+from tests.sinks import ByteSink, framed, framed_header, unframe
 
 A = "0x" + "a" * 64
 B = "0x" + "b" * 64
@@ -1030,9 +1030,13 @@ def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch
                 assert last == newest
 
 
-def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order() -> None:
+@pytest.mark.parametrize("header", [False, True], ids=["whole-frames", "header-and-message"])
+def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order(
+    header: bool,
+) -> None:
     world = World()
     world.hub.framer = framed
+    world.hub.frame_header = framed_header if header else None
     world.hub.write_limit = 1_000
     a, b = world.session(), world.session()
     for session in (a, b):

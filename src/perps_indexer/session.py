@@ -515,6 +515,7 @@ class Hub:
         "_rounds",
         "_turns",
         "direct_writes",
+        "frame_header",
         "framer",
         "live_streams",
         "membership",
@@ -549,6 +550,11 @@ class Hub:
         self.framer: Callable[[bytes], bytes] | None = None
         """Wraps a message in its transport frame; the fast path is off while it is None.
         Server frames are unmasked (RFC 6455 §5.1), so one frame serves every subscriber."""
+        self.frame_header: Callable[[int], bytes] | None = None
+        """The header :attr:`framer` puts before a message of so many bytes, if known: the
+        frames :meth:`hold` collects are then kept as header and message, side by side, and
+        joined once at :meth:`release` (a batch's pushes to one connection are each for that
+        connection alone: building each frame whole would copy every message once more)."""
         self.write_limit = 0
         """Bytes a sink may hold for the fast path to add to it (a reader falling behind gets
         its messages coalesced in the outbox instead)."""
@@ -586,7 +592,12 @@ class Hub:
                 # The sink passed the checks below for its first frame of this hold, and
                 # nothing was written to it since: a batch's pushes to one connection are
                 # checked once.
-                frames.append(self.frame(message))
+                header = self.frame_header
+                if header is None:
+                    frames.append(self.frame(message))
+                else:
+                    frames.append(header(len(message)))
+                    frames.append(message)
                 return True
         if (
             self.framer is None
@@ -597,8 +608,10 @@ class Hub:
         if held is None:
             sink.write(self.frame(message))
             self.direct_writes += 1
-        else:
+        elif self.frame_header is None:
             held[sink] = [self.frame(message)]  # counted when written
+        else:
+            held[sink] = [self.frame_header(len(message)), message]
         return True
 
     def hold(self) -> None:
@@ -617,11 +630,12 @@ class Hub:
         held, self._held = self._held, None
         if not held:
             return
+        parts = 1 if self.frame_header is None else 2  # a whole frame, or header and message
         for sink, frames in held.items():
             if sink.is_closing():
                 continue  # the connection went away meanwhile; its writer forgets it
             sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
-            self.direct_writes += len(frames)
+            self.direct_writes += len(frames) // parts
 
     def connect(self, session: Session) -> None:
         self.sessions[session] = None

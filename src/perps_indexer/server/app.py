@@ -13,6 +13,7 @@ import functools
 import logging
 import secrets
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,14 +45,24 @@ from perps_indexer.venue import COMMIT_BATCH, MAX_RESUME_ROWS, Venue, VenueHalte
 log = logging.getLogger(__name__)
 
 
+_HEADER_16: Final = struct.Struct("!BBH")
+_HEADER_64: Final = struct.Struct("!BBQ")
+
+
+def text_frame_header(n: int) -> bytes:
+    """The header of an unmasked, final WebSocket text frame (RFC 6455 §5.2) of ``n``
+    payload bytes: FIN and opcode 1, then the length in 7 bits, or 126 and 16 bits, or 127
+    and 64 bits."""
+    if n < 126:
+        return bytes((0x81, n))
+    if n < 1 << 16:
+        return _HEADER_16.pack(0x81, 126, n)
+    return _HEADER_64.pack(0x81, 127, n)
+
+
 def text_frame(payload: bytes) -> bytes:
     """A complete, unmasked, final WebSocket text frame (RFC 6455 §5.2) around ``payload``."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 1 << 16:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+    return text_frame_header(len(payload)) + payload
 
 
 def request_transport(ws: web.WebSocketResponse) -> asyncio.Transport | None:
@@ -301,6 +312,7 @@ class Server:
             self._spawn(self._snapshot_loop())
         if self.config.direct_write_limit > 0:
             self.venue.hub.framer = text_frame
+            self.venue.hub.frame_header = text_frame_header
             self.venue.hub.write_limit = self.config.direct_write_limit
             if self.config.batch_write and BATCH_WRITE:
                 self.batch_writer = self.venue.hub.write_each = BatchWriter(self.config.io_uring)
