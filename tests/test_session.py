@@ -109,6 +109,7 @@ def check_consistent(session: Session, hub: Hub) -> None:
         if session in watchers:
             assert stream in session.subscriptions
     assert session.outbox_bytes == sum(len(f) for f in session.outbox.values())
+    assert session._with_ids == sum(i is not None for i in session.subscriptions.values())
     assert len(session.subscriptions) <= session.limits.max_subscriptions
     for frame in session.outbox.values():
         assert isinstance(json.loads(frame), dict)

@@ -244,6 +244,7 @@ class Session:
         "_strikes",
         "_tokens",
         "_updated",
+        "_with_ids",
         "close_code",
         "close_reason",
         "fd",
@@ -275,6 +276,9 @@ class Session:
         self.limits = limits if limits is not None else Limits()
         self.subscriptions: dict[Stream, RequestId | None] = {}
         """Stream -> the id it was subscribed with (None: an original, v1 subscription)."""
+        self._with_ids = 0
+        """How many of :attr:`subscriptions` have an id: while none has, a push does not look
+        its stream up to find one."""
         self.outbox: dict[object, bytes] = {}
         """Pending frames: one per stream (newest wins) plus one per reply."""
         self.outbox_bytes = 0
@@ -375,10 +379,12 @@ class Session:
             if resuming and since is not None
             else self.source.message(topic, key)
         )
+        old_id = self.subscriptions.get(stream)
         if stream not in self.subscriptions:
             self.hub.add(self, stream)
-        elif self.subscriptions[stream] != request_id:
+        elif old_id != request_id:
             self.hub.membership += 1  # the same watcher, another id: rounds must see it
+        self._with_ids += (request_id is not None) - (old_id is not None)
         self.subscriptions[stream] = request_id
         self._drop_pending(stream)  # the ack must go before this stream's data
         if request_id is not None:
@@ -400,7 +406,8 @@ class Session:
                 "not_subscribed",
                 f"not subscribed to {request.topic} for {request.key!r}",
             )
-        del self.subscriptions[stream]
+        if self.subscriptions.pop(stream) is not None:
+            self._with_ids -= 1
         self.hub.remove(self, stream)
         self._drop_pending(stream)
         if request.topic in LIVE_TOPICS:
@@ -421,9 +428,10 @@ class Session:
         """Queue a stream's newest state; replaces a pending older one of the same stream.
         A live topic's message is an event: it is queued after the pending ones, never
         replacing any."""
-        request_id = self.subscriptions.get(stream)
-        if request_id is not None:
-            message = _with_id(message, request_id)
+        if self._with_ids:
+            request_id = self.subscriptions.get(stream)
+            if request_id is not None:
+                message = _with_id(message, request_id)
         sink = self.sink
         if sink is not None and not self.outbox and self.hub.write_now(sink, message):
             return  # nothing pending and the transport took it at once: no queue, no wake-up
@@ -497,6 +505,7 @@ class Session:
         """The connection is gone: forget its subscriptions."""
         self.hub.drop(self)
         self.subscriptions.clear()
+        self._with_ids = 0
         self.outbox.clear()
         self.outbox_bytes = 0
         self.notify = None
