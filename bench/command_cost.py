@@ -87,8 +87,11 @@ _ONE: dict[None, None] = {None: None}
 
 class CountingHub:
     """A hub on which every address watches its 4 account topics; it counts what it is given
-    and hashes it (no sessions). A batch's streams come in set order, which changes with the
-    process's string hashing, so each batch's messages are hashed sorted."""
+    and hashes it (no sessions). Each batch's messages are hashed sorted, so digests compare
+    across builds that publish a batch's streams in different orders (in set order, which
+    changes with the process's string hashing, before 146b991)."""
+
+    live_streams = 0  # no live topic is watched
 
     def __init__(self, check: bool) -> None:
         self.check = check
@@ -104,8 +107,6 @@ class CountingHub:
         for message in sorted(self._batch):
             self.digest.update(message)
         self._batch.clear()
-
-    live_streams = 0  # no live topic is watched
 
     def watched(self, stream: tuple[str, Any]) -> bool:
         return stream[0] in ACCOUNT_TOPICS
@@ -151,9 +152,11 @@ class NullSink:
 def subscribed_sessions(venue: Venue, hub: Hub, accounts: int, check: bool) -> list[NullSink]:
     """One session an account on ``hub``, subscribed to its four account topics by request
     (each subscribe reads the stream, as :func:`subscribe_all` does), then given a sink."""
-    hub.framer = app.text_frame
-    if hasattr(app, "text_frame_header"):  # as the server sets it up (an older src/: no)
+    # As the server sets it up: a frame header; an older src/ took whole frames (framer).
+    if hasattr(app, "text_frame_header"):
         hub.frame_header = app.text_frame_header
+    if "framer" in Hub.__slots__:
+        hub.framer = app.text_frame
     hub.write_limit = 256 * 1024  # the server's default (--direct-write-limit)
     sinks = []
     for i in range(accounts):

@@ -64,7 +64,7 @@ def _message(seq: int) -> bytes:
 
 
 async def run(watchers: int, rounds: int, busy: bool) -> dict[str, Any]:
-    from perps_indexer.server.app import text_frame
+    from perps_indexer.server.app import text_frame_header
     from perps_indexer.server.batch_write import BatchWriter
     from perps_indexer.session import Hub, Session
 
@@ -84,7 +84,7 @@ async def run(watchers: int, rounds: int, busy: bool) -> dict[str, Any]:
     hub = Hub()
     hub.sliced = True
     hub.small_stream = 0
-    hub.framer = text_frame
+    hub.frame_header = text_frame_header
     hub.write_limit = 256 * 1024
     writer = BatchWriter()
     hub.write_each = writer

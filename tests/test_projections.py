@@ -583,6 +583,9 @@ def test_a_push_keeps_a_market_message_and_not_an_address_one(venue: Venue) -> N
     assert history != kept and b'"Cancelled"' in history
     assert ("order_history", A) not in p._messages
     assert p.message("order_history", A) is not history
+    # A view that never changed is the topic's empty message, and is not kept either.
+    assert p.message("positions", "0x" + "9" * 64) == wire.encode_message("positions", [], 0)
+    assert ("positions", "0x" + "9" * 64) not in p._messages
 
 
 def test_sequence_gap_is_rejected_before_anything_changes(venue: Venue) -> None:

@@ -109,7 +109,6 @@ def check_consistent(session: Session, hub: Hub) -> None:
         if session in watchers:
             assert stream in session.subscriptions
     assert session.outbox_bytes == sum(len(f) for f in session.outbox.values())
-    assert session._with_ids == sum(i is not None for i in session.subscriptions.values())
     assert len(session.subscriptions) <= session.limits.max_subscriptions
     for frame in session.outbox.values():
         assert isinstance(json.loads(frame), dict)
@@ -817,7 +816,7 @@ def test_a_never_ending_round_stays_bounded() -> None:
 
 def sink_world(watchers: int, limit: int = 1_000) -> tuple[World, list[Session], list[ByteSink]]:
     world, sessions, _ = sliced_world(watchers)
-    world.hub.framer = framed
+    world.hub.frame_header = framed_header
     world.hub.write_limit = limit
     sinks = []
     for i, s in enumerate(sessions):
@@ -1031,13 +1030,9 @@ def test_rounds_deliver_the_newest_state_to_exactly_who_watches_it_as_they_watch
                 assert last == newest
 
 
-@pytest.mark.parametrize("header", [False, True], ids=["whole-frames", "header-and-message"])
-def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order(
-    header: bool,
-) -> None:
+def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order() -> None:
     world = World()
-    world.hub.framer = framed
-    world.hub.frame_header = framed_header if header else None
+    world.hub.frame_header = framed_header
     world.hub.write_limit = 1_000
     a, b = world.session(), world.session()
     for session in (a, b):
@@ -1069,7 +1064,7 @@ def test_held_writes_leave_in_one_write_per_sink_with_the_same_bytes_in_order(
 
 def test_a_held_sink_is_checked_once_and_a_sink_behind_gets_the_batch_through_its_outbox() -> None:
     world = World()
-    world.hub.framer = framed
+    world.hub.frame_header = framed_header
     world.hub.write_limit = 1_000
     (behind, sink_behind), (ok, sink_ok) = [(world.session(), ByteSink()) for _ in range(2)]
     for session, sink in ((behind, sink_behind), (ok, sink_ok)):
@@ -1107,9 +1102,9 @@ def test_the_hub_counts_the_live_streams_watched() -> None:
     assert world.hub.live_streams == 0 and world.hub.streams == {}
 
 
-def test_the_fast_path_is_off_without_a_framer() -> None:
+def test_the_fast_path_is_off_without_a_frame_header() -> None:
     world, sessions, sinks = sink_world(2)
-    world.hub.framer = None
+    world.hub.frame_header = None
     world.hub.publish_state(("orderbook", 396), data("orderbook", [], 1))
     world.hub.drain(10)
     assert [s.written for s in sinks] == [[], []]

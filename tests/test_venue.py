@@ -15,7 +15,7 @@ from perps_indexer.markets import default_markets
 from perps_indexer.session import Session
 from perps_indexer.store import SQLiteStore
 from perps_indexer.venue import Venue
-from tests.sinks import ByteSink, framed, unframe
+from tests.sinks import ByteSink, framed_header, unframe
 
 A = "0x" + "a" * 64
 
@@ -222,7 +222,7 @@ def test_a_command_reaches_each_connection_in_one_write(tmp_path: Path) -> None:
     topics = ("positions", "open_orders", "order_history", "trade_history")
     with SQLiteStore(tmp_path / "w.db") as store:
         venue = Venue(default_markets(), store, clock=lambda: 1_000)
-        venue.hub.framer = framed
+        venue.hub.frame_header = framed_header
         venue.hub.write_limit = 1 << 20
         sinks = {}
         for address in (A, B):

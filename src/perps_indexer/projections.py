@@ -852,12 +852,7 @@ class Projections:
             if seq is None:
                 # Not cached: subscribers to unknown addresses must not grow the cache.
                 return _EMPTY[topic]
-            entries = _ENTRIES.get(topic)
-            if entries is None:
-                data = encode_message(topic, self.view(topic, key), seq)
-            else:
-                # A changed view's key has the topic's type (changed_at holds no other).
-                data = join_message(topic, _encoded(entries(self, key)), seq)
+            data = self._build(topic, key, seq)
             if keep:
                 self._messages[cache_key] = data
         return data
@@ -876,14 +871,18 @@ class Projections:
         subscribe then builds it from the rows' kept JSON). Keeping every address stream's
         newest push held one message of up to ``history_limit`` rows per stream, for as long
         as the stream did not change, and each new one was a fresh page of memory."""
-        entries = _ENTRIES.get(topic)
-        if entries is None:
-            data = encode_message(topic, self.view(topic, key), seq)
-        else:
-            data = join_message(topic, _encoded(entries(self, key)), seq)
+        data = self._build(topic, key, seq)
         if isinstance(key, int):
             self._messages[(topic, key)] = data
         return data
+
+    def _build(self, topic: str, key: str | int, seq: int) -> bytes:
+        """A changed view's message, from its rows' kept JSON where the topic has entries
+        (its key has the topic's type: changed views hold no other)."""
+        entries = _ENTRIES.get(topic)
+        if entries is None:
+            return encode_message(topic, self.view(topic, key), seq)
+        return join_message(topic, _encoded(entries(self, key)), seq)
 
     # ------------------------------------------------------------------ persistence
 

@@ -244,7 +244,6 @@ class Session:
         "_strikes",
         "_tokens",
         "_updated",
-        "_with_ids",
         "close_code",
         "close_reason",
         "fd",
@@ -276,15 +275,12 @@ class Session:
         self.limits = limits if limits is not None else Limits()
         self.subscriptions: dict[Stream, RequestId | None] = {}
         """Stream -> the id it was subscribed with (None: an original, v1 subscription)."""
-        self._with_ids = 0
-        """How many of :attr:`subscriptions` have an id: while none has, a push does not look
-        its stream up to find one."""
         self.outbox: dict[object, bytes] = {}
         """Pending frames: one per stream (newest wins) plus one per reply."""
         self.outbox_bytes = 0
         self.sink: Sink | None = None
         """The fast path, set by the transport while nothing of its own is in flight: a data
-        message with nothing queued ahead of it is framed (:attr:`Hub.framer`) and written
+        message with nothing queued ahead of it is framed (:attr:`Hub.frame_header`) and written
         straight to it if it holds at most :attr:`Hub.write_limit` bytes; else the message
         goes through the outbox and the transport's writer."""
         self.fd = -1
@@ -379,12 +375,10 @@ class Session:
             if resuming and since is not None
             else self.source.message(topic, key)
         )
-        old_id = self.subscriptions.get(stream)
         if stream not in self.subscriptions:
             self.hub.add(self, stream)
-        elif old_id != request_id:
+        elif self.subscriptions[stream] != request_id:
             self.hub.membership += 1  # the same watcher, another id: rounds must see it
-        self._with_ids += (request_id is not None) - (old_id is not None)
         self.subscriptions[stream] = request_id
         self._drop_pending(stream)  # the ack must go before this stream's data
         if request_id is not None:
@@ -406,8 +400,7 @@ class Session:
                 "not_subscribed",
                 f"not subscribed to {request.topic} for {request.key!r}",
             )
-        if self.subscriptions.pop(stream) is not None:
-            self._with_ids -= 1
+        del self.subscriptions[stream]
         self.hub.remove(self, stream)
         self._drop_pending(stream)
         if request.topic in LIVE_TOPICS:
@@ -428,10 +421,9 @@ class Session:
         """Queue a stream's newest state; replaces a pending older one of the same stream.
         A live topic's message is an event: it is queued after the pending ones, never
         replacing any."""
-        if self._with_ids:
-            request_id = self.subscriptions.get(stream)
-            if request_id is not None:
-                message = _with_id(message, request_id)
+        request_id = self.subscriptions.get(stream)
+        if request_id is not None:
+            message = _with_id(message, request_id)
         sink = self.sink
         if sink is not None and not self.outbox and self.hub.write_now(sink, message):
             return  # nothing pending and the transport took it at once: no queue, no wake-up
@@ -505,7 +497,6 @@ class Session:
         """The connection is gone: forget its subscriptions."""
         self.hub.drop(self)
         self.subscriptions.clear()
-        self._with_ids = 0
         self.outbox.clear()
         self.outbox_bytes = 0
         self.notify = None
@@ -525,7 +516,6 @@ class Hub:
         "_turns",
         "direct_writes",
         "frame_header",
-        "framer",
         "live_streams",
         "membership",
         "messages_queued",
@@ -556,14 +546,13 @@ class Hub:
         transport calls in slices so that a round of pushes never holds the loop for long."""
         self.wake: Callable[[], None] | None = None
         """Called when deferred pushes are waiting for :meth:`drain`."""
-        self.framer: Callable[[bytes], bytes] | None = None
-        """Wraps a message in its transport frame; the fast path is off while it is None.
-        Server frames are unmasked (RFC 6455 §5.1), so one frame serves every subscriber."""
         self.frame_header: Callable[[int], bytes] | None = None
-        """The header :attr:`framer` puts before a message of so many bytes, if known: the
-        frames :meth:`hold` collects are then kept as header and message, side by side, and
-        joined once at :meth:`release` (a batch's pushes to one connection are each for that
-        connection alone: building each frame whole would copy every message once more)."""
+        """The transport's frame header for a message of so many bytes; the fast path is off
+        while it is None. Server frames are unmasked (RFC 6455 §5.1), so one frame serves
+        every subscriber of a fan-out (:meth:`frame`); the frames :meth:`hold` collects for
+        one connection are kept as header and message and joined once at :meth:`release`
+        (each is for that connection alone: building it whole first would copy the message
+        once more)."""
         self.write_limit = 0
         """Bytes a sink may hold for the fast path to add to it (a reader falling behind gets
         its messages coalesced in the outbox instead)."""
@@ -586,14 +575,17 @@ class Hub:
     def frame(self, message: bytes) -> bytes:
         """``message``'s frame, built once however many sinks it is written to."""
         if message is not self._framed:
-            assert self.framer is not None
-            self._frame = self.framer(message)
+            assert self.frame_header is not None
+            self._frame = self.frame_header(len(message)) + message
             self._framed = message
         return self._frame
 
     def write_now(self, sink: Sink, message: bytes) -> bool:
         """Write ``message`` to ``sink`` if the fast path is on and the sink keeps up (while
         :meth:`hold` is in effect, the frame waits for :meth:`release`)."""
+        header = self.frame_header
+        if header is None:
+            return False
         held = self._held
         if held is not None:
             frames = held.get(sink)
@@ -601,26 +593,15 @@ class Hub:
                 # The sink passed the checks below for its first frame of this hold, and
                 # nothing was written to it since: a batch's pushes to one connection are
                 # checked once.
-                header = self.frame_header
-                if header is None:
-                    frames.append(self.frame(message))
-                else:
-                    frames.append(header(len(message)))
-                    frames.append(message)
+                frames += (header(len(message)), message)
                 return True
-        if (
-            self.framer is None
-            or sink.is_closing()
-            or sink.get_write_buffer_size() > self.write_limit
-        ):
+        if sink.is_closing() or sink.get_write_buffer_size() > self.write_limit:
             return False
         if held is None:
             sink.write(self.frame(message))
             self.direct_writes += 1
-        elif self.frame_header is None:
-            held[sink] = [self.frame(message)]  # counted when written
         else:
-            held[sink] = [self.frame_header(len(message)), message]
+            held[sink] = [header(len(message)), message]  # counted when written
         return True
 
     def hold(self) -> None:
@@ -639,12 +620,11 @@ class Hub:
         held, self._held = self._held, None
         if not held:
             return
-        parts = 1 if self.frame_header is None else 2  # a whole frame, or header and message
         for sink, frames in held.items():
             if sink.is_closing():
                 continue  # the connection went away meanwhile; its writer forgets it
-            sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
-            self.direct_writes += len(frames) // parts
+            sink.write(b"".join(frames))
+            self.direct_writes += len(frames) // 2  # a header and a message each
 
     def connect(self, session: Session) -> None:
         self.sessions[session] = None
@@ -870,9 +850,9 @@ class _Round:
         wrote = 0  # one at a time
         fds: list[int] = []  # for write_each: sockets holding nothing unsent, and their sinks
         sinks: list[Sink] = []
-        if hub.framer is None:
+        if hub.frame_header is None:
             turn = [(session, False) for session, _ in turn]  # no frames: all through push()
-        frame = hub.frame(message) if hub.framer is not None else b""
+        frame = hub.frame(message) if hub.frame_header is not None else b""
         limit = hub.write_limit
         batching = hub.write_each is not None
         for session, plain in turn:

@@ -311,7 +311,6 @@ class Server:
         if self.config.snapshot_interval > 0:
             self._spawn(self._snapshot_loop())
         if self.config.direct_write_limit > 0:
-            self.venue.hub.framer = text_frame
             self.venue.hub.frame_header = text_frame_header
             self.venue.hub.write_limit = self.config.direct_write_limit
             if self.config.batch_write and BATCH_WRITE:
