@@ -395,7 +395,7 @@ class Projections:
 
     def apply(self, event: AnyEvent) -> None:
         """Fold one event; its ``seq`` must be the next one."""
-        self.apply_batch((event,))
+        self.fold((event,))
 
     def apply_batch(self, events: Iterable[AnyEvent]) -> set[Key]:
         """Fold events in order and return the views they changed (live topics aside: their

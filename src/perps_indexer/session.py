@@ -852,7 +852,9 @@ class _Round:
         sinks: list[Sink] = []
         if hub.frame_header is None:
             turn = [(session, False) for session, _ in turn]  # no frames: all through push()
-        frame = hub.frame(message) if hub.frame_header is not None else b""
+            frame = b""
+        else:
+            frame = hub.frame(message)
         limit = hub.write_limit
         batching = hub.write_each is not None
         for session, plain in turn:
