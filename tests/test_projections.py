@@ -88,7 +88,7 @@ class Venue:
 
     def feed(self, events: list[AnyEvent]) -> set[tuple[str, str | int]]:
         self.log.extend(events)
-        return self.proj.apply_batch(events)
+        return set(self.proj.fold(events))
 
     def limit(self, addr: str, is_long: bool, size: int, price: int, ts: int, **kw: Any) -> Any:
         return self._place(
@@ -353,8 +353,8 @@ def test_liquidation_through_the_book(venue: Venue) -> None:
     assert "LiquidationSettled" in kinds
     # The mark price changes only the funding view, the settlement none.
     p = v.proj
-    assert p.apply_batch(events[:1]) == {("live_funding_rate", 396)}
-    changed = v.proj.apply_batch(events[1:])
+    assert set(p.fold(events[:1])) == {("live_funding_rate", 396)}
+    changed = set(v.proj.fold(events[1:]))
     v.log.extend(events)
     assert changed == keys(
         ("order_history", B),
@@ -594,7 +594,7 @@ def test_sequence_gap_is_rejected_before_anything_changes(venue: Venue) -> None:
     before = venue.proj.message("open_orders", A)
     seq = venue.proj.seq
     with pytest.raises(errors.SequenceGap) as info:
-        venue.proj.apply_batch([events[0], events[0]])
+        venue.proj.fold([events[0], events[0]])
     assert (info.value.expected, info.value.got) == (seq + 2, seq + 1)
     with pytest.raises(errors.SequenceGap):
         venue.proj.apply(events[1])
@@ -637,7 +637,7 @@ def test_snapshot_restore(venue: Venue) -> None:
     assert restored.snapshot() == data
     # The restored models go on folding like the original.
     more = [MarkPriceSet(seq=venue.proj.seq + 1, ts=7_300_000, market_id=396, price=5990)]
-    assert restored.apply_batch(more) == venue.feed(more) == {("live_funding_rate", 396)}
+    assert set(restored.fold(more)) == venue.feed(more) == {("live_funding_rate", 396)}
     assert all_messages(restored, [A, B, C]) == all_messages(venue.proj, [A, B, C])
 
 
@@ -651,7 +651,7 @@ def test_snapshot_restore_then_the_engine_goes_on(venue: Venue) -> None:
     more += venue.engine.place_limit_order(
         B, 396, is_long=True, is_close=False, size=500, price=5900, leverage=2, ts=6_500_000
     ).events
-    assert restored.apply_batch(more) == venue.feed(more)
+    assert set(restored.fold(more)) == venue.feed(more)
     assert all_messages(restored, [A, B, C]) == all_messages(venue.proj, [A, B, C])
 
 
@@ -662,7 +662,7 @@ def test_restore_rejects_bad_snapshots(venue: Venue) -> None:
         Projections.restore({396: MARKETS[396]}, venue.proj.snapshot())
     # A market known to the book but not to the newer views' data is caught too.
     only_396 = Projections({396: MARKETS[396]})
-    only_396.apply_batch(
+    only_396.fold(
         [
             Deposited(seq=1, ts=1_000, address=A, amount=5, collateral=5),
             MarkPriceSet(seq=2, ts=2_000, market_id=396, price=6000),
@@ -874,7 +874,7 @@ def test_live_rows_one_per_change_in_event_order(venue: Venue) -> None:
 
 def test_live_messages_of_a_batch_applied_at_once_or_event_by_event(venue: Venue) -> None:
     whole = Projections(MARKETS)
-    whole.apply_batch(venue.log)
+    whole.fold(venue.log)
     single = Projections(MARKETS)
     singles = []
     for event in venue.log:
@@ -1072,7 +1072,7 @@ def test_funding_settlement_moves_margins_and_records_payments(venue: Venue) -> 
     ]
     # Funding rows keep the newest history_limit per address.
     small = Projections(MARKETS, history_limit=1)
-    small.apply_batch(venue.log)
+    small.fold(venue.log)
     assert [r.transaction_version for r in small.funding_history(A)] == [str(settle)]
 
 
@@ -1326,7 +1326,7 @@ def test_random_streams_match_the_engine(commands: list[tuple[Any, ...]], funds:
     live: list[projections.LiveRow] = []
     for events in batches:
         before = all_messages(batched, TRADERS)
-        changed = batched.apply_batch(events)
+        changed = set(batched.fold(events))
         live.extend(batched.live)
         after = all_messages(batched, TRADERS)
         live_streams = {stream for stream, _, _ in batched.live}
@@ -1341,7 +1341,7 @@ def test_random_streams_match_the_engine(commands: list[tuple[Any, ...]], funds:
     assert live == expected_live(log)
     check_against_engine(batched, engine, log)
     whole = Projections(FAST, history_limit=6)
-    whole.apply_batch(log)
+    whole.fold(log)
     expected = all_messages(single, TRADERS)
     assert all_messages(batched, TRADERS) == expected
     assert all_messages(whole, TRADERS) == expected
@@ -1430,7 +1430,7 @@ def test_random_streams_match_an_eager_reference(
     for events in batches:
         for key in all_keys(TRADERS):
             p.message(*key)  # cached, as for watched streams
-        changed = p.apply_batch(events)
+        changed = set(p.fold(events))
         expected: set[tuple[str, str | int]] = set()
         for event in events:
             expected |= reference.apply(event)
@@ -1478,7 +1478,7 @@ def test_a_failing_event_leaves_the_events_before_it_applied(venue: Venue) -> No
     deposit = Deposited(seq=seq + 1, ts=6_000_000, address=B, amount=1, collateral=1)
     fill = next(e for e in venue.log if isinstance(e, Fill))  # its maker order is gone now
     with pytest.raises(errors.IntegrityError, match="is not resting"):
-        venue.proj.apply_batch([deposit, msgspec.structs.replace(fill, seq=seq + 2)])
+        venue.proj.fold([deposit, msgspec.structs.replace(fill, seq=seq + 2)])
     assert venue.proj.seq == seq + 1
     assert venue.proj.changed_at("deposit_withdraw_history", B) == seq + 1
     assert json.loads(venue.proj.message("deposit_withdraw_history", B))["seq"] == seq + 1

@@ -30,7 +30,7 @@ Which events change which view:
 
 The live topics (``wire.LIVE_TOPICS``) are event streams, not states: live_trade_history gets one
 row per fill side, live_order_history one row per change of an order's history row. Their pushes
-are not in :meth:`Projections.apply_batch`'s result (a newer push must never replace one not yet
+are not in :meth:`Projections.fold`'s result (a newer push must never replace one not yet
 sent); :attr:`Projections.live` lists them, in event order, for the batch last applied, each with
 the seq of its event. Their :meth:`Projections.message` is the newest single row (what a new
 subscriber gets first).
@@ -40,7 +40,7 @@ bookkeeping); no wire field of the position changes then, so these views take po
 fills and position updates only, and a position's ``last_updated`` is when a field shown on the
 wire last changed.
 
-A view's key is in :meth:`Projections.apply_batch`'s result when an event of the batch added,
+A view's key is in :meth:`Projections.fold`'s result when an event of the batch added,
 removed or altered one of its rows, even if a later event of the batch restored it.
 """
 
@@ -397,18 +397,14 @@ class Projections:
         """Fold one event; its ``seq`` must be the next one."""
         self.fold((event,))
 
-    def apply_batch(self, events: Iterable[AnyEvent]) -> set[Key]:
-        """Fold events in order and return the views they changed (live topics aside: their
-        pushes are in :attr:`live` afterwards).
+    def fold(self, events: Iterable[AnyEvent]) -> dict[Key, int]:
+        """Fold events in order and return the views they changed, each with the seq of the
+        last event that changed it (what :meth:`push_message` takes); live topics aside: their
+        pushes are in :attr:`live` afterwards.
 
         The sequence numbers are checked for the whole batch first, so a gap raises
         :class:`~perps_indexer.errors.SequenceGap` before anything is applied.
         """
-        return set(self.fold(events))
-
-    def fold(self, events: Iterable[AnyEvent]) -> dict[Key, int]:
-        """:meth:`apply_batch`, returning each changed view with the seq of the last event
-        that changed it (what :meth:`push_message` takes)."""
         batch = list(events)
         first = self.seq + 1
         if [event.seq for event in batch] != list(range(first, first + len(batch))):
